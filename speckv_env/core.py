@@ -1,0 +1,354 @@
+"""Pieces shared by the live and the replay environment (no torch here).
+
+- :class:`DraftSignals`: the draft's distribution at the current position, summarised.
+- :class:`StepOutcome`: what a backend reports after one speculation step.
+- :class:`CostModel`: calibrated step times per (pair, compression, device), used for the
+  cost-aware reward and for modelled tokens/s in live and in replay alike.
+- :class:`ObservationBuilder`: turns signals and past outcomes into the observation vector.
+- reward functions, looked up by name in :data:`REWARDS`.
+- :class:`Backend`: the protocol both backends (live models, recorded traces) implement.
+
+The step-time model. With KV caches on both sides, one step at gamma g costs
+
+    draft_forwards(g) * t_draft + t_verify[g] + t_overhead
+
+where ``t_verify[g]`` is one target forward over g+1 tokens. ``draft_forwards(g)`` is
+max(g, 1): the draft's distribution at the current position is computed before gamma is
+chosen (it is part of the observation, and the draft must consume the last emitted tokens
+anyway), so drafting g tokens needs g - 1 further forwards, and a plain target step (g = 0)
+still pays the one observation forward. Under sampling, a fully accepted draft needs one more
+draft forward to draw the bonus token with the same draft-then-accept rule (DESIGN.md).
+Target-only decoding (no draft at all) costs ``t_target`` per token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+DEFAULT_GAMMAS: tuple[int, ...] = tuple(range(9))
+COMPRESSION_LEVELS: tuple[str, ...] = ("none", "int8", "nf4")
+
+ENTROPY_HIGH = 12.0  # nats; log(49152) = 10.8, log(128256) = 11.76
+COST_RATIO_HIGH = 4.0
+
+# name, low, high, description -- the observation vector, in order
+OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (
+    ("draft_top1", 0.0, 1.0, "draft's top-1 probability at the current position"),
+    ("draft_entropy", 0.0, ENTROPY_HIGH, "entropy (nats) of the draft's distribution at the current position"),
+    ("draft_margin", 0.0, 1.0, "draft's top-1 minus top-2 probability at the current position"),
+    ("accept_ema", 0.0, 1.0, "exponential moving average (rate 0.2) of past draft-token acceptance events, starts at 0.5"),
+    ("accept_mean", 0.0, 1.0, "mean of all past acceptance events in this episode, Laplace-smoothed: (hits+1)/(tests+2)"),
+    ("last_gamma", 0.0, 1.0, "previous step's gamma / max gamma (0 at the first step)"),
+    ("last_accepted", 0.0, 1.0, "previous step's accepted count / max gamma"),
+    ("last_full_accept", 0.0, 1.0, "1 if the previous step drafted and all its tokens were accepted"),
+    ("position", 0.0, 1.0, "tokens emitted so far / max_new_tokens"),
+    ("cost_ratio", 0.0, COST_RATIO_HIGH, "cost model: draft forward time / target-only step time"),
+    ("compression_none", 0.0, 1.0, "1 if the target is uncompressed (fp32/bf16/fp16)"),
+    ("compression_int8", 0.0, 1.0, "1 if the target is INT8 (bitsandbytes)"),
+    ("compression_nf4", 0.0, 1.0, "1 if the target is NF4 (bitsandbytes)"),
+)
+OBS_NAMES: tuple[str, ...] = tuple(s[0] for s in OBS_SPEC)
+OBS_LOW = np.array([s[1] for s in OBS_SPEC], dtype=np.float32)
+OBS_HIGH = np.array([s[2] for s in OBS_SPEC], dtype=np.float32)
+OBS_DIM = len(OBS_SPEC)
+OBS_INDEX = {n: i for i, n in enumerate(OBS_NAMES)}
+
+
+def compression_level(compression: str) -> str:
+    """Map fp32/bf16/fp16/int8/nf4 (or none/int8/nf4) to none/int8/nf4."""
+    c = str(compression).lower()
+    if c in ("fp32", "bf16", "fp16", "none", "float32", "float16", "bfloat16"):
+        return "none"
+    if c in ("int8", "nf4"):
+        return c
+    raise ValueError(f"unknown compression {compression!r}: expected one of fp32, bf16, fp16, int8, nf4")
+
+
+@dataclass(frozen=True)
+class DraftSignals:
+    """Summary of the draft's next-token distribution at one position."""
+
+    top1: float
+    entropy: float
+    margin: float
+
+
+@dataclass
+class StepOutcome:
+    """Result of one speculation step, as reported by a backend.
+
+    ``gamma`` is the gamma actually used (the requested one clipped so that the step never
+    emits past max_new_tokens); ``events`` lists the draft-acceptance events this step revealed
+    (1 accepted, 0 rejected), see :func:`acceptance_events`.
+    """
+
+    gamma: int
+    accepted: int
+    tokens: list[int]
+    done: bool
+    finish_reason: str | None = None  # "eos" | "length" | None
+    events: list[int] = field(default_factory=list)  # acceptance events, see acceptance_events()
+    draft_s: float | None = None  # measured, device synchronised (live only)
+    verify_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def emitted(self) -> int:
+        return len(self.tokens)
+
+
+def acceptance_events(gamma: int, accepted: int, first_token_accepted: bool | None = None) -> list[int]:
+    """Acceptance events revealed by a step: k ones, then a zero if the draft was rejected.
+
+    For gamma = 0 no draft token is verified, but the draft's proposal at that position is
+    known (it is in the observation) and can be compared with the emitted token:
+    ``first_token_accepted`` carries that single event (None: no event).
+    """
+    if gamma == 0:
+        return [] if first_token_accepted is None else [int(bool(first_token_accepted))]
+    if accepted < gamma:
+        return [1] * accepted + [0]
+    return [1] * gamma
+
+
+@dataclass
+class CostModel:
+    """Modelled step times (seconds) for one (pair, compression, device).
+
+    ``t_verify[g]`` is a target forward over g + 1 tokens (g = 0 .. len-1); gammas beyond the
+    measured range are extrapolated linearly from the last two points.
+    """
+
+    t_draft: float
+    t_verify: list[float]
+    t_target: float
+    t_overhead: float = 0.0
+    pair: str = ""
+    compression: str = "fp32"
+    device: str = "cpu"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.t_verify:
+            raise ValueError("CostModel.t_verify must have at least one entry (gamma = 0)")
+        vals = [self.t_draft, self.t_target, self.t_overhead, *self.t_verify]
+        if any((not math.isfinite(v)) or v < 0 for v in vals):
+            raise ValueError(f"CostModel times must be finite and non-negative, got {vals}")
+        if self.t_target <= 0:
+            raise ValueError("CostModel.t_target must be positive")
+
+    def verify_time(self, gamma: int) -> float:
+        tv = self.t_verify
+        if gamma < len(tv):
+            return tv[gamma]
+        if len(tv) == 1:
+            return tv[0]
+        slope = max(tv[-1] - tv[-2], 0.0)
+        return tv[-1] + slope * (gamma - len(tv) + 1)
+
+    @staticmethod
+    def draft_forwards(gamma: int, accepted: int, sampling: bool) -> int:
+        n = max(gamma, 1)
+        if sampling and gamma > 0 and accepted >= gamma:
+            n += 1
+        return n
+
+    def step_time(self, gamma: int, accepted: int, sampling: bool = False) -> float:
+        return self.draft_forwards(gamma, accepted, sampling) * self.t_draft + self.verify_time(gamma) + self.t_overhead
+
+    def step_time_table(self, gammas: Sequence[int], sampling: bool = False) -> np.ndarray:
+        """``table[i, k]`` = step time at gamma ``gammas[i]`` with k accepted (k <= gamma)."""
+        gmax = max(gammas)
+        out = np.full((len(gammas), gmax + 1), np.nan)
+        for i, g in enumerate(gammas):
+            for k in range(g + 1):
+                out[i, k] = self.step_time(g, k, sampling)
+        return out
+
+    @property
+    def cost_ratio(self) -> float:
+        return self.t_draft / self.t_target
+
+    @property
+    def target_only_tps(self) -> float:
+        return 1.0 / self.t_target
+
+    def expected_tokens_per_second(self, alpha: float, gamma: int, sampling: bool = False) -> float:
+        """Leviathan et al.: E[tokens] = (1 - a^(g+1)) / (1 - a) per step, over the expected step time."""
+        a = min(max(alpha, 0.0), 1.0 - 1e-9)
+        exp_tokens = (1 - a ** (gamma + 1)) / (1 - a)
+        p_full = a**gamma if gamma > 0 else 0.0
+        t = (1 - p_full) * self.step_time(gamma, 0, sampling) + p_full * self.step_time(gamma, gamma, sampling)
+        return exp_tokens / t
+
+    # ---- persistence -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schema"] = "speckv-cost/1"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "cost model") -> "CostModel":
+        if d.get("schema", "speckv-cost/1") != "speckv-cost/1":
+            raise ValueError(f"{where}: unsupported cost model schema {d.get('schema')!r} (expected speckv-cost/1)")
+        try:
+            return cls(
+                t_draft=float(d["t_draft"]),
+                t_verify=[float(x) for x in d["t_verify"]],
+                t_target=float(d["t_target"]),
+                t_overhead=float(d.get("t_overhead", 0.0)),
+                pair=str(d.get("pair", "")),
+                compression=str(d.get("compression", "fp32")),
+                device=str(d.get("device", "cpu")),
+                meta=dict(d.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: malformed cost model ({type(e).__name__}: {e})") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"cost model file {p} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e})") from e
+        return cls.from_dict(d, where=str(p))
+
+    @classmethod
+    def unit(cls, gamma_max: int = 8, draft_ratio: float = 0.1, verify_slope: float = 0.05) -> "CostModel":
+        """A synthetic cost model (target step = 1 time unit), for tests and examples."""
+        return cls(
+            t_draft=draft_ratio,
+            t_verify=[1.0 + verify_slope * g for g in range(gamma_max + 1)],
+            t_target=1.0,
+            pair="synthetic",
+            meta={"synthetic": True},
+        )
+
+
+class ObservationBuilder:
+    """Builds the observation vector (see :data:`OBS_SPEC`) from pre-choice information only."""
+
+    EMA_RATE = 0.2
+
+    def __init__(self, gamma_max: int, max_new_tokens: int, compression: str, cost_ratio: float) -> None:
+        self.gamma_max = max(int(gamma_max), 1)
+        self.max_new_tokens = max(int(max_new_tokens), 1)
+        level = compression_level(compression)
+        self._static = np.zeros(4, dtype=np.float32)
+        self._static[0] = min(max(cost_ratio, 0.0), COST_RATIO_HIGH)
+        self._static[1 + COMPRESSION_LEVELS.index(level)] = 1.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.ema = 0.5
+        self.hits = 0
+        self.tests = 0
+        self.last_gamma = 0
+        self.last_accepted = 0
+        self.last_full = 0.0
+
+    def update(self, gamma: int, accepted: int, events: Sequence[int]) -> None:
+        for e in events:
+            self.ema += self.EMA_RATE * (e - self.ema)
+            self.hits += int(e)
+            self.tests += 1
+        self.last_gamma = gamma
+        self.last_accepted = accepted
+        self.last_full = 1.0 if (gamma > 0 and accepted >= gamma) else 0.0
+
+    def observe(self, signals: DraftSignals, position: int) -> np.ndarray:
+        obs = np.empty(OBS_DIM, dtype=np.float32)
+        obs[0] = signals.top1
+        obs[1] = signals.entropy
+        obs[2] = signals.margin
+        obs[3] = self.ema
+        obs[4] = (self.hits + 1) / (self.tests + 2)
+        obs[5] = self.last_gamma / self.gamma_max
+        obs[6] = self.last_accepted / self.gamma_max
+        obs[7] = self.last_full
+        obs[8] = position / self.max_new_tokens
+        obs[9:] = self._static
+        np.clip(obs, OBS_LOW, OBS_HIGH, out=obs)
+        return obs
+
+
+# ---- rewards -------------------------------------------------------------------------
+
+RewardFn = Callable[[StepOutcome, float, CostModel], float]
+
+
+def reward_cost(outcome: StepOutcome, step_time: float, cost: CostModel) -> float:
+    """Target-only token times saved: emitted tokens - modelled step time / t_target.
+
+    An episode's token count does not depend on the gammas chosen (DESIGN.md), so the return
+    N - T / t_target is higher exactly when the total modelled time T is lower, i.e. when
+    end-to-end tokens/s is higher. Zero return = as fast as target-only decoding.
+    """
+    return outcome.emitted - step_time / cost.t_target
+
+
+def reward_tokens(outcome: StepOutcome, step_time: float, cost: CostModel) -> float:
+    """The SpecKV paper's reward: tokens emitted in the step (the largest gamma always wins)."""
+    return float(outcome.emitted)
+
+
+def reward_time(outcome: StepOutcome, step_time: float, cost: CostModel) -> float:
+    """Negative modelled step time in target-only step units (same ranking as ``cost``)."""
+    return -step_time / cost.t_target
+
+
+REWARDS: dict[str, RewardFn] = {"cost": reward_cost, "tokens": reward_tokens, "time": reward_time}
+
+
+def get_reward(name: str) -> RewardFn:
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise ValueError(f"unknown reward {name!r}: choose one of {', '.join(REWARDS)}") from None
+
+
+@dataclass
+class EpisodeInfo:
+    """Identity of the episode a backend has been reset to."""
+
+    prompt_id: str
+    task: str
+    compression: str
+    mode: str  # "greedy" | "sample"
+    max_new_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What an environment needs from a source of speculation steps (models or a log)."""
+
+    gamma_max: int
+    max_new_tokens: int
+    compression: str
+    sampling: bool
+    cost_model: CostModel
+
+    def num_episodes(self) -> int: ...
+
+    def reset(self, index: int, seed: int | None) -> EpisodeInfo: ...
+
+    def signals(self) -> DraftSignals: ...
+
+    def position(self) -> int: ...
+
+    def step(self, gamma: int) -> StepOutcome: ...
+
+    def close(self) -> None: ...
