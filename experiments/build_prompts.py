@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import itertools
 import json
 import os
 import random
@@ -738,7 +737,7 @@ def build_code() -> tuple[list[dict], list[dict]]:
     def tmpl_group(kind: str, templates: list[str], values: list, key) -> list[dict]:
         items = []
         for ti, tpl in enumerate(templates):
-            for vi, v in enumerate(values):
+            for v in values:
                 items.append(P(tpl.format(**key(v)), f"generated:code-{kind}-{ti}", LIC_OWN))
         r.shuffle(items)
         return items
