@@ -5,3 +5,8 @@ Importing this package registers ``SpecKV-v0`` (live decoding) and ``SpecKVRepla
 """
 
 __version__ = "0.1.0"
+
+import gymnasium
+
+gymnasium.register(id="SpecKV-v0", entry_point="speckv_env.env:SpecKVEnv")
+gymnasium.register(id="SpecKVReplay-v0", entry_point="replay.env:SpecKVReplayEnv")

@@ -59,6 +59,10 @@ OBS_HIGH = np.array([s[2] for s in OBS_SPEC], dtype=np.float32)
 OBS_DIM = len(OBS_SPEC)
 OBS_INDEX = {n: i for i, n in enumerate(OBS_NAMES)}
 
+EMA_KEEP = 1.0 - 0.2  # 1 - ObservationBuilder.EMA_RATE
+EMA_KEEP_POW: tuple[float, ...] = tuple(EMA_KEEP**m for m in range(129))
+"""``EMA_KEEP ** m`` as python floats: shared by the scalar and the vectorised EMA update."""
+
 
 def compression_level(compression: str) -> str:
     """Map fp32/bf16/fp16/int8/nf4 (or none/int8/nf4) to none/int8/nf4."""
@@ -238,7 +242,13 @@ class CostModel:
 
 
 class ObservationBuilder:
-    """Builds the observation vector (see :data:`OBS_SPEC`) from pre-choice information only."""
+    """Builds the observation vector (see :data:`OBS_SPEC`) from pre-choice information only.
+
+    The acceptance EMA is updated per run of events: ``m`` accepted events move it to
+    ``1 - (1 - ema) * 0.8**m`` and a rejection to ``ema * 0.8`` (the same recursion as
+    ``ema += 0.2 * (e - ema)`` event by event, grouped so that the vectorised replay can
+    reproduce it bit for bit with the table :data:`EMA_KEEP_POW`).
+    """
 
     EMA_RATE = 0.2
 
@@ -249,6 +259,7 @@ class ObservationBuilder:
         self._static = np.zeros(4, dtype=np.float32)
         self._static[0] = min(max(cost_ratio, 0.0), COST_RATIO_HIGH)
         self._static[1 + COMPRESSION_LEVELS.index(level)] = 1.0
+        self._static_t = tuple(float(x) for x in self._static)
         self.reset()
 
     def reset(self) -> None:
@@ -259,29 +270,52 @@ class ObservationBuilder:
         self.last_accepted = 0
         self.last_full = 0.0
 
-    def update(self, gamma: int, accepted: int, events: Sequence[int]) -> None:
-        for e in events:
-            self.ema += self.EMA_RATE * (e - self.ema)
-            self.hits += int(e)
-            self.tests += 1
+    def update_run(self, gamma: int, accepted: int, ones: int, rejected: bool) -> None:
+        """Record a step whose events are ``ones`` accepted events then, if ``rejected``, one
+        rejection (the shape :func:`acceptance_events` always has)."""
+        if ones:
+            pw = EMA_KEEP_POW[ones] if ones < len(EMA_KEEP_POW) else EMA_KEEP**ones
+            self.ema = 1.0 - (1.0 - self.ema) * pw
+        if rejected:
+            self.ema = self.ema * EMA_KEEP
+        self.hits += ones
+        self.tests += ones + (1 if rejected else 0)
         self.last_gamma = gamma
         self.last_accepted = accepted
         self.last_full = 1.0 if (gamma > 0 and accepted >= gamma) else 0.0
 
-    def observe(self, signals: DraftSignals, position: int) -> np.ndarray:
-        obs = np.empty(OBS_DIM, dtype=np.float32)
-        obs[0] = signals.top1
-        obs[1] = signals.entropy
-        obs[2] = signals.margin
-        obs[3] = self.ema
-        obs[4] = (self.hits + 1) / (self.tests + 2)
-        obs[5] = self.last_gamma / self.gamma_max
-        obs[6] = self.last_accepted / self.gamma_max
-        obs[7] = self.last_full
-        obs[8] = position / self.max_new_tokens
-        obs[9:] = self._static
-        np.clip(obs, OBS_LOW, OBS_HIGH, out=obs)
+    def update(self, gamma: int, accepted: int, events: Sequence[int]) -> None:
+        ones = 0
+        for e in events:
+            if e:
+                ones += 1
+            else:
+                self.update_run(gamma, accepted, ones, True)
+                ones = 0
+        if ones or not events:  # (events ending in a rejection were recorded in the loop)
+            self.update_run(gamma, accepted, ones, False)
+
+    def observe_values(self, top1: float, entropy: float, margin: float, position: int) -> np.ndarray:
+        """The observation from the draft's signals at ``position`` (python floats, fast path)."""
+        gm = self.gamma_max
+        lg = self.last_gamma / gm
+        la = self.last_accepted / gm
+        pos = position / self.max_new_tokens
+        obs = np.array(
+            (
+                top1, entropy, margin, self.ema, (self.hits + 1) / (self.tests + 2),
+                lg if lg < 1.0 else 1.0, la if la < 1.0 else 1.0, self.last_full, pos if pos < 1.0 else 1.0,
+                *self._static_t,
+            ),
+            dtype=np.float32,
+        )
+        # signals come from outside (a model or a file): clip them like the rest of the vector
+        if not (0.0 <= top1 <= 1.0 and 0.0 <= entropy <= ENTROPY_HIGH and 0.0 <= margin <= 1.0):
+            np.clip(obs, OBS_LOW, OBS_HIGH, out=obs)
         return obs
+
+    def observe(self, signals: DraftSignals, position: int) -> np.ndarray:
+        return self.observe_values(signals.top1, signals.entropy, signals.margin, position)
 
 
 # ---- rewards -------------------------------------------------------------------------

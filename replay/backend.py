@@ -1,0 +1,116 @@
+"""A :class:`speckv_env.core.Backend` over full-information traces (exact replay).
+
+Episode ``i`` is trace ``i``. A step at position ``t`` with requested gamma ``g`` uses
+g_eff = min(g, N - 1 - t), accepts k = min(L[t], g_eff), emits tokens[t : t + k + 1] and
+moves to t + k + 1 (see :mod:`replay.trace`). Measured times are not replayed
+(``draft_s``/``verify_s`` are None); the environment prices each step with the episode's
+cost model, chosen by the trace's compression.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from speckv_env.core import CostModel, DraftSignals, EpisodeInfo, StepOutcome, compression_level
+
+from .trace import Trace
+
+CostModels = CostModel | Mapping[str, CostModel]
+
+
+def resolve_cost_model(cost_models: CostModels, compression: str, where: str = "") -> CostModel:
+    """Pick the cost model for ``compression``: a single model applies to all; a mapping is
+    looked up by exact compression, then by level (none/int8/nf4), then by ``"*"``."""
+    if isinstance(cost_models, CostModel):
+        return cost_models
+    for key in (compression, compression_level(compression), "*"):
+        if key in cost_models:
+            return cost_models[key]
+    have = ", ".join(sorted(cost_models)) or "none"
+    raise ValueError(
+        f"no cost model for compression {compression!r}{' (' + where + ')' if where else ''}; have: {have}. "
+        f"Pass cost_models={{{compression!r}: CostModel(...)}} or save cost-{compression}.json beside the logs."
+    )
+
+
+class TraceBackend:
+    """Replays full-information traces; implements :class:`speckv_env.core.Backend`."""
+
+    def __init__(self, traces: Sequence[Trace], cost_models: CostModels) -> None:
+        self.traces = list(traces)
+        if not self.traces:
+            raise ValueError("TraceBackend needs at least one trace (the filters may have removed them all)")
+        self.cost_models = [resolve_cost_model(cost_models, t.compression, f"trace {t.trace_id!r}") for t in self.traces]
+        # gammas up to the smallest recorded gamma_max are answerable for every episode
+        self.gamma_max = min(t.gamma_max for t in self.traces)
+        self._cache: dict[int, tuple[list[int], list[int], list[bool], list[float], list[float], list[float]]] = {}
+        self._load(0)
+
+    # ---- internals ------------------------------------------------------------------
+    def _lists(self, index: int) -> tuple[list[int], list[int], list[bool], list[float], list[float], list[float]]:
+        c = self._cache.get(index)
+        if c is None:
+            t = self.traces[index]
+            c = (
+                t.tokens.tolist(), t.L.tolist(), t.accept.tolist(),
+                t.sig_top1.tolist(), t.sig_entropy.tolist(), t.sig_margin.tolist(),
+            )
+            self._cache[index] = c
+        return c
+
+    def _load(self, index: int) -> None:
+        tr = self.traces[index]
+        self.index = index
+        self.trace = tr
+        self.max_new_tokens = tr.max_new_tokens
+        self.compression = tr.compression
+        self.sampling = tr.mode == "sample"
+        self.cost_model = self.cost_models[index]
+        self._tokens, self._L, self._accept, self._top1, self._ent, self._margin = self._lists(index)
+        self._n = tr.n
+        self._pos = 0
+
+    # ---- Backend protocol -----------------------------------------------------------
+    def num_episodes(self) -> int:
+        return len(self.traces)
+
+    def reset(self, index: int, seed: int | None) -> EpisodeInfo:
+        """Start episode ``index`` (``seed`` is unused: a trace has no randomness left)."""
+        if not 0 <= index < len(self.traces):
+            raise IndexError(f"episode {index} out of range: {len(self.traces)} traces")
+        self._load(index)
+        tr = self.trace
+        return EpisodeInfo(
+            prompt_id=tr.prompt_id, task=tr.task, compression=tr.compression, mode=tr.mode,
+            max_new_tokens=tr.max_new_tokens, extra={"trace_id": tr.trace_id, "split": tr.split, "n": tr.n},
+        )
+
+    def signals(self) -> DraftSignals:
+        t = self._pos
+        return DraftSignals(self._top1[t], self._ent[t], self._margin[t])
+
+    def position(self) -> int:
+        return self._pos
+
+    def step(self, gamma: int) -> StepOutcome:
+        t = self._pos
+        n = self._n
+        if t >= n:
+            raise RuntimeError("step() past the end of the trace: reset first")
+        g = min(int(gamma), n - 1 - t)
+        k = min(self._L[t], g)
+        if g == 0:
+            events = [int(self._accept[t])]
+        elif k < g:
+            events = [1] * k + [0]
+        else:
+            events = [1] * g
+        self._pos = t + k + 1
+        done = self._pos >= n
+        return StepOutcome(
+            gamma=g, accepted=k, tokens=self._tokens[t : t + k + 1], done=done,
+            finish_reason=self.trace.finish_reason if done else None, events=events,
+        )
+
+    def close(self) -> None:
+        pass

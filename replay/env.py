@@ -1,0 +1,300 @@
+"""``SpecKVReplay-v0``: the SpecKV environment replayed from recorded logs (no models, no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from speckv_env.base_env import SpecKVBaseEnv, action_to_index
+from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, StepOutcome
+
+from .backend import CostModels, TraceBackend, resolve_cost_model
+from .trace import PathLike, Trace, load_cost_models, read_traces
+
+DEFAULT_TRACES_DIR = Path(__file__).resolve().parent.parent / "speckv_env" / "data" / "traces"
+"""Where the shipped profiling data set lives (``speckv_env/data/traces/``)."""
+
+_INT_TYPES = (int, np.int64, np.int32, np.intp)
+
+
+def _obs_table() -> str:
+    rows = [f"    | {i:<3} | {name:<17} | {lo:<4g} | {hi:<4g} | {desc} |" for i, (name, lo, hi, desc) in enumerate(OBS_SPEC)]
+    head = "    | Num | Observation       | Min  | Max  | Description |\n    |-----|-------------------|------|------|-------------|"
+    return head + "\n" + "\n".join(rows)
+
+
+def default_logs() -> Path:
+    """The shipped profiling data set, or a clear error while none is shipped."""
+    d = DEFAULT_TRACES_DIR
+    if d.is_dir() and any(d.glob("*.parquet")):
+        return d
+    raise FileNotFoundError(
+        f"no default replay data is shipped yet (expected Parquet traces under {d}); "
+        "pass logs=<file, folder or list of speckv-trace/1 files>, traces=[...] (in memory), "
+        "or source='speckv-paper' for the imported SpecKV paper step logs"
+    )
+
+
+def _is_step_log(paths: Sequence[Path]) -> bool:
+    import pyarrow.parquet as pq
+
+    from .schema import STEPS_SCHEMA_VERSION
+
+    for p in paths:
+        files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+        for f in files[:1]:
+            try:
+                md = pq.read_schema(f).metadata or {}
+            except Exception:  # malformed files are reported by the reader
+                return False
+            return md.get(b"speckv_schema", b"").decode() == STEPS_SCHEMA_VERSION
+    return False
+
+
+class SpecKVReplayEnv(SpecKVBaseEnv):
+    """Placeholder; the docstring is filled in below from OBS_SPEC."""
+
+    def __init__(
+        self,
+        logs: PathLike | Sequence[PathLike] | None = None,
+        traces: Sequence[Trace] | None = None,
+        cost_model: CostModel | None = None,
+        cost_models: Mapping[str, CostModel] | None = None,
+        task: None | str | Sequence[str] = None,
+        split: None | str | Sequence[str] = None,
+        compression: None | str | Sequence[str] = None,
+        mode: None | str | Sequence[str] = None,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
+        reward: str = "cost",
+        render_mode: str | None = None,
+        source: str | None = None,
+        on_undetermined: str = "raise",
+        paper_features: bool = False,
+    ) -> None:
+        filters = dict(task=task, split=split, compression=compression, mode=mode)
+        backend: Any
+        if source is not None or (logs is not None and traces is None and _is_step_log(self._paths(logs))):
+            from .importers import StepLogBackend, load_step_log
+
+            if source is not None and source != "speckv-paper":
+                raise ValueError(f"unknown source {source!r}: the only named source is 'speckv-paper'")
+            steps, cms = load_step_log(logs if source is None else "speckv-paper", **filters)
+            backend = StepLogBackend(
+                steps, self._cost_models(cost_model, cost_models, cms), on_undetermined=on_undetermined,
+                paper_features=paper_features,
+            )
+        else:
+            if paper_features:
+                raise ValueError("paper_features=True applies to step logs (speckv-steps/1) only")
+            if traces is not None:
+                if logs is not None:
+                    raise ValueError("pass either logs= or traces=, not both")
+                found: dict[str, CostModel] = {}
+                trs = [t for t in traces if all(self._keep(getattr(t, k), v) for k, v in filters.items())]
+            else:
+                paths = self._paths(logs if logs is not None else default_logs())
+                trs = read_traces(paths, **filters)
+                found = {}
+                for p in paths:
+                    found.update(load_cost_models(p if p.is_dir() else p.parent))
+            if not trs:
+                raise ValueError(f"no traces left after the filters {filters}")
+            backend = TraceBackend(trs, self._cost_models(cost_model, cost_models, found))
+        super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode)
+        self._fast = type(backend) is TraceBackend
+        self._tables: dict[tuple[int, bool], tuple[list[list[float]], list[list[float]]]] = {}
+        self._gamma_list = list(self.gammas)
+        self._n_actions = len(self.gammas)
+        self._sig_pos = 0
+
+    # ---- construction helpers ----------------------------------------------------------
+    @staticmethod
+    def _paths(logs: PathLike | Sequence[PathLike]) -> list[Path]:
+        return [Path(logs)] if isinstance(logs, (str, Path)) or hasattr(logs, "__fspath__") else [Path(p) for p in logs]
+
+    @staticmethod
+    def _keep(value: str, want: None | str | Sequence[str]) -> bool:
+        return want is None or (value == want if isinstance(want, str) else value in want)
+
+    @staticmethod
+    def _cost_models(
+        cost_model: CostModel | None, cost_models: Mapping[str, CostModel] | None, found: Mapping[str, CostModel]
+    ) -> CostModels:
+        if cost_model is not None and cost_models is not None:
+            raise ValueError("pass either cost_model= (one for all) or cost_models= (by compression), not both")
+        if cost_model is not None:
+            return cost_model
+        merged = dict(found)
+        merged.update(cost_models or {})
+        return merged
+
+    # ---- fast path (TraceBackend) --------------------------------------------------------
+    def _step_tables(self) -> tuple[list[list[float]], list[list[float]]]:
+        """Per (cost model, sampling): modelled time and reward for every (g_eff, k)."""
+        b = self.backend
+        key = (id(b.cost_model), b.sampling)
+        tab = self._tables.get(key)
+        if tab is None:
+            cm = b.cost_model
+            gmax = max(self.gammas)
+            tt = [[cm.step_time(g, k, b.sampling) for k in range(g + 1)] for g in range(gmax + 1)]
+            rt = [
+                [float(self._reward_fn(StepOutcome(g, k, [0] * (k + 1), False), tt[g][k], cm)) for k in range(g + 1)]
+                for g in range(gmax + 1)
+            ]
+            tab = self._tables[key] = (tt, rt)
+        return tab
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        obs, info = super().reset(seed=seed, options=options)
+        if self._fast:
+            self._tt, self._rt = self._step_tables()
+            self._sig_pos = 0
+            info["trace_id"] = self.backend.trace.trace_id
+        return obs, info
+
+    def step(self, action: Any):
+        """One speculation step at gamma ``gammas[action]`` (see the class docstring)."""
+        if not self._fast:
+            return super().step(action)
+        # Fused form of SpecKVBaseEnv.step for TraceBackend (identical results; tested).
+        if self._done:
+            raise RuntimeError("step() called on a finished episode: call reset() first")
+        if type(action) in _INT_TYPES and 0 <= action < self._n_actions:
+            g = self._gamma_list[action]
+        else:
+            g = self._gamma_list[action_to_index(action, self._n_actions, self.gammas)]
+        b = self.backend
+        t = b._pos
+        n = b._n
+        rem = n - 1 - t
+        geff = g if g < rem else rem
+        lt = b._L[t]
+        k = lt if lt < geff else geff
+        newpos = t + k + 1
+        b._pos = newpos
+        tokens = b._tokens[t:newpos]
+        bl = self._builder
+        if geff == 0:
+            a = b._accept[t]
+            bl.update_run(0, 0, 1 if a else 0, not a)
+        else:
+            bl.update_run(geff, k, k, k < geff)
+        t_model = self._tt[geff][k]
+        reward = self._rt[geff][k]
+        s = self._stats
+        s["steps"] += 1
+        s["tokens"] += k + 1
+        s["modelled_s"] += t_model
+        self._text.extend(tokens)
+        done = newpos >= n
+        if done:
+            self._done = True
+            sp = t
+        else:
+            sp = self._sig_pos = newpos
+        obs = bl.observe_values(b._top1[sp], b._ent[sp], b._margin[sp], newpos)
+        info: dict[str, Any] = {
+            "gamma": geff,
+            "requested_gamma": g,
+            "accepted": k,
+            "tokens": tokens,
+            "emitted": k + 1,
+            "modelled_time": t_model,
+            "measured_time": None,
+            "draft_time": None,
+            "verify_time": None,
+            "position": newpos,
+        }
+        terminated = truncated = False
+        if done:
+            fr = b.trace.finish_reason
+            terminated = fr == "eos"
+            truncated = not terminated
+            info["episode_summary"] = {
+                "tokens": s["tokens"],
+                "steps": s["steps"],
+                "modelled_s": s["modelled_s"],
+                "modelled_tps": s["tokens"] / s["modelled_s"] if s["modelled_s"] > 0 else float("nan"),
+                "measured_s": None,
+                "measured_tps": None,
+                "target_only_tps": self.cost_model.target_only_tps,
+                "finish_reason": fr,
+            }
+        return obs, reward, terminated, truncated, info
+
+
+SpecKVReplayEnv.__doc__ = """Speculative decoding replayed from recorded logs; gamma (the number of drafted tokens) is the action.
+
+    ## Description
+    A draft model proposes gamma tokens, the target verifies them in one forward pass and
+    keeps the longest agreeing prefix plus one token of its own. Choosing gamma trades
+    draft work against accepted tokens. This environment replays *full-information traces*
+    (``speckv-trace/1``, see replay/SCHEMA.md): because greedy decoding (and sampling with
+    position-keyed randomness) emits the same text whatever gammas are chosen, one trace per
+    prompt answers every policy exactly, in microseconds, with no models and no torch.
+    It can also replay censored step logs (``speckv-steps/1``, e.g. the SpecKV paper's CSV
+    imported by :mod:`replay.importers`), which answer only the gammas their data determines.
+
+    ## Action Space
+    ``Discrete(len(gammas))``: action ``i`` drafts ``gammas[i]`` tokens (default gammas
+    0..8; 0 = a plain target step). Near the end of an episode gamma is clipped to the
+    tokens still to come (``info["gamma"]`` is the gamma used, ``info["requested_gamma"]``
+    the one asked for). Invalid actions raise ``ValueError``.
+
+    ## Observation Space
+    ``Box(13,)`` float32, only what a controller knows *before* choosing gamma
+    (post-draft features of the same step would be leakage):
+
+{table}
+
+    ## Rewards
+    ``reward="cost"`` (default): emitted tokens - modelled step time / target-only token
+    time, so a higher return means a higher modelled end-to-end tokens/s (zero = as fast as
+    target-only decoding). ``"tokens"``: tokens emitted per step (the SpecKV paper's reward;
+    the largest gamma always wins it). ``"time"``: minus the modelled step time in
+    target-only token units. Step times come from the episode's calibrated
+    :class:`~speckv_env.core.CostModel` (by compression), so replay is deterministic.
+
+    ## Starting State
+    ``reset()`` picks an episode (trace) uniformly with ``self.np_random`` (or
+    ``options={{"episode": i}}``) and starts at output position 0 with fresh running stats.
+
+    ## Episode End
+    Terminated when the trace's last token is EOS (``finish_reason == "eos"``); truncated
+    when it ends at ``max_new_tokens``. ``info["episode_summary"]`` carries tokens, steps and
+    modelled tokens/s at the last step.
+
+    ## Arguments
+    - ``logs``: a ``speckv-trace/1`` file, folder of part files, or list of them (cost
+      models ``cost-<compression>.json`` beside them are picked up), or a ``speckv-steps/1``
+      step log. Default: the shipped profiling data set under ``speckv_env/data/traces/``
+      (an error explains what to pass while none is shipped).
+    - ``traces``: in-memory list of :class:`~replay.trace.Trace` (tests, examples).
+    - ``cost_model`` (one for all) or ``cost_models`` (``{{compression: CostModel}}``).
+    - ``task``, ``split``, ``compression``, ``mode``: keep only matching episodes (a value or
+      a list of values).
+    - ``gammas``: the gamma set (default 0..8; at most the traces' ``gamma_max``).
+    - ``reward``: ``"cost"`` | ``"tokens"`` | ``"time"``.
+    - ``render_mode``: ``None`` or ``"ansi"``.
+    - ``source="speckv-paper"``: replay the SpecKV paper's imported step logs.
+    - ``on_undetermined`` (step logs only): what to do when the requested gamma's outcome is not
+      determined by the log (the recorded step accepted all of its gamma and more was asked):
+      ``"raise"`` (default) raises :class:`~replay.importers.UndeterminedOutcomeError`;
+      ``"clip"`` answers the recorded gamma's outcome instead (``info["gamma"]`` shows it);
+      ``"skip"`` does the same and also flags ``info["undetermined"] = True``.
+    - ``paper_features`` (step logs only): observe the paper's *post-draft* signals of the
+      current step (computed over the tokens drafted in that very step). They are leakage for
+      a controller that chooses gamma before drafting; off by default, when the previous
+      step's signals are observed instead.
+
+    ## Example
+    >>> import gymnasium as gym, speckv_env
+    >>> from replay.trace import synthetic_dataset
+    >>> from speckv_env.core import CostModel
+    >>> env = gym.make("SpecKVReplay-v0", traces=synthetic_dataset(8), cost_model=CostModel.unit())
+    >>> obs, info = env.reset(seed=0)
+    >>> obs, reward, terminated, truncated, info = env.step(4)
+    """.format(table=_obs_table())

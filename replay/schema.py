@@ -1,0 +1,95 @@
+"""Versioned on-disk schemas of the replay side (Parquet; documented in replay/SCHEMA.md).
+
+- ``speckv-trace/1``: full-information traces, one row per episode, list columns per position.
+- ``speckv-steps/1``: censored step logs (only the chosen gamma's outcome per step), one row
+  per recorded step, e.g. imported from the SpecKV paper's CSV.
+
+No torch here: replay must work on machines without it.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TRACE_SCHEMA_VERSION = "speckv-trace/1"
+STEPS_SCHEMA_VERSION = "speckv-steps/1"
+
+COMPRESSIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4")
+MODES: tuple[str, ...] = ("greedy", "sample")
+FINISH_REASONS: tuple[str, ...] = ("eos", "length")
+
+
+class TraceFormatError(ValueError):
+    """A trace or step-log file is malformed, truncated, or has the wrong schema.
+
+    The message always names the file and the problem.
+    """
+
+
+# column name -> (arrow type, description). Order is the on-disk column order.
+TRACE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "trace_id": (pa.string(), "unique id of the episode (the resume key)"),
+    "schema": (pa.string(), f"schema version, always {TRACE_SCHEMA_VERSION!r}"),
+    "pair": (pa.string(), "name of the draft/target pair"),
+    "target": (pa.string(), "target model (hub id, folder or GGUF file)"),
+    "draft": (pa.string(), "draft model (hub id, folder or GGUF file)"),
+    "compression": (pa.string(), "target compression: fp32, bf16, fp16, int8 or nf4"),
+    "device": (pa.string(), "device the trace was recorded on (e.g. cpu, cuda:0 / H200)"),
+    "task": (pa.string(), "prompt task (code, math, chat, summarization, ...)"),
+    "split": (pa.string(), "data split (train, val, test, ...)"),
+    "prompt_id": (pa.string(), "id of the prompt within its suite"),
+    "mode": (pa.string(), "decoding mode: greedy or sample"),
+    "temperature": (pa.float64(), "sampling temperature (1.0 for greedy)"),
+    "top_p": (pa.float64(), "nucleus top-p (1.0 = off)"),
+    "seed": (pa.int64(), "episode seed keying the per-position randomness (sampling)"),
+    "max_new_tokens": (pa.int32(), "generation budget"),
+    "gamma_max": (pa.int16(), "acceptance runs are recorded up to this gamma"),
+    "prompt_len": (pa.int32(), "prompt length in tokens"),
+    "finish_reason": (pa.string(), "eos (last token is EOS) or length (max_new_tokens reached)"),
+    "tokens": (pa.list_(pa.int32()), "y_s: emitted token ids, N = len(tokens)"),
+    "accept": (pa.list_(pa.bool_()), "a_s: would the draft's proposal at s (from the true prefix) be accepted"),
+    "sig_top1": (pa.list_(pa.float32()), "draft top-1 probability at s (pre-choice)"),
+    "sig_entropy": (pa.list_(pa.float32()), "draft entropy (nats) at s (pre-choice)"),
+    "sig_margin": (pa.list_(pa.float32()), "draft top-1 minus top-2 probability at s (pre-choice)"),
+    "step_pos": (pa.list_(pa.int32()), "recorded path: start position of each step"),
+    "step_gamma": (pa.list_(pa.int16()), "recorded path: gamma used (clipped) at each step"),
+    "step_accepted": (pa.list_(pa.int16()), "recorded path: accepted draft tokens at each step"),
+    "step_draft_s": (pa.list_(pa.float64()), "recorded path: measured draft time (s) per step"),
+    "step_verify_s": (pa.list_(pa.float64()), "recorded path: measured verify time (s) per step"),
+    "meta": (pa.string(), "free-form JSON object (versions, prompt text hash, ...); '{}' if none"),
+}
+
+TRACE_ARROW_SCHEMA = pa.schema(
+    [pa.field(name, typ, nullable=False) for name, (typ, _) in TRACE_COLUMNS.items()],
+    metadata={b"speckv_schema": TRACE_SCHEMA_VERSION.encode()},
+)
+
+STEPS_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "schema": (pa.string(), f"schema version, always {STEPS_SCHEMA_VERSION!r}"),
+    "source": (pa.string(), "where the log came from (e.g. speckv-paper)"),
+    "run_id": (pa.string(), "one recorded run = one (compression, gamma, prompt) episode"),
+    "pair": (pa.string(), "name of the draft/target pair"),
+    "compression": (pa.string(), "target compression: fp32, bf16, fp16, int8 or nf4"),
+    "device": (pa.string(), "device of the recording"),
+    "task": (pa.string(), "prompt task"),
+    "split": (pa.string(), "data split"),
+    "prompt_id": (pa.string(), "id of the prompt"),
+    "prompt": (pa.string(), "prompt text ('' if unknown)"),
+    "mode": (pa.string(), "greedy or sample"),
+    "max_new_tokens": (pa.int32(), "generation budget of the run"),
+    "step": (pa.int32(), "0-based step index within the run"),
+    "position": (pa.int32(), "tokens emitted before this step (sum of earlier tokens_produced)"),
+    "gamma": (pa.int16(), "recorded (requested) gamma of the step"),
+    "accepted": (pa.int16(), "accepted draft tokens k"),
+    "tokens_produced": (pa.int16(), "tokens emitted by the step (k + 1)"),
+    "censored": (pa.bool_(), "accepted == gamma: outcomes of larger gammas are unknown"),
+    "post_mean_entropy_bits": (pa.float32(), "POST-DRAFT: mean draft entropy (bits) over this step's drafted tokens"),
+    "post_mean_confidence": (pa.float32(), "POST-DRAFT: mean draft top-1 probability over this step's drafted tokens"),
+    "post_max_entropy_bits": (pa.float32(), "POST-DRAFT: max draft entropy (bits) over this step's drafted tokens"),
+    "post_min_confidence": (pa.float32(), "POST-DRAFT: min draft top-1 probability over this step's drafted tokens"),
+}
+
+STEPS_ARROW_SCHEMA = pa.schema(
+    [pa.field(name, typ, nullable=False) for name, (typ, _) in STEPS_COLUMNS.items()],
+    metadata={b"speckv_schema": STEPS_SCHEMA_VERSION.encode()},
+)
