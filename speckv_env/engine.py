@@ -1,0 +1,458 @@
+"""A lossless speculative decoding engine with a per-step gamma chosen by the caller.
+
+Both models keep a KV cache; on rejection the caches are cropped, never recomputed.
+
+Bookkeeping (batch size 1). Let y be the emitted tokens so far and t = len(y).
+- The target cache holds prompt + y minus the last token; that token (``_t_pending``) is fed
+  first at the next verification, so a verification input is [y[-1], d_1 .. d_g] and its g+1
+  output rows are the target's distributions p_t .. p_{t+g}.
+- The draft cache holds whatever the draft has consumed; ``_d_pending`` are emitted tokens it
+  has not seen. :meth:`observe` feeds them in one forward and yields q_t, the draft's
+  distribution at the current position: this is computed *before* gamma is chosen (it is
+  the observation) and it is the first draft token's distribution, so drafting g tokens
+  takes g - 1 further forwards.
+
+Verification (Leviathan et al. 2023; Chen et al. 2023):
+- greedy: d_i = argmax q, accepted while d_i == argmax p; then the target's argmax at the
+  first mismatch (or the bonus position) is emitted. Output = the target's greedy output.
+- sampling: with target p and draft q after temperature/top-p, d_i ~ q, accepted with
+  probability min(1, p(d_i)/q(d_i)); on rejection the token is drawn from the residual
+  norm((p - q)+). The uniforms are keyed by output position (one row of a table drawn from
+  the episode seed), and the token at the bonus position (all g accepted, and every token
+  when g = 0) is drawn with the same draft-then-accept rule. Every emitted token y_s is
+  then a fixed function of (p_s, q_s, u_s), so the emitted sequence does not depend on the
+  gammas chosen, and each token is an exact sample from the target's p_s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .core import DraftSignals
+
+
+@dataclass
+class StepResult:
+    """One speculation step.
+
+    ``gamma`` is the number of tokens drafted (the request, clipped so that the step cannot
+    emit past max_new_tokens); ``accepted`` the number of drafted tokens accepted;
+    ``tokens`` the emitted ids (accepted drafts, then the target's own token, unless an
+    accepted draft was EOS); ``draft_signals`` the signals of every drafted token, in order
+    (the first is the pre-choice observation's); ``events`` the acceptance events
+    (see :func:`speckv_env.core.acceptance_events`).
+    """
+
+    gamma: int
+    accepted: int
+    tokens: list[int]
+    draft_signals: list[DraftSignals]
+    draft_s: float
+    verify_s: float
+    done: bool
+    finish_reason: str | None
+    events: list[int]
+    draft_forwards: int
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    steps: list[StepResult]
+    finish_reason: str | None
+    wall_s: float
+
+    @property
+    def accept_histogram(self) -> dict[int, int]:
+        h: dict[int, int] = {}
+        for s in self.steps:
+            h[s.accepted] = h.get(s.accepted, 0) + 1
+        return dict(sorted(h.items()))
+
+    @property
+    def acceptance_rate(self) -> float:
+        drafted = sum(s.gamma for s in self.steps)
+        return sum(s.accepted for s in self.steps) / drafted if drafted else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+def _signals_from_logits(logits: torch.Tensor) -> DraftSignals:
+    """Top-1 probability, entropy (nats) and top-1/top-2 margin of softmax(logits) (T = 1)."""
+    lf = logits.float()
+    logp = torch.log_softmax(lf, dim=-1)
+    p = logp.exp()
+    top = torch.topk(p, 2).values
+    ent = -(p * logp).sum()
+    t1, t2, e = float(top[0]), float(top[1]), float(ent)
+    return DraftSignals(t1, max(e, 0.0), t1 - t2)
+
+
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _crop(cache, new_len: int) -> None:
+    cur = cache.get_seq_length()
+    if cur > new_len:
+        cache.crop(new_len - cur)  # negative = remove that many from the end (transformers 4.x and 5.x)
+
+
+def _sample_from(probs: torch.Tensor, u: float) -> int:
+    """Inverse-CDF sample of a categorical distribution with one uniform in [0, 1)."""
+    c = torch.cumsum(probs, dim=-1)
+    i = int(torch.searchsorted(c, torch.tensor([u * float(c[-1])], dtype=c.dtype, device=c.device), right=True)[0])
+    # guard against rounding at the top end and zero-probability tokens
+    i = min(i, probs.shape[-1] - 1)
+    while float(probs[i]) <= 0.0 and i > 0:
+        i -= 1
+    return i
+
+
+class SpeculativeEngine:
+    """Speculative decoding of one sequence at a time; the caller picks gamma each step.
+
+    Parameters
+    ----------
+    target, draft:
+        Hugging Face causal LMs sharing a tokenizer (checked by :func:`speckv_env.pair.load_pair`).
+    temperature:
+        0 means greedy (lossless w.r.t. the target's greedy output); > 0 means exact
+        speculative sampling from softmax(logits / temperature), top-p filtered.
+    top_p:
+        Nucleus filter applied to both target and draft distributions (exact: the target's
+        filtered distribution is what gets sampled).
+    eos_token_id:
+        int or list of ints that end generation (the EOS token is emitted, nothing after it).
+    """
+
+    def __init__(
+        self,
+        target,
+        draft,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        max_gamma: int = 64,
+    ) -> None:
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.target = target
+        self.draft = draft
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.sampling = self.temperature > 0
+        if eos_token_id is None:
+            eos_token_id = getattr(target.generation_config, "eos_token_id", None) or getattr(target.config, "eos_token_id", None)
+        if eos_token_id is None:
+            self.eos: frozenset[int] = frozenset()
+        elif isinstance(eos_token_id, int):
+            self.eos = frozenset([eos_token_id])
+        else:
+            self.eos = frozenset(int(e) for e in eos_token_id)
+        self.device = torch.device(device) if device is not None else next(target.parameters()).device
+        self.draft_device = next(draft.parameters()).device
+        self.max_gamma = max_gamma
+        self._cuda = self.device.type == "cuda" or self.draft_device.type == "cuda"
+        self._t_kv = cache_kwarg(target)
+        self._d_kv = cache_kwarg(draft)
+        self._started = False
+
+    # ---- timing ---------------------------------------------------------------------
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    # ---- distributions ----------------------------------------------------------------
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits / T), top-p filtered and renormalised (float32, 1-D)."""
+        p = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sp, idx = torch.sort(p, descending=True)
+            cum = torch.cumsum(sp, dim=-1)
+            keep = (cum - sp) < self.top_p  # smallest prefix whose mass reaches top_p
+            sp = torch.where(keep, sp, torch.zeros_like(sp))
+            p = torch.zeros_like(p).scatter_(-1, idx, sp)
+            p = p / p.sum()
+        return p
+
+    # ---- episode ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, seed: int = 0) -> None:
+        """Prefill both caches with the prompt and prepare for the first step."""
+        from transformers import DynamicCache
+
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()
+        if len(ids) < 1:
+            raise ValueError("the prompt must contain at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.prompt = ids
+        self.max_new_tokens = int(max_new_tokens)
+        self.seed = int(seed)
+        self.out: list[int] = []
+        self._t_cache = DynamicCache(config=self.target.config)
+        self._d_cache = DynamicCache(config=self.draft.config)
+        t0 = self._now()
+        if len(ids) > 1:
+            self.target(input_ids=torch.tensor([ids[:-1]], device=self.device), use_cache=True, **{self._t_kv: self._t_cache})
+        self._t_pending = ids[-1]
+        t1 = self._now()
+        self._d_pending = list(ids)
+        self.prefill_s = t1 - t0
+        # position-keyed uniforms: row s = (draft proposal, accept test, residual) for output position s
+        self._u = np.random.default_rng(self.seed).random((self.max_new_tokens + 1, 3))
+        self._q: torch.Tensor | None = None  # draft logits at the current position
+        self._sig: DraftSignals | None = None
+        self._obs_s = 0.0
+        self._late_pos: int | None = None
+        self.pos_accept: list[bool | None] = []
+        self.pos_signals: list[DraftSignals | None] = []
+        self.finish_reason: str | None = None
+        self._started = True
+
+    @property
+    def position(self) -> int:
+        return len(self.out)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @torch.inference_mode()
+    def observe(self) -> DraftSignals:
+        """The draft's signals at the current position (runs the draft's catch-up forward once)."""
+        if not self._started:
+            raise RuntimeError("call start() before observe()")
+        if self.done:
+            raise RuntimeError("generation has finished: nothing to observe")
+        if self._q is None:
+            t0 = self._now()
+            pend = self._d_pending
+            if self._late_pos is not None and len(pend) >= 2:
+                # greedy, after a fully accepted draft: pending = [d_g, bonus]; the row for d_g
+                # is the draft's distribution at the bonus position (recorded for traces)
+                logits = self._draft_forward(pend, keep=2)
+                self._record(self._late_pos, _signals_from_logits(logits[0]), int(torch.argmax(logits[0])) == self.out[self._late_pos])
+                self._q = logits[1]
+            else:
+                self._q = self._draft_forward(pend)[-1]
+            self._late_pos = None
+            self._d_pending = []
+            self._sig = _signals_from_logits(self._q)
+            self._obs_s = self._now() - t0
+        assert self._sig is not None
+        return self._sig
+
+    def _record(self, pos: int, sig: DraftSignals, accepted: bool) -> None:
+        """Per-position record for full-information traces (see replay/SCHEMA.md)."""
+        while len(self.pos_accept) <= pos:
+            self.pos_accept.append(None)
+            self.pos_signals.append(None)
+        self.pos_accept[pos] = bool(accepted)
+        self.pos_signals[pos] = sig
+
+    @torch.inference_mode()
+    def finalize_record(self) -> None:
+        """Fill the last position's draft record if the run ended on a greedy bonus token.
+
+        Costs one extra draft forward, outside any measured step; only traces need it.
+        """
+        if self._late_pos is not None and len(self._d_pending) >= 2:
+            logits = self._draft_forward(self._d_pending[:1], keep=1)
+            self._d_pending = self._d_pending[1:]
+            self._record(self._late_pos, _signals_from_logits(logits[-1]), int(torch.argmax(logits[-1])) == self.out[self._late_pos])
+            self._late_pos = None
+
+    def _draft_forward(self, tokens: list[int], keep: int = 1) -> torch.Tensor:
+        """Feed ``tokens`` to the draft; return its last ``keep`` logit rows ([keep, V])."""
+        out = self.draft(
+            input_ids=torch.tensor([tokens], device=self.draft_device),
+            use_cache=True,
+            **{self._d_kv: self._d_cache},
+            logits_to_keep=keep,
+        )
+        return out.logits[0, -keep:]
+
+    @torch.inference_mode()
+    def step(self, gamma: int) -> StepResult:
+        """Draft ``gamma`` tokens (0 = plain target step), verify them, emit, roll caches back."""
+        if not self._started:
+            raise RuntimeError("call start() before step()")
+        if self.done:
+            raise RuntimeError("generation has finished: call start() for a new sequence")
+        g_req = int(gamma)
+        if g_req < 0 or g_req > self.max_gamma:
+            raise ValueError(f"gamma must be in 0..{self.max_gamma}, got {gamma}")
+        t = len(self.out)
+        g = min(g_req, self.max_new_tokens - 1 - t)  # never emit past max_new_tokens
+        self.observe()
+        obs_s = self._obs_s
+        assert self._q is not None and self._sig is not None
+        d_len0 = self._d_cache.get_seq_length()  # draft cache = prompt + y
+        u = self._u
+
+        # ---- draft --------------------------------------------------------------------
+        t0 = self._now()
+        drafts: list[int] = []
+        q_rows: list[torch.Tensor] = []  # draft distributions used for the proposals (sampling)
+        sigs: list[DraftSignals] = [self._sig]
+        q_logits = self._q
+        n_fwd = 1  # the observation forward
+        for i in range(g):
+            if self.sampling:
+                q = self._probs(q_logits)
+                d = _sample_from(q, float(u[t + i, 0]))
+                q_rows.append(q)
+            else:
+                d = int(torch.argmax(q_logits))
+            drafts.append(d)
+            if i < g - 1:
+                q_logits = self._draft_forward([d])[-1]
+                n_fwd += 1
+                sigs.append(_signals_from_logits(q_logits))
+        t1 = self._now()
+
+        # ---- verify -------------------------------------------------------------------
+        x = torch.tensor([[self._t_pending, *drafts]], device=self.device)
+        logits = self.target(input_ids=x, use_cache=True, **{self._t_kv: self._t_cache}).logits[0]
+        accepted = 0
+        emitted: list[int] = []
+        finish: str | None = None
+        events: list[int] = []
+        extra_draft_s = 0.0
+        bonus_rec = None
+        if not self.sampling:
+            tgt = torch.argmax(logits, dim=-1).tolist()
+            while accepted < g and drafts[accepted] == tgt[accepted]:
+                accepted += 1
+            emitted = drafts[:accepted] + [tgt[accepted]]
+            if g == 0:
+                events = [int(int(torch.argmax(self._q)) == tgt[0])]
+            else:
+                events = [1] * accepted + ([0] if accepted < g else [])
+        else:
+            for i in range(g):
+                p = self._probs(logits[i])
+                q = q_rows[i]
+                d = drafts[i]
+                if float(u[t + i, 1]) * float(q[d]) < float(p[d]):  # u < p/q without dividing
+                    accepted += 1
+                    continue
+                resid = torch.clamp(p - q, min=0.0)
+                emitted = drafts[:accepted] + [_sample_from(resid, float(u[t + i, 2]))]
+                events = [1] * accepted + [0]
+                break
+            else:
+                # all g accepted (or g == 0): draw the token at position t+g with the same rule
+                s = t + g
+                if g == 0:
+                    qb_logits = self._q
+                else:
+                    te = self._now()
+                    qb_logits = self._draft_forward([drafts[-1]])[-1]
+                    n_fwd += 1
+                    extra_draft_s = self._now() - te
+                    sigs.append(_signals_from_logits(qb_logits))
+                qb = self._probs(qb_logits)
+                pb = self._probs(logits[g])
+                db = _sample_from(qb, float(u[s, 0]))
+                if float(u[s, 1]) * float(qb[db]) < float(pb[db]):
+                    tok = db
+                    ev = 1
+                else:
+                    tok = _sample_from(torch.clamp(pb - qb, min=0.0), float(u[s, 2]))
+                    ev = 0
+                emitted = drafts + [tok]
+                events = [ev] if g == 0 else [1] * g
+                bonus_rec = (s, sigs[-1], bool(ev))
+        acc_raw = accepted
+        # EOS inside the emitted tokens ends generation right after it
+        for j, tok in enumerate(emitted):
+            if tok in self.eos:
+                emitted = emitted[: j + 1]
+                accepted = min(accepted, j)
+                finish = "eos"
+                break
+        t2 = self._now()
+
+        # ---- per-position record (full-information traces) ------------------------------
+        n_em = len(emitted)
+        if g == 0:
+            self._record(t, sigs[0], bool(events[0]))
+        else:
+            for i in range(min(accepted + 1, g, n_em)):
+                self._record(t + i, sigs[i], i < acc_raw)
+            if accepted == g and n_em == g + 1:
+                if bonus_rec is not None:
+                    self._record(*bonus_rec)
+                else:
+                    self._late_pos = t + g  # filled by the next observe() (greedy)
+
+        # ---- roll caches back -----------------------------------------------------------
+        base_t = self._t_cache.get_seq_length() - (g + 1)  # before this verification
+        _crop(self._t_cache, base_t + 1 + accepted)  # keep y[-1] and the accepted drafts
+        self._t_pending = emitted[-1]
+        if self.sampling and g > 0 and accepted == g and finish is None:
+            # the draft consumed d_g for the bonus draw: keep y + d_1..d_g
+            _crop(self._d_cache, d_len0 + g)
+            self._d_pending = [emitted[-1]]
+        else:
+            _crop(self._d_cache, d_len0 + min(accepted, max(g - 1, 0)))
+            self._d_pending = emitted[min(accepted, max(g - 1, 0)) :]
+        self._q = None
+        self._sig = None
+        self.out.extend(emitted)
+        if finish is None and len(self.out) >= self.max_new_tokens:
+            finish = "length"
+        self.finish_reason = finish
+        return StepResult(
+            gamma=g,
+            accepted=accepted,
+            tokens=emitted,
+            draft_signals=sigs[: max(g, 1)],
+            draft_s=obs_s + (t1 - t0) + extra_draft_s,
+            verify_s=(t2 - t1) - extra_draft_s,
+            done=finish is not None,
+            finish_reason=finish,
+            events=events,
+            draft_forwards=n_fwd,
+        )
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int,
+        gamma: int | Sequence[int] | Callable[[int, DraftSignals], int] = 4,
+        seed: int = 0,
+    ) -> GenerationResult:
+        """Decode to EOS or max_new_tokens; ``gamma`` is an int, a per-step list, or f(step, signals)."""
+        t0 = self._now()
+        self.start(prompt_ids, max_new_tokens, seed)
+        steps: list[StepResult] = []
+        while not self.done:
+            if callable(gamma):
+                g = int(gamma(len(steps), self.observe()))
+            elif isinstance(gamma, int):
+                g = gamma
+            else:
+                g = int(gamma[len(steps) % len(gamma)])
+            steps.append(self.step(g))
+        return GenerationResult(list(self.out), steps, self.finish_reason, self._now() - t0)
