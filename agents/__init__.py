@@ -1,0 +1,43 @@
+"""Every gamma policy behind one small interface (see :mod:`agents.base`).
+
+>>> from agents import make_agent, load_agent, train_agent, evaluate_agent
+>>> agent = make_agent("ucb1", seed=0)
+
+Registry names (:data:`AGENTS`): fixed, hf_heuristic, cost_aware, speckv_mlp, epsilon_greedy,
+ucb1, thompson, exp3, linucb, ppo, oracle. torch and stable-baselines3 are imported only
+when an MLP is trained or a PPO agent is built.
+"""
+
+from .base import AGENTS, DEFAULT_VERIFY_SLOPE, Agent, AgentFormatError, GammaTable, load_agent, make_agent
+from .bandits import EXP3, UCB1, EpsilonGreedy, LinUCB, ThompsonSampling
+from .mlp import SpecKVMLP
+from .oracle import OracleAgent
+from .ppo import PPOAgent
+from .simple import CostAwareAnalytic, FixedGamma, HFHeuristic
+from .training import collect_rollouts, evaluate_agent, make_vec_env, summarize, train_agent
+
+__all__ = [
+    "AGENTS",
+    "Agent",
+    "AgentFormatError",
+    "CostAwareAnalytic",
+    "DEFAULT_VERIFY_SLOPE",
+    "EXP3",
+    "EpsilonGreedy",
+    "FixedGamma",
+    "GammaTable",
+    "HFHeuristic",
+    "LinUCB",
+    "OracleAgent",
+    "PPOAgent",
+    "SpecKVMLP",
+    "ThompsonSampling",
+    "UCB1",
+    "collect_rollouts",
+    "evaluate_agent",
+    "load_agent",
+    "make_agent",
+    "make_vec_env",
+    "summarize",
+    "train_agent",
+]

@@ -1,0 +1,402 @@
+"""One small interface for every gamma policy, safe persistence, and the agent registry.
+
+An :class:`Agent` maps an observation (see :data:`speckv_env.core.OBS_SPEC`) to an index into
+its ``gammas`` (the same index the environment's ``Discrete`` action space takes):
+
+=====================================  =================================================
+``act(obs) -> int``                    one decision (deterministic given the agent's state,
+                                       except randomised bandits, which draw from their own
+                                       seeded ``numpy.random.Generator``)
+``act_batch(obs[N, D]) -> int[N]``     many decisions (vectorised where cheap)
+``learn(obs, action, reward,           online update after a step (no-op for non-learners);
+next_obs, info)``                      ``info`` is the env's step info (``emitted``,
+                                       ``modelled_time``, ``gamma``, ``accepted`` ...)
+``reset()``                            new episode: clears per-episode state only
+``bind(env)``                          take the env's cost model and sampling mode
+``save(path)`` / ``load(path)``        JSON (config + small tables) or, for agents with
+                                       tensors, one safetensors file whose metadata holds
+                                       the same JSON. Never pickle.
+=====================================  =================================================
+
+File format ``speckv-agent/1``: ``{"format": ..., "kind": ..., "config": {...}, "state": {...}}``
+either as a JSON document, or as the ``__metadata__`` of a safetensors file (``config`` and
+``state`` JSON-encoded strings) whose tensors are the agent's arrays. :func:`load_agent`
+dispatches on ``kind``; anything malformed raises :class:`AgentFormatError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from bisect import bisect_right
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from speckv_env.base_env import check_gammas
+from speckv_env.core import DEFAULT_GAMMAS, OBS_DIM, OBS_INDEX, CostModel
+
+FORMAT = "speckv-agent/1"
+#: verify-time slope (per extra verified token, in target-step units) assumed when an agent
+#: only knows the observation's ``cost_ratio`` (no CostModel bound or given).
+DEFAULT_VERIFY_SLOPE = 0.05
+
+I_COST_RATIO = OBS_INDEX["cost_ratio"]
+
+
+class AgentFormatError(ValueError):
+    """A saved agent file is malformed, truncated, or holds the wrong kind of agent."""
+
+
+AGENTS: dict[str, type["Agent"]] = {}
+
+
+def register(cls: type["Agent"]) -> type["Agent"]:
+    AGENTS[cls.kind] = cls
+    return cls
+
+
+def _ensure_registered() -> None:
+    # importing the package modules fills AGENTS (heavy deps like torch/SB3 are imported lazily)
+    import agents  # noqa: F401
+
+
+def make_agent(name: str, **kwargs: Any) -> "Agent":
+    """Build an agent by registry name (see :data:`AGENTS`), e.g. ``make_agent("ucb1", seed=0)``."""
+    _ensure_registered()
+    try:
+        cls = AGENTS[name]
+    except KeyError:
+        raise ValueError(f"unknown agent {name!r}: choose one of {', '.join(sorted(AGENTS))}") from None
+    return cls(**kwargs)
+
+
+def cost_from_ratio(cost_ratio: float, gamma_max: int, verify_slope: float = DEFAULT_VERIFY_SLOPE) -> CostModel:
+    """A cost model known only through the observation's ``cost_ratio`` (t_draft / t_target):
+    target step = 1 time unit, verify time 1 + verify_slope * gamma."""
+    return CostModel.unit(max(int(gamma_max), 1), draft_ratio=max(float(cost_ratio), 0.0), verify_slope=verify_slope)
+
+
+def _logit(a: float) -> float:
+    a = min(max(a, 1e-300), 1.0)
+    if a >= 1.0:
+        return math.inf
+    return math.log(a) - math.log1p(-a)
+
+
+class GammaTable:
+    """gamma index as a function of the acceptance rate alpha, exact to ~1e-12 in alpha.
+
+    ``rule="time"``: argmax over gammas of ``cost.expected_tokens_per_second(alpha, g)``
+    (Leviathan et al.); ``rule="tokens"``: argmax of the expected tokens per step
+    ``(1 - a^(g+1)) / (1 - a)`` (the SpecKV paper's objective: the largest gamma wins for
+    every alpha > 0). The argmax is piecewise constant in alpha: we locate each change on a
+    fine grid, then bisect it to machine precision, so a lookup is one ``bisect`` over a few
+    thresholds and equals the brute-force argmax (first maximum on ties) except within ~1e-12
+    of a threshold. Thresholds are kept both in alpha and in logit(alpha) space, so a model
+    that outputs a logit needs no sigmoid.
+    """
+
+    def __init__(
+        self,
+        cost: CostModel | None,
+        gammas: Sequence[int],
+        sampling: bool = False,
+        rule: str = "time",
+        grid: int = 2049,
+    ) -> None:
+        if rule not in ("time", "tokens"):
+            raise ValueError(f"unknown gamma rule {rule!r}: choose 'time' or 'tokens'")
+        if rule == "time" and cost is None:
+            raise ValueError("rule 'time' needs a cost model")
+        self.gammas = tuple(gammas)
+        self.rule = rule
+        self.cost = cost
+        self.sampling = sampling
+        alphas = np.linspace(0.0, 1.0, grid)
+        best = [self.best_exact(float(a)) for a in alphas]
+        thr: list[float] = []
+        choices = [best[0]]
+        for j in range(1, grid):
+            if best[j] != best[j - 1]:
+                lo, hi = float(alphas[j - 1]), float(alphas[j])
+                for _ in range(64):
+                    mid = 0.5 * (lo + hi)
+                    if mid in (lo, hi):
+                        break
+                    if self.best_exact(mid) == best[j - 1]:
+                        lo = mid
+                    else:
+                        hi = mid
+                thr.append(hi)
+                choices.append(best[j])
+        self.alpha_thresholds = thr
+        self.logit_thresholds = [_logit(t) for t in thr]
+        self.choices = choices
+        self._thr_np = np.asarray(thr, dtype=np.float64)
+        self._lthr_np = np.asarray(self.logit_thresholds, dtype=np.float64)
+        self._choices_np = np.asarray(choices, dtype=np.int64)
+
+    def value(self, alpha: float, gamma: int) -> float:
+        if self.rule == "time":
+            assert self.cost is not None
+            return self.cost.expected_tokens_per_second(alpha, gamma, self.sampling)
+        a = min(max(alpha, 0.0), 1.0 - 1e-9)
+        return (1 - a ** (gamma + 1)) / (1 - a)
+
+    def best_exact(self, alpha: float) -> int:
+        vals = [self.value(alpha, g) for g in self.gammas]
+        return int(np.argmax(vals))
+
+    def index(self, alpha: float) -> int:
+        return self.choices[bisect_right(self.alpha_thresholds, alpha)]
+
+    def index_logit(self, z: float) -> int:
+        return self.choices[bisect_right(self.logit_thresholds, z)]
+
+    def index_batch(self, alpha: np.ndarray) -> np.ndarray:
+        return self._choices_np[np.searchsorted(self._thr_np, alpha, side="right")]
+
+    def index_logit_batch(self, z: np.ndarray) -> np.ndarray:
+        return self._choices_np[np.searchsorted(self._lthr_np, z, side="right")]
+
+
+class Agent:
+    """Base class of every gamma policy. Subclasses set ``kind`` and register themselves."""
+
+    kind: ClassVar[str] = "agent"
+    #: whether learn() changes the policy (the training loop skips calling it otherwise)
+    learns: ClassVar[bool] = False
+
+    def __init__(self, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
+        self.gammas: tuple[int, ...] = check_gammas(gammas)
+        self.name: str = self.kind
+
+    # ---- decisions -------------------------------------------------------------------
+    def act(self, obs: np.ndarray) -> int:
+        raise NotImplementedError
+
+    def act_batch(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs)
+        if obs.ndim != 2 or obs.shape[1] != OBS_DIM:
+            raise ValueError(f"act_batch expects an array of shape (N, {OBS_DIM}), got {obs.shape}")
+        return np.fromiter((self.act(o) for o in obs), dtype=np.int64, count=len(obs))
+
+    def learn(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, info: dict[str, Any]) -> None:
+        """Online update after one step; a no-op for agents that do not learn online."""
+
+    def reset(self) -> None:
+        """Start of an episode: clear per-episode state, keep what was learned."""
+
+    def begin_episode(self, env: Any, info: dict[str, Any]) -> None:
+        """Called by the training/evaluation loops after ``env.reset()``; default: ``reset()``.
+        Agents that must know the episode (the oracle) override it."""
+        self.reset()
+
+    def bind(self, env: Any) -> "Agent":
+        """Check the env's gamma set matches and remember nothing else (see CostModelMixin)."""
+        u = getattr(env, "unwrapped", env)
+        env_gammas = tuple(getattr(u, "gammas", self.gammas))
+        if env_gammas != self.gammas:
+            raise ValueError(f"{self.name}: agent gammas {self.gammas} differ from the env's {env_gammas}")
+        return self
+
+    def gamma_of(self, index: int) -> int:
+        return self.gammas[index]
+
+    # ---- persistence -----------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON-able)."""
+        return {"gammas": list(self.gammas)}
+
+    def get_state(self) -> dict[str, Any]:
+        """Learned state as JSON-able small tables."""
+        return {}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"unexpected state keys {sorted(state)}")
+
+    def get_tensors(self) -> dict[str, np.ndarray]:
+        """Learned arrays too big for JSON (saved with safetensors)."""
+        return {}
+
+    def set_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        if tensors:
+            raise ValueError(f"unexpected tensors {sorted(tensors)}")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the agent to ``path``: JSON, or safetensors when the agent has tensors."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tensors = self.get_tensors()
+        doc = {"format": FORMAT, "kind": self.kind, "config": self.get_config(), "state": self.get_state()}
+        if not tensors:
+            p.write_text(json.dumps(doc, indent=1, allow_nan=True))
+            return p
+        from safetensors.numpy import save_file
+
+        meta = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "config": json.dumps(doc["config"]),
+            "state": json.dumps(doc["state"]),
+        }
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p), metadata=meta)
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Agent":
+        agent = load_agent(path)
+        if cls is not Agent and not isinstance(agent, cls):
+            raise AgentFormatError(f"{path}: holds a {agent.kind!r} agent, not a {cls.kind!r} agent")
+        return agent
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], state: dict[str, Any], tensors: dict[str, np.ndarray]) -> "Agent":
+        agent = cls(**config)
+        agent.set_tensors(tensors)
+        agent.set_state(state)
+        return agent
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "gammas")
+        return f"{type(self).__name__}({cfg})"
+
+
+def _read_doc(p: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"agent file {p} does not exist") from None
+    except IsADirectoryError:
+        raise AgentFormatError(f"{p}: is a directory, not an agent file") from None
+    if not data.strip():
+        raise AgentFormatError(f"{p}: empty file, not a saved agent")
+    if data.lstrip()[:1] == b"{":
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AgentFormatError(f"{p}: not valid agent JSON (truncated or corrupted?): {e}") from None
+        if not isinstance(doc, dict):
+            raise AgentFormatError(f"{p}: agent JSON must be an object, got {type(doc).__name__}")
+        return doc, {}
+    # safetensors: 8-byte little-endian header size, JSON header, tensor data
+    if len(data) < 8:
+        raise AgentFormatError(f"{p}: truncated ({len(data)} bytes): neither agent JSON nor safetensors")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise AgentFormatError(f"{p}: truncated or not a safetensors file (header says {n} bytes, file has {len(data) - 8})")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        meta = header.get("__metadata__") or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise AgentFormatError(f"{p}: corrupted safetensors header: {e}") from None
+    try:
+        from safetensors.numpy import load as st_load
+
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error type
+        raise AgentFormatError(f"{p}: truncated or corrupted safetensors data: {e}") from None
+    doc: dict[str, Any] = {"format": meta.get("format"), "kind": meta.get("kind")}
+    for key in ("config", "state"):
+        try:
+            doc[key] = json.loads(meta.get(key, "{}"))
+        except json.JSONDecodeError as e:
+            raise AgentFormatError(f"{p}: metadata {key!r} is not valid JSON: {e}") from None
+    return doc, tensors
+
+
+def load_agent(path: str | Path) -> Agent:
+    """Load any saved agent, dispatching on its ``kind``. Raises AgentFormatError if malformed."""
+    _ensure_registered()
+    p = Path(path)
+    doc, tensors = _read_doc(p)
+    if doc.get("format") != FORMAT:
+        raise AgentFormatError(f"{p}: not a saved agent (format {doc.get('format')!r}, expected {FORMAT!r})")
+    kind = doc.get("kind")
+    if kind not in AGENTS:
+        raise AgentFormatError(f"{p}: unknown agent kind {kind!r} (known: {', '.join(sorted(AGENTS))})")
+    config, state = doc.get("config"), doc.get("state", {})
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise AgentFormatError(f"{p}: 'config' and 'state' must be JSON objects")
+    try:
+        return AGENTS[kind].from_saved(config, state, tensors)
+    except AgentFormatError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        raise AgentFormatError(f"{p}: malformed {kind!r} agent: {type(e).__name__}: {e}") from None
+
+
+class CostModelMixin:
+    """Where an agent gets its cost model, in order of preference:
+
+    1. an explicit ``cost_model=`` (CostModel or its dict), saved with the agent;
+    2. the env given to ``bind(env)``: its current ``cost_model`` (re-read at each decision, so
+       a data set mixing compressions is followed episode by episode) and ``sampling`` mode;
+    3. the observation alone: ``cost_ratio`` (t_draft / t_target) with
+       :data:`DEFAULT_VERIFY_SLOPE` for the verify time (see :func:`cost_from_ratio`).
+
+    Tables (:class:`GammaTable`) are cached per cost model object / per cost_ratio value.
+    """
+
+    gammas: tuple[int, ...]
+    rule: str = "time"
+
+    def _init_cost(self, cost_model: CostModel | dict | None, sampling: bool, verify_slope: float) -> None:
+        if isinstance(cost_model, dict):
+            cost_model = CostModel.from_dict(cost_model)
+        self.cost_model: CostModel | None = cost_model
+        self.sampling = bool(sampling)
+        self.verify_slope = float(verify_slope)
+        self._env: Any = None
+        self._tables: dict[Any, GammaTable] = {}
+        self._last_key: Any = None
+        self._last_table: GammaTable | None = None
+
+    def _cost_config(self) -> dict[str, Any]:
+        return {
+            "cost_model": self.cost_model.to_dict() if self.cost_model is not None else None,
+            "sampling": self.sampling,
+            "verify_slope": self.verify_slope,
+        }
+
+    def bind(self, env: Any) -> Any:
+        Agent.bind(self, env)  # type: ignore[arg-type]
+        u = getattr(env, "unwrapped", env)
+        self._env = u
+        backend = getattr(u, "backend", None)
+        if backend is not None:
+            self.sampling = bool(getattr(backend, "sampling", self.sampling))
+        return self
+
+    def table_for(self, cost_ratio: float) -> GammaTable:
+        if self.rule == "tokens":
+            key: Any = "tokens"
+        elif self.cost_model is not None:
+            key = "fixed"
+        elif self._env is not None:
+            key = self._env.cost_model
+        else:
+            key = cost_ratio
+        last = self._last_key
+        if key is last or (not isinstance(key, CostModel) and not isinstance(last, CostModel) and key == last):
+            return self._last_table  # type: ignore[return-value]
+        t = self._tables.get(id(key) if isinstance(key, CostModel) else key)
+        if t is None or (isinstance(key, CostModel) and t.cost is not key):
+            if self.rule == "tokens":
+                cost = None
+            elif isinstance(key, CostModel):
+                cost = key
+            elif key == "fixed":
+                cost = self.cost_model
+            else:
+                cost = cost_from_ratio(cost_ratio, max(self.gammas), self.verify_slope)
+            t = GammaTable(cost, self.gammas, self.sampling, rule=self.rule)
+            if len(self._tables) > 256:
+                self._tables.clear()
+            self._tables[id(key) if isinstance(key, CostModel) else key] = t
+        self._last_key, self._last_table = key, t
+        return t

@@ -1,0 +1,341 @@
+"""Training and evaluation loops for every agent kind, with recordable learning curves.
+
+``train_agent(name, env_factory=... | traces=..., steps=..., seed=...)``:
+  * bandits (and CostAwareAnalytic with estimate="beta"): online, one env, ``learn()`` after
+    every step;
+  * ``speckv_mlp``: rollouts of a behaviour policy (uniformly random gammas, seeded) collect
+    (pre-choice obs, acceptance events), then :meth:`agents.mlp.SpecKVMLP.fit`;
+  * ``ppo``: stable-baselines3 on a vectorised env (:func:`make_vec_env`);
+  * the rest (fixed, hf_heuristic, cost_aware, oracle) need no training: returned as built.
+The curve is kept on the agent as ``agent.train_log`` (a list of dicts, one per finished
+episode or fit epoch) and, with ``tb_log_dir``, written to TensorBoard with CleanRL-style tags
+``charts/episodic_return``, ``charts/tokens_per_second``, ``charts/mean_gamma``,
+``losses/...``, in run folder ``{env}__{agent}__{seed}__{time}``.
+
+``evaluate_agent(agent, env, episodes=None, seed=0)`` runs whole episodes and returns one
+record per episode (modelled tokens/s, tokens/step, mean gamma, gamma histogram ...).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .base import Agent, make_agent
+
+EnvFactory = Callable[[], Any]
+
+
+def replay_env_factory(traces: Sequence[Any], **env_kwargs: Any) -> EnvFactory:
+    """A factory of ``SpecKVReplay-v0`` envs over in-memory traces."""
+    import gymnasium as gym
+
+    import speckv_env  # noqa: F401  (registers the envs)
+
+    def make() -> Any:
+        return gym.make("SpecKVReplay-v0", traces=traces, **env_kwargs)
+
+    return make
+
+
+def _factory(env_factory: EnvFactory | None, traces: Sequence[Any] | None, env_kwargs: dict[str, Any] | None) -> EnvFactory:
+    if (env_factory is None) == (traces is None):
+        raise ValueError("pass exactly one of env_factory= or traces=")
+    if env_factory is not None:
+        if env_kwargs:
+            raise ValueError("env_kwargs applies to traces= only; bake options into env_factory")
+        return env_factory
+    return replay_env_factory(traces, **(env_kwargs or {}))
+
+
+class _Writer:
+    """TensorBoard SummaryWriter if a log dir is given, else nothing."""
+
+    def __init__(self, tb_log_dir: str | Path | None, run_name: str) -> None:
+        self.w = None
+        self.run_dir: Path | None = None
+        if tb_log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run_dir = Path(tb_log_dir) / run_name
+            self.w = SummaryWriter(str(self.run_dir))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.w is not None and value is not None and np.isfinite(value):
+            self.w.add_scalar(tag, float(value), int(step))
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.flush()
+            self.w.close()
+
+
+def begin_episode(agent: Agent, env: Any, info: dict[str, Any]) -> None:
+    """Tell the agent a new episode started (agents that need the episode, e.g. the oracle,
+    override ``begin_episode``; others just reset)."""
+    agent.begin_episode(env, info)
+
+
+def _episode_record(step: int, ep_return: float, gammas_used: list[int], info: dict[str, Any]) -> dict[str, Any]:
+    s = info.get("episode_summary", {})
+    return {
+        "global_step": step,
+        "episodic_return": ep_return,
+        "tokens_per_second": s.get("modelled_tps"),
+        "tokens_per_step": s["tokens"] / s["steps"] if s.get("steps") else None,
+        "mean_gamma": float(np.mean(gammas_used)) if gammas_used else None,
+        "speedup": (s.get("modelled_tps") or 0.0) / s["target_only_tps"] if s.get("target_only_tps") else None,
+    }
+
+
+def _log_episode(w: _Writer, rec: dict[str, Any]) -> None:
+    st = rec["global_step"]
+    w.scalar("charts/episodic_return", rec["episodic_return"], st)
+    w.scalar("charts/tokens_per_second", rec["tokens_per_second"], st)
+    w.scalar("charts/tokens_per_step", rec["tokens_per_step"], st)
+    w.scalar("charts/mean_gamma", rec["mean_gamma"], st)
+    w.scalar("charts/speedup", rec["speedup"], st)
+
+
+def run_online(agent: Agent, env: Any, steps: int, seed: int = 0, writer: _Writer | None = None,
+               progress: bool = False, learn: bool = True) -> list[dict[str, Any]]:
+    """Run ``steps`` env steps with ``agent``, calling learn() after each; return episode records."""
+    agent.bind(env)
+    obs, info = env.reset(seed=seed)
+    begin_episode(agent, env, info)
+    log: list[dict[str, Any]] = []
+    ep_ret, used = 0.0, []
+    it: Any = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"train {agent.name}", leave=False)
+    for step in it:
+        a = agent.act(obs)
+        nobs, r, term, trunc, info = env.step(a)
+        if learn:
+            agent.learn(obs, a, r, nobs, info)
+        ep_ret += r
+        used.append(agent.gammas[a])
+        if term or trunc:
+            rec = _episode_record(step + 1, ep_ret, used, info)
+            log.append(rec)
+            if writer is not None:
+                _log_episode(writer, rec)
+            obs, info = env.reset()
+            begin_episode(agent, env, info)
+            ep_ret, used = 0.0, []
+        else:
+            obs = nobs
+    return log
+
+
+def collect_rollouts(env: Any, steps: int, seed: int = 0, behaviour: Agent | None = None,
+                     progress: bool = False) -> dict[str, np.ndarray]:
+    """Rollouts of a behaviour policy (default: uniformly random over gammas, seeded).
+
+    Returns arrays ``obs`` (pre-choice observations), ``gamma`` (used), ``accepted``, ``hits``,
+    ``misses`` (acceptance events, see :func:`agents.mlp.step_events`), ``emitted``, ``time``.
+    """
+    from .mlp import step_events
+
+    u = env.unwrapped
+    gammas = tuple(u.gammas)
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset(seed=seed)
+    if behaviour is not None:
+        behaviour.bind(env)
+        begin_episode(behaviour, env, info)
+    O = np.empty((steps, len(obs)), np.float32)
+    G = np.empty(steps, np.int64)
+    K = np.empty(steps, np.int64)
+    E = np.empty(steps, np.int64)
+    T = np.empty(steps, np.float64)
+    it: Any = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="rollouts", leave=False)
+    for i in it:
+        a = behaviour.act(obs) if behaviour is not None else int(rng.integers(len(gammas)))
+        O[i] = obs
+        obs, r, term, trunc, info = env.step(a)
+        G[i], K[i], E[i], T[i] = info["gamma"], info["accepted"], info["emitted"], info["modelled_time"]
+        if term or trunc:
+            obs, info = env.reset()
+            if behaviour is not None:
+                begin_episode(behaviour, env, info)
+    ev = np.array([step_events(g, k) for g, k in zip(G, K)], dtype=np.int64).reshape(-1, 2)
+    return {"obs": O, "gamma": G, "accepted": K, "hits": ev[:, 0], "misses": ev[:, 1], "emitted": E, "time": T}
+
+
+def make_vec_env(env_factory: EnvFactory, n_envs: int = 4, seed: int = 0):
+    """An SB3 VecEnv: the replay package's vectorised env through an adapter when available,
+    else SB3's DummyVecEnv over ``n_envs`` factory-made envs."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    venv = DummyVecEnv([env_factory for _ in range(n_envs)])
+    venv.seed(seed)
+    return venv
+
+
+def _ppo_callback(writer: _Writer, log: list[dict[str, Any]], gammas: Sequence[int]):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class CleanRLTags(BaseCallback):
+        def _init_callback(self) -> None:
+            n = self.training_env.num_envs
+            self.ret = np.zeros(n)
+            self.used: list[list[int]] = [[] for _ in range(n)]
+
+        def _on_step(self) -> bool:
+            infos, rewards, dones = self.locals["infos"], self.locals["rewards"], self.locals["dones"]
+            actions = self.locals.get("actions")
+            self.ret += rewards
+            for i, info in enumerate(infos):
+                if actions is not None:
+                    self.used[i].append(gammas[int(np.asarray(actions).reshape(-1)[i])])
+                if dones[i] and "episode_summary" in info:
+                    rec = _episode_record(self.num_timesteps, float(self.ret[i]), self.used[i], info)
+                    log.append(rec)
+                    _log_episode(writer, rec)
+                if dones[i]:
+                    self.ret[i] = 0.0
+                    self.used[i] = []
+            return True
+
+        def _on_rollout_end(self) -> None:
+            vals = self.model.logger.name_to_value
+            for k in ("policy_gradient_loss", "value_loss", "entropy_loss", "approx_kl", "clip_fraction", "explained_variance"):
+                if f"train/{k}" in vals:
+                    writer.scalar(f"losses/{k}", vals[f"train/{k}"], self.num_timesteps)
+
+    return CleanRLTags()
+
+
+def train_agent(
+    name: str | Agent,
+    env_factory: EnvFactory | None = None,
+    traces: Sequence[Any] | None = None,
+    steps: int = 20_000,
+    seed: int = 0,
+    tb_log_dir: str | Path | None = None,
+    progress: bool = True,
+    agent_kwargs: dict[str, Any] | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    n_envs: int = 4,
+    fit_kwargs: dict[str, Any] | None = None,
+    run_name: str | None = None,
+) -> Agent:
+    """Build (or take) an agent and train it for ``steps`` env steps; see the module docs.
+
+    ``name``: a registry name (``make_agent(name, seed=seed, gammas=env gammas, **agent_kwargs)``)
+    or an Agent instance (trained in place). ``fit_kwargs`` go to SpecKVMLP.fit.
+    """
+    factory = _factory(env_factory, traces, env_kwargs)
+    env = factory()
+    u = env.unwrapped
+    if isinstance(name, Agent):
+        agent = name
+    else:
+        kw = dict(agent_kwargs or {})
+        kw.setdefault("gammas", tuple(u.gammas))
+        import inspect
+
+        from .base import AGENTS, _ensure_registered
+
+        _ensure_registered()
+        if name in AGENTS and "seed" in inspect.signature(AGENTS[name].__init__).parameters:
+            kw.setdefault("seed", seed)
+        agent = make_agent(name, **kw)
+    env_id = getattr(getattr(env, "spec", None), "id", None) or type(u).__name__
+    run = run_name or f"{env_id}__{agent.name}__{seed}__{int(time.time())}"
+    writer = _Writer(tb_log_dir, run)
+    log: list[dict[str, Any]] = []
+    try:
+        if agent.kind == "ppo":
+            venv = make_vec_env(factory, n_envs=n_envs, seed=seed)
+            agent.train(venv, steps, tb_log_dir=str(writer.run_dir) if writer.run_dir else None,
+                        callback=_ppo_callback(writer, log, agent.gammas), progress=progress)
+            venv.close()
+        elif agent.kind == "speckv_mlp":
+            agent.bind(env)
+            data = collect_rollouts(env, steps, seed=seed, progress=progress)
+
+            def on_epoch(ep: int, loss: float) -> None:
+                log.append({"epoch": ep, "loss": loss})
+                writer.scalar("losses/bce", loss, ep)
+
+            agent.fit(data["obs"], data["hits"], data["misses"], log=on_epoch, progress=progress, **(fit_kwargs or {}))
+        elif agent.learns:
+            log = run_online(agent, env, steps, seed=seed, writer=writer, progress=progress)
+        else:
+            agent.bind(env)
+    finally:
+        writer.close()
+    agent.train_log = log  # type: ignore[attr-defined]
+    return agent
+
+
+def evaluate_agent(agent: Agent, env: Any, episodes: int | None = None, seed: int = 0,
+                   learn: bool = False) -> list[dict[str, Any]]:
+    """Run whole episodes; one record per episode.
+
+    Episode i replays the env's episode ``i % num_episodes`` (``episodes=None``: each once),
+    reset with seed ``seed + i``. ``learn=True`` keeps online learners learning during
+    evaluation. Record keys: episode, prompt_id, task, compression, return, tokens, steps,
+    modelled_s, tokens_per_second (modelled), tokens_per_step, mean_gamma, gamma_hist
+    ({gamma: count} of the gammas the agent chose), speedup (over target-only decoding).
+    """
+    agent.bind(env)
+    u = env.unwrapped
+    n_avail = u.backend.num_episodes()
+    episodes = n_avail if episodes is None else int(episodes)
+    out = []
+    for i in range(episodes):
+        obs, info = env.reset(seed=seed + i, options={"episode": i % n_avail})
+        begin_episode(agent, env, info)
+        ret, hist = 0.0, {g: 0 for g in agent.gammas}
+        while True:
+            a = agent.act(obs)
+            nobs, r, term, trunc, sinfo = env.step(a)
+            if learn:
+                agent.learn(obs, a, r, nobs, sinfo)
+            ret += r
+            hist[agent.gammas[a]] += 1
+            obs = nobs
+            if term or trunc:
+                break
+        s = sinfo["episode_summary"]
+        out.append({
+            "episode": i,
+            "prompt_id": info.get("prompt_id"),
+            "task": info.get("task"),
+            "compression": info.get("compression"),
+            "return": ret,
+            "tokens": s["tokens"],
+            "steps": s["steps"],
+            "modelled_s": s["modelled_s"],
+            "tokens_per_second": s["modelled_tps"],
+            "tokens_per_step": s["tokens"] / s["steps"],
+            "mean_gamma": sum(g * c for g, c in hist.items()) / max(sum(hist.values()), 1),
+            "gamma_hist": hist,
+            "speedup": s["modelled_tps"] / s["target_only_tps"],
+        })
+    return out
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Token-weighted aggregate of evaluate_agent records: total tokens / total modelled time."""
+    tok = sum(r["tokens"] for r in records)
+    t = sum(r["modelled_s"] for r in records)
+    steps = sum(r["steps"] for r in records)
+    return {
+        "tokens_per_second": tok / t if t > 0 else float("nan"),
+        "tokens_per_step": tok / steps if steps else float("nan"),
+        "mean_tokens_per_second": float(np.mean([r["tokens_per_second"] for r in records])) if records else float("nan"),
+        "episodes": len(records),
+    }
