@@ -9,4 +9,8 @@ __version__ = "0.1.0"
 import gymnasium
 
 gymnasium.register(id="SpecKV-v0", entry_point="speckv_env.env:SpecKVEnv")
-gymnasium.register(id="SpecKVReplay-v0", entry_point="replay.env:SpecKVReplayEnv")
+gymnasium.register(
+    id="SpecKVReplay-v0",
+    entry_point="replay.env:SpecKVReplayEnv",
+    vector_entry_point="replay.vector:SpecKVReplayVectorEnv",
+)

@@ -60,8 +60,10 @@ OBS_DIM = len(OBS_SPEC)
 OBS_INDEX = {n: i for i, n in enumerate(OBS_NAMES)}
 
 EMA_KEEP = 1.0 - 0.2  # 1 - ObservationBuilder.EMA_RATE
-EMA_KEEP_POW: tuple[float, ...] = tuple(EMA_KEEP**m for m in range(129))
-"""``EMA_KEEP ** m`` as python floats: shared by the scalar and the vectorised EMA update."""
+EMA_FILL: tuple[float, ...] = tuple(1.0 - EMA_KEEP**m for m in range(129))
+"""``1 - EMA_KEEP ** m`` (exactly 0.0 for m = 0): the EMA after m accepted events is
+``ema + (1 - ema) * EMA_FILL[m]``. Shared by the scalar and the vectorised update, so both
+give bit-identical observations."""
 
 
 def compression_level(compression: str) -> str:
@@ -245,9 +247,9 @@ class ObservationBuilder:
     """Builds the observation vector (see :data:`OBS_SPEC`) from pre-choice information only.
 
     The acceptance EMA is updated per run of events: ``m`` accepted events move it to
-    ``1 - (1 - ema) * 0.8**m`` and a rejection to ``ema * 0.8`` (the same recursion as
+    ``ema + (1 - ema) * (1 - 0.8**m)`` and a rejection to ``ema * 0.8`` (the same recursion as
     ``ema += 0.2 * (e - ema)`` event by event, grouped so that the vectorised replay can
-    reproduce it bit for bit with the table :data:`EMA_KEEP_POW`).
+    reproduce it bit for bit with the table :data:`EMA_FILL`).
     """
 
     EMA_RATE = 0.2
@@ -274,8 +276,8 @@ class ObservationBuilder:
         """Record a step whose events are ``ones`` accepted events then, if ``rejected``, one
         rejection (the shape :func:`acceptance_events` always has)."""
         if ones:
-            pw = EMA_KEEP_POW[ones] if ones < len(EMA_KEEP_POW) else EMA_KEEP**ones
-            self.ema = 1.0 - (1.0 - self.ema) * pw
+            fill = EMA_FILL[ones] if ones < len(EMA_FILL) else 1.0 - EMA_KEEP**ones
+            self.ema = self.ema + (1.0 - self.ema) * fill
         if rejected:
             self.ema = self.ema * EMA_KEEP
         self.hits += ones

@@ -1,0 +1,325 @@
+"""Vectorised replay: ``num_envs`` copies of SpecKVReplay-v0 stepped together in numpy.
+
+All traces are flattened into contiguous arrays with offsets (one padding slot after each
+trace), the per-env state lives in a few arrays, and the observation matrix is kept
+transposed (one contiguous row per feature) so that a step is ~45 numpy calls whatever the
+number of environments. Per-env trajectories are *identical* (bit for bit: observations,
+rewards, terminations) to the single environment's for the same episode choices and actions
+(tests/test_replay_vector.py): the EMA uses the same run-grouped update and the same tables.
+
+Autoreset follows Gymnasium's modes: ``NEXT_STEP`` (default; like CartPole's vector env, the
+step after an episode's end resets that env and returns its first observation with reward 0)
+or ``SAME_STEP`` (the env is reset in the step that ends it; the last observation is in
+``info["final_obs"]``, masked by ``info["_final_obs"]``).
+
+Info (arrays over envs): ``gamma`` (used), ``accepted``, ``modelled_time``, ``episode``
+(trace index being played), and at episode ends ``episode_tps`` (modelled tokens/s of the
+finished episode), masked by ``_episode_tps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from speckv_env.core import DEFAULT_GAMMAS, EMA_FILL, EMA_KEEP, OBS_DIM, OBS_HIGH, OBS_LOW, CostModel, ObservationBuilder, StepOutcome, get_reward
+from speckv_env.base_env import check_gammas
+
+from .backend import resolve_cost_model
+from .trace import PathLike, Trace, load_cost_models, read_traces
+
+# rows of the integer state matrix
+_EP, _BASE, _FI, _END, _GRP, _EOS = range(6)
+
+
+class SpecKVReplayVectorEnv(VectorEnv):
+    """``num_envs`` replay environments over full-information traces, batched in numpy.
+
+    Arguments are those of :class:`replay.env.SpecKVReplayEnv` (``logs``/``traces``,
+    ``cost_model(s)``, filters, ``gammas``, ``reward``) plus ``num_envs`` and
+    ``autoreset_mode``. ``reset(options={"episodes": [...]})`` fixes the first episode of each
+    env; later episodes are drawn uniformly with ``self.np_random``.
+    """
+
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        logs: PathLike | Sequence[PathLike] | None = None,
+        traces: Sequence[Trace] | None = None,
+        cost_model: CostModel | None = None,
+        cost_models: Mapping[str, CostModel] | None = None,
+        task: None | str | Sequence[str] = None,
+        split: None | str | Sequence[str] = None,
+        compression: None | str | Sequence[str] = None,
+        mode: None | str | Sequence[str] = None,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
+        reward: str = "cost",
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        render_mode: str | None = None,
+    ) -> None:
+        from .env import SpecKVReplayEnv, default_logs
+
+        if render_mode is not None:
+            raise ValueError("the vectorised replay has no render modes")
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        filters = dict(task=task, split=split, compression=compression, mode=mode)
+        found: dict[str, CostModel] = {}
+        if traces is not None:
+            if logs is not None:
+                raise ValueError("pass either logs= or traces=, not both")
+            trs = [t for t in traces if all(SpecKVReplayEnv._keep(getattr(t, k), v) for k, v in filters.items())]
+        else:
+            paths = SpecKVReplayEnv._paths(logs if logs is not None else default_logs())
+            trs = read_traces(paths, **filters)
+            for p in paths:
+                found.update(load_cost_models(p if p.is_dir() else p.parent))
+        if not trs:
+            raise ValueError(f"no traces left after the filters {filters}")
+        cms = SpecKVReplayEnv._cost_models(cost_model, cost_models, found)
+        self.traces = trs
+        self.num_envs = int(num_envs)
+        self.autoreset_mode = self._autoreset_mode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
+        self.gammas = check_gammas(gammas, min(t.gamma_max for t in trs))
+        self.reward_name = reward
+        reward_fn = get_reward(reward)
+        gmax = max(self.gammas)
+        self._gm = max(gmax, 1)
+        self._G1 = G1 = gmax + 1
+        self._gam = np.asarray(self.gammas, dtype=np.int64)
+
+        # ---- flat trace arrays (one padding slot after each trace) ----
+        ntr = len(trs)
+        lens = np.array([t.n for t in trs], dtype=np.int64)
+        base = np.zeros(ntr, dtype=np.int64)
+        base[1:] = np.cumsum(lens + 1)[:-1]
+        total = int((lens + 1).sum())
+        self._L = np.zeros(total, dtype=np.int64)
+        self._acc = np.zeros(total, dtype=np.int64)
+        sig = np.zeros((3, total), dtype=np.float64)
+        for i, t in enumerate(trs):
+            b, n = base[i], t.n
+            self._L[b : b + n] = t.L
+            self._acc[b : b + n] = t.accept
+            sig[0, b : b + n] = t.sig_top1
+            sig[1, b : b + n] = t.sig_entropy
+            sig[2, b : b + n] = t.sig_margin
+        np.clip(sig, OBS_LOW[:3, None].astype(np.float64), OBS_HIGH[:3, None].astype(np.float64), out=sig)
+        self._sig = sig
+
+        # ---- step tables per (cost model, sampling) group, flattened [grp, g_eff, k] ----
+        groups: dict[tuple[int, bool], int] = {}
+        tabs_t: list[np.ndarray] = []
+        tabs_r: list[np.ndarray] = []
+        grp = np.zeros(ntr, dtype=np.int64)
+        self._cms: list[CostModel] = []
+        for i, t in enumerate(trs):
+            cm = resolve_cost_model(cms, t.compression, f"trace {t.trace_id!r}")
+            self._cms.append(cm)
+            key = (id(cm), t.mode == "sample")
+            if key not in groups:
+                groups[key] = len(groups)
+                tt = np.zeros((G1, G1))
+                rt = np.zeros((G1, G1))
+                for g in range(G1):
+                    for k in range(g + 1):
+                        tt[g, k] = cm.step_time(g, k, key[1])
+                        rt[g, k] = float(reward_fn(StepOutcome(g, k, [0] * (k + 1), False), float(tt[g, k]), cm))
+                tabs_t.append(tt.ravel())
+                tabs_r.append(rt.ravel())
+            grp[i] = groups[key] * G1 * G1
+        self._T = np.concatenate(tabs_t)
+        self._R = np.concatenate(tabs_r)
+
+        # ---- per-trace fresh state (an env reset to trace i copies column i) ----
+        self._fresh_i = np.zeros((6, ntr), dtype=np.int64)
+        self._fresh_i[_EP] = np.arange(ntr)
+        self._fresh_i[_BASE] = base
+        self._fresh_i[_FI] = base
+        self._fresh_i[_END] = base + lens - 1
+        self._fresh_i[_GRP] = grp
+        self._fresh_i[_EOS] = [t.finish_reason == "eos" for t in trs]
+        self._fresh_s = np.zeros((OBS_DIM, ntr), dtype=np.float64)
+        for i, t in enumerate(trs):
+            ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
+            self._fresh_s[:, i] = ob.observe_values(float(sig[0, base[i]]), float(sig[1, base[i]]), float(sig[2, base[i]]), 0)
+        # float side state: hits + 1, tests + 2, modelled time so far, N
+        self._fresh_f = np.zeros((4, ntr), dtype=np.float64)
+        self._fresh_f[0] = 1.0
+        self._fresh_f[1] = 2.0
+        self._fresh_f[3] = lens
+        # position / max_new_tokens for every flat index (pad slot: N / max_new_tokens)
+        self._posn = np.zeros(total, dtype=np.float64)
+        for i, t in enumerate(trs):
+            self._posn[base[i] : base[i] + t.n + 1] = np.arange(t.n + 1, dtype=np.int64) / np.float64(t.max_new_tokens)
+        self._fill = np.asarray(EMA_FILL, dtype=np.float64)
+        self._keep_or_one = np.array([1.0, EMA_KEEP])
+
+        # ---- spaces ----
+        self.single_action_space = spaces.Discrete(len(self.gammas))
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.single_observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        # gammas padded with a -1 sentinel so that one take + one min validates the actions
+        na = len(self.gammas)
+        self._gam_ext = np.concatenate([self._gam, np.full(na, -1, dtype=np.int64)])
+
+        E = self.num_envs
+        self._I = np.zeros((6, E), dtype=np.int64)
+        self._S = np.zeros((OBS_DIM, E), dtype=np.float64)
+        self._F = np.zeros((4, E), dtype=np.float64)
+        self._prev_done = np.zeros(E, dtype=bool)
+        self._started = False
+        self._ep_buf = np.zeros(0, dtype=np.int64)
+        self._ep_next = 0
+
+    # ---- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
+        if isinstance(mode, AutoresetMode):
+            m = mode
+        else:
+            key = str(mode).replace("-", "").replace("_", "").lower()
+            found = {x.value.lower(): x for x in AutoresetMode}.get(key)
+            if found is None:
+                raise ValueError(f"autoreset_mode {mode!r} not supported: choose next-step or same-step")
+            m = found
+        if m == AutoresetMode.DISABLED:
+            raise ValueError("autoreset_mode DISABLED is not supported: choose next-step or same-step")
+        return m
+
+    @property
+    def episode_index(self) -> np.ndarray:
+        """Trace index each env is playing (a copy)."""
+        return self._I[_EP].copy()
+
+    def _draw_episodes(self, m: int) -> np.ndarray:
+        """``m`` uniform trace indices from ``self.np_random`` (drawn in blocks: fewer calls)."""
+        if self._ep_next + m > self._ep_buf.shape[0]:
+            self._ep_buf = self.np_random.integers(len(self.traces), size=max(4096, 16 * self.num_envs, m))
+            self._ep_next = 0
+        out = self._ep_buf[self._ep_next : self._ep_next + m]
+        self._ep_next += m
+        return out
+
+    def _start(self, idx: np.ndarray, eps: np.ndarray) -> None:
+        self._I[:, idx] = self._fresh_i[:, eps]
+        self._S[:, idx] = self._fresh_s[:, eps]
+        self._F[:, idx] = self._fresh_f[:, eps]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        ntr = len(self.traces)
+        self._ep_buf = np.zeros(0, dtype=np.int64)
+        self._ep_next = 0
+        if "episodes" in options:
+            eps = np.asarray(options["episodes"], dtype=np.int64).reshape(-1)
+            if eps.shape != (self.num_envs,) or (eps < 0).any() or (eps >= ntr).any():
+                raise ValueError(f"options['episodes'] must be {self.num_envs} trace indices in 0..{ntr - 1}, got {options['episodes']!r}")
+        else:
+            eps = self._draw_episodes(self.num_envs).copy()
+        self._start(np.arange(self.num_envs), eps)
+        self._prev_done[:] = False
+        self._started = True
+        return self._S.T.astype(np.float32), {"episode": self._I[_EP].copy()}
+
+    def _actions(self, actions: Any) -> np.ndarray:
+        a = np.asarray(actions)
+        if a.dtype != np.int64:
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"invalid actions {actions!r}: expected integer indices into gammas {self.gammas}")
+            a = a.astype(np.int64)
+        if a.shape != (self.num_envs,):
+            raise ValueError(f"invalid actions: expected shape ({self.num_envs},), got {a.shape}")
+        try:
+            g = self._gam_ext.take(a)
+        except IndexError:
+            g = np.full(1, -1)
+        if g.min() < 0:
+            bad = a[(a < 0) | (a >= self._gam.shape[0])]
+            raise ValueError(f"invalid action(s) {bad.tolist()}: must be in 0..{self._gam.shape[0] - 1}, indices into gammas {self.gammas}")
+        return g
+
+    # ---- step ------------------------------------------------------------------------------
+    def step(self, actions: Any):
+        if not self._started:
+            raise RuntimeError("step() before reset(): call reset() first")
+        g = self._actions(actions)
+        I, S, F = self._I, self._S, self._F
+        fi = I[_FI]
+        geff = np.minimum(g, I[_END] - fi)  # g_eff = min(g, N - 1 - t)
+        lt = self._L.take(fi)
+        k = np.minimum(lt, geff)  # accepted
+        # acceptance events: g_eff == 0 -> [a_t]; k < g_eff -> k ones then a zero; else g_eff ones.
+        # With m = max(g_eff, 1): ones = min(L_t, m) and a rejection iff ones < m.
+        m = np.maximum(geff, 1)
+        ones = np.minimum(lt, m)
+        rej = ones < m
+        ema = S[3]
+        upd = 1.0 - ema
+        upd *= self._fill.take(ones)
+        ema += upd
+        ema *= self._keep_or_one.take(rej)
+        F[0] += ones
+        F[1] += ones
+        F[1] += rej
+        np.divide(F[0], F[1], out=S[4])
+        np.divide(geff, self._gm, out=S[5])
+        np.divide(k, self._gm, out=S[6])
+        np.less(rej, np.minimum(k, 1), out=S[7], casting="unsafe")  # k >= g_eff > 0
+        fn = fi + k
+        fn += 1
+        done = fn > I[_END]
+        np.take(self._sig, np.where(done, fi, fn), axis=1, out=S[0:3])
+        self._posn.take(fn, out=S[8])
+        I[_FI] = fn
+        ti = geff * self._G1
+        ti += k
+        ti += I[_GRP]
+        reward = self._R.take(ti, mode="clip")  # clip: only envs being autoreset can be out of range
+        tm = self._T.take(ti, mode="clip")
+        F[2] += tm
+        terminated = done & (I[_EOS] == 1)
+        truncated = done ^ terminated
+        info: dict[str, Any] = {"gamma": geff, "accepted": k, "modelled_time": tm}
+        any_done = done.any()
+        if any_done:
+            info["episode_tps"] = np.where(done, F[3] / F[2], np.nan)
+            info["_episode_tps"] = done
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            pd = self._prev_done
+            if pd.any():
+                # these envs ended in the previous step: what was computed for them above is
+                # discarded (their flat index sat on the padding slot), and they start anew
+                idx = np.flatnonzero(pd)
+                self._start(idx, self._draw_episodes(idx.shape[0]))
+                reward[idx] = 0.0
+                terminated[idx] = False
+                truncated[idx] = False
+                geff[idx] = 0
+                k[idx] = 0
+                tm[idx] = 0.0
+                if any_done:
+                    info["_episode_tps"] = done & ~pd
+            self._prev_done = terminated | truncated
+            return S.T.astype(np.float32), reward, terminated, truncated, info
+        # SAME_STEP
+        obs = S.T.astype(np.float32)
+        if any_done:
+            idx = np.flatnonzero(done)
+            final = np.full(self.num_envs, None, dtype=object)
+            for i in idx.tolist():
+                final[i] = obs[i].copy()
+            info["final_obs"] = final
+            info["_final_obs"] = done.copy()
+            self._start(idx, self._draw_episodes(idx.shape[0]))
+            obs[idx] = self._S[:, idx].T
+        return obs, reward, terminated, truncated, info
