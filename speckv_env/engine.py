@@ -391,7 +391,6 @@ class SpeculativeEngine:
                 accepted = min(accepted, j)
                 finish = "eos"
                 break
-        t2 = self._now()
 
         # ---- per-position record (full-information traces) ------------------------------
         n_em = len(emitted)
@@ -417,6 +416,7 @@ class SpeculativeEngine:
         else:
             _crop(self._d_cache, d_len0 + min(accepted, max(g - 1, 0)))
             self._d_pending = emitted[min(accepted, max(g - 1, 0)) :]
+        t2 = self._now()
         self._q = None
         self._sig = None
         self.out.extend(emitted)

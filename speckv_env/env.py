@@ -1,0 +1,210 @@
+"""SpecKV-v0: live speculative decoding with Hugging Face models; gamma is the action."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .base_env import SpecKVBaseEnv
+from .core import DEFAULT_GAMMAS, CostModel, DraftSignals, EpisodeInfo, StepOutcome
+
+
+class LiveBackend:
+    """A :class:`speckv_env.core.Backend` over the speculative decoding engine."""
+
+    def __init__(
+        self,
+        pair,
+        prompts: Sequence[Any],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        cost_model: CostModel,
+        gamma_max: int,
+    ) -> None:
+        from .engine import SpeculativeEngine
+
+        if not prompts:
+            raise ValueError("no prompts selected: check task=, split= or prompts=")
+        self.pair = pair
+        self.prompts = list(prompts)
+        self.max_new_tokens = int(max_new_tokens)
+        self.compression = pair.compression
+        self.sampling = temperature > 0
+        self.cost_model = cost_model
+        self.gamma_max = int(gamma_max)
+        self.engine = SpeculativeEngine(
+            pair.target, pair.draft, temperature=temperature, top_p=top_p, eos_token_id=pair.eos_token_id, max_gamma=self.gamma_max
+        )
+        self._encoded: dict[int, list[int]] = {}
+        self._last = DraftSignals(0.0, 0.0, 0.0)
+
+    def num_episodes(self) -> int:
+        return len(self.prompts)
+
+    def prompt_ids(self, index: int) -> list[int]:
+        if index not in self._encoded:
+            self._encoded[index] = self.pair.encode_chat(self.prompts[index].text)
+        return self._encoded[index]
+
+    def reset(self, index: int, seed: int | None) -> EpisodeInfo:
+        p = self.prompts[index]
+        self.engine.start(self.prompt_ids(index), self.max_new_tokens, seed=seed or 0)
+        return EpisodeInfo(
+            prompt_id=p.id, task=p.task, compression=self.compression,
+            mode="sample" if self.sampling else "greedy", max_new_tokens=self.max_new_tokens,
+        )
+
+    def signals(self) -> DraftSignals:
+        if not self.engine.done:
+            self._last = self.engine.observe()
+        return self._last
+
+    def position(self) -> int:
+        return self.engine.position
+
+    def step(self, gamma: int) -> StepOutcome:
+        r = self.engine.step(gamma)
+        return StepOutcome(
+            gamma=r.gamma, accepted=r.accepted, tokens=r.tokens, done=r.done, finish_reason=r.finish_reason,
+            events=r.events, draft_s=r.draft_s, verify_s=r.verify_s,
+            extra={"draft_signals": r.draft_signals, "draft_forwards": r.draft_forwards},
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def select_prompts(task=None, split=None, prompts=None) -> list:
+    """Prompts from the shipped suites (task/split) or from user input (strings, Prompts or a file)."""
+    from .prompts import Prompt, load_prompt_file, load_prompts
+
+    if prompts is None:
+        return load_prompts(task=task, split=split)
+    if isinstance(prompts, (str, os.PathLike)) and Path(prompts).suffix in (".jsonl", ".txt", ".json"):
+        return load_prompt_file(prompts)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, Prompt):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(Prompt(id=f"custom-{i:03d}", task="custom", split="custom", text=p, source="user", license="unknown"))
+        else:
+            raise TypeError(f"prompts[{i}] must be a string or a speckv_env.prompts.Prompt, got {type(p).__name__}")
+    return out
+
+
+class SpecKVEnv(SpecKVBaseEnv):
+    """Live speculative decoding: a draft proposes gamma tokens, the target verifies them.
+
+    ## Description
+    One episode is the generation of one prompt's answer by a draft/target pair (default: the
+    embedded SmolLM2-135M-Instruct target and the draft shipped for it). Each step, the agent
+    picks gamma; the engine drafts gamma tokens, verifies them with one target forward, emits
+    the accepted tokens plus one token of the target's, and rolls the KV caches back. Greedy
+    decoding, or sampling with position-keyed randomness, makes the emitted text independent
+    of the gammas chosen: only the speed changes, so every policy is judged on the same work.
+
+    ## Action Space
+    ``Discrete(len(gammas))``: the index of gamma in ``gammas`` (default 0..8). gamma = 0 is
+    a plain target step. A gamma that would emit past ``max_new_tokens`` is clipped.
+
+    ## Observation Space
+    ``Box(13,)`` float32, finite bounds; only what is known before gamma is chosen:
+
+    | idx | name | range | meaning |
+    |-----|------|-------|---------|
+    | 0 | draft_top1 | [0, 1] | draft's top-1 probability at the current position |
+    | 1 | draft_entropy | [0, 12] | entropy (nats) of the draft's distribution there |
+    | 2 | draft_margin | [0, 1] | top-1 minus top-2 probability |
+    | 3 | accept_ema | [0, 1] | EMA (rate 0.2) of past acceptance events, starts at 0.5 |
+    | 4 | accept_mean | [0, 1] | (hits + 1) / (tests + 2) over past acceptance events |
+    | 5 | last_gamma | [0, 1] | previous gamma / max gamma |
+    | 6 | last_accepted | [0, 1] | previous accepted / max gamma |
+    | 7 | last_full_accept | {0, 1} | previous step drafted and all were accepted |
+    | 8 | position | [0, 1] | tokens emitted / max_new_tokens |
+    | 9 | cost_ratio | [0, 4] | cost model: draft forward time / target-only step time |
+    | 10-12 | compression_none/int8/nf4 | {0, 1} | one-hot compression level of the target |
+
+    The draft's distribution at the current position is computed before gamma is chosen (it
+    is the first draft token's distribution, so it costs nothing extra when gamma >= 1).
+
+    ## Rewards
+    ``reward="cost"`` (default): emitted tokens minus the step's modelled time in units of
+    a target-only step, so the return is N - T / t_target: higher return = lower total time
+    = higher end-to-end tokens/s (N does not depend on the gammas). ``"tokens"``: tokens per
+    step, the SpecKV paper's (the largest gamma always wins it). ``"time"``: -T / t_target.
+    Modelled times come from a calibrated :class:`~speckv_env.core.CostModel`, so rewards are
+    deterministic; ``info`` also carries the measured (device-synchronised) times.
+
+    ## Starting State
+    A prompt drawn with ``self.np_random`` (or ``options={"episode": i}``); under sampling
+    the episode's randomness comes from ``options["episode_seed"]`` or ``self.np_random``.
+
+    ## Episode End
+    Terminated when EOS is emitted; truncated when ``max_new_tokens`` tokens are emitted.
+
+    ## Arguments
+    ``target``, ``draft`` (hub id, folder or .gguf; default: embedded pair), ``compression``
+    (fp32, bf16, fp16, int8, nf4), ``device`` ("auto"), ``task``/``split`` (shipped suites)
+    or ``prompts`` (strings or a .jsonl/.txt file), ``max_new_tokens`` (128), ``temperature``
+    (0 = greedy), ``top_p``, ``gammas``, ``reward``, ``cost_model`` (a CostModel, a path to
+    its JSON, or None to calibrate once and cache), ``pair`` (an already loaded ModelPair).
+
+    Determinism: on CPU the tokens, observations and rewards are reproducible for a given
+    seed and action sequence; only the measured times in ``info`` vary, so the environment
+    is not registered as nondeterministic. (GPU kernels can be nondeterministic in the last
+    bits; greedy ties could then flip.)
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        draft: str | None = None,
+        compression: str = "fp32",
+        device: str = "auto",
+        task: str | Sequence[str] | None = None,
+        split: str | Sequence[str] | None = "train",
+        prompts: Any = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
+        reward: str = "cost",
+        cost_model: CostModel | str | os.PathLike | None = None,
+        pair: Any = None,
+        render_mode: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from .pair import load_pair
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        selected = select_prompts(task, split, prompts)
+        if pair is None:
+            pair = load_pair(target, draft, compression=compression, device=device, trust_remote_code=trust_remote_code)
+        gamma_max = max(int(g) for g in gammas)
+        if cost_model is None:
+            from .calibrate import cached_calibration
+
+            cost_model = cached_calibration(pair, gamma_max=max(gamma_max, 8))
+        elif not isinstance(cost_model, CostModel):
+            cost_model = CostModel.load(cost_model)
+        self.pair = pair
+        backend = LiveBackend(
+            pair, selected, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            cost_model=cost_model, gamma_max=gamma_max,
+        )
+        super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode)
+
+    @property
+    def engine(self):
+        return self.backend.engine
+
+    def text(self) -> str:
+        """The text emitted so far in this episode."""
+        return self.pair.tokenizer.decode(self.emitted_tokens, skip_special_tokens=True)

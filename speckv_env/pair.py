@@ -1,0 +1,113 @@
+"""Loading a draft/target pair: models, shared tokenizer check, the embedded default pair."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .models import (
+    DEFAULT_TARGET_NAME,
+    ModelLoadError,
+    check_compression,
+    check_tokenizers_match,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+)
+
+DEFAULT_DRAFT_NAME = "speckv-draft-smollm2"
+
+
+@dataclass
+class ModelPair:
+    """A target, a draft and their (shared) tokenizer."""
+
+    target: Any
+    draft: Any
+    tokenizer: Any
+    target_name: str
+    draft_name: str
+    compression: str
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return f"{self.target_name}|{self.draft_name}"
+
+    @property
+    def eos_token_id(self) -> list[int]:
+        eos = getattr(self.target.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a user turn in the target's chat template (generation prompt added)."""
+        from .prompts import format_prompt
+
+        return self.tokenizer(format_prompt(self.tokenizer, text), add_special_tokens=False)["input_ids"]
+
+
+def _default_draft(device: torch.device):
+    try:
+        from .draft import load_default_draft
+    except ImportError as e:  # pragma: no cover - the shipped draft module is part of the package
+        raise ModelLoadError(f"the shipped draft could not be imported: {e}") from e
+    return load_default_draft(device=device)
+
+
+def load_pair(
+    target: str | os.PathLike | None = None,
+    draft: str | os.PathLike | None = None,
+    *,
+    compression: str = "fp32",
+    device: str | torch.device | None = "auto",
+    trust_remote_code: bool = False,
+    draft_dtype: torch.dtype | None = None,
+) -> ModelPair:
+    """Load a draft/target pair, checking that they share a vocabulary.
+
+    ``target=None`` is the embedded SmolLM2-135M-Instruct; ``draft=None`` is the draft shipped
+    for it (only valid with the default target). ``compression`` applies to the target only;
+    the draft runs uncompressed (fp32 on CPU, fp16 on GPU unless ``draft_dtype``).
+    """
+    comp = check_compression(compression)
+    dev = resolve_device(device)
+    default_target = target is None or str(target) == "default"
+    if draft is None and not default_target:
+        raise ModelLoadError(
+            "a draft model is required with a non-default target: pass draft= (hub id, folder or .gguf); "
+            "the shipped draft only fits the embedded SmolLM2-135M-Instruct target"
+        )
+    tgt_tok = load_tokenizer(None if default_target else target, trust_remote_code=trust_remote_code, role="target")
+    tgt = load_model(None if default_target else target, compression=comp, device=dev, trust_remote_code=trust_remote_code, role="target")
+    if draft is None or str(draft) == "default":
+        if not default_target:
+            raise ModelLoadError("draft='default' only fits the embedded default target")
+        drf = _default_draft(dev)
+        drf_name = DEFAULT_DRAFT_NAME
+    else:
+        drf_tok = load_tokenizer(draft, trust_remote_code=trust_remote_code, role="draft")
+        check_tokenizers_match(drf_tok, tgt_tok, str(draft), str(target or DEFAULT_TARGET_NAME))
+        dd = draft_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+        drf = load_model(draft, compression={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dd, "fp32"), device=dev,
+                         trust_remote_code=trust_remote_code, role="draft")
+        drf_name = str(draft)
+    t_vocab = tgt.get_output_embeddings().weight.shape[0] if tgt.get_output_embeddings() is not None else None
+    d_vocab = drf.config.vocab_size
+    if t_vocab is not None and d_vocab != tgt.config.vocab_size:
+        raise ModelLoadError(
+            f"draft vocabulary size {d_vocab} differs from the target's {tgt.config.vocab_size}: their logits cannot be compared"
+        )
+    return ModelPair(
+        target=tgt,
+        draft=drf,
+        tokenizer=tgt_tok,
+        target_name=DEFAULT_TARGET_NAME if default_target else str(target),
+        draft_name=drf_name,
+        compression=comp,
+        device=dev,
+    )
