@@ -55,6 +55,7 @@ class BanditAgent(Agent):
         self.stats = np.zeros((8, self.K), dtype=np.float64)
         self.total_e = 0.0
         self.total_t = 0.0
+        self._mv_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # ---- reward bookkeeping -------------------------------------------------------------
     @property
@@ -68,6 +69,7 @@ class BanditAgent(Agent):
         t = float(info.get("modelled_time", 0.0))
         s = self.stats
         s[:, a] += (1.0, e, t, e * e, t * t, e * t, reward, reward * reward)
+        self._mv_cache = None
         self.total_e += e
         self.total_t += t
         if self.reward_mode == "throughput":
@@ -75,7 +77,16 @@ class BanditAgent(Agent):
         return reward / self.scale
 
     def means_vars(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(n, mean, variance) of each arm's normalised reward at the current lambda."""
+        """(n, mean, variance) of each arm's normalised reward at the current lambda.
+
+        Cached between learn() calls (statistics and lambda change only there), so a decision
+        costs only the arm-selection arithmetic."""
+        c = self._mv_cache
+        if c is None:
+            c = self._mv_cache = self._means_vars()
+        return c
+
+    def _means_vars(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s = self.stats
         n = s[0]
         m = np.maximum(n, 1.0)
@@ -119,6 +130,7 @@ class BanditAgent(Agent):
         self.stats = stats
         self.total_e = float(state["total_e"])
         self.total_t = float(state["total_t"])
+        self._mv_cache = None
         self.rng.bit_generator.state = state["rng"]
 
 
@@ -131,15 +143,21 @@ class EpsilonGreedy(BanditAgent):
     def __init__(self, epsilon: float = 0.1, reward_mode: str = "throughput", seed: int | None = 0, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
         super().__init__(reward_mode, seed, gammas)
         self.epsilon = float(epsilon)
+        self._greedy_src: Any = None
+        self._untried, self._greedy = 0, 0
 
     def act(self, obs: np.ndarray) -> int:
-        n = self.stats[0]
-        untried = np.flatnonzero(n == 0)
-        if len(untried):
-            return int(untried[0])
+        n, mean, _ = self.means_vars()
+        if self._greedy_src is not self._mv_cache:
+            untried = np.flatnonzero(n == 0)
+            self._untried = int(untried[0]) if len(untried) else -1
+            self._greedy = int(np.argmax(np.where(n > 0, mean, -np.inf)))
+            self._greedy_src = self._mv_cache
+        if self._untried >= 0:
+            return self._untried
         if self.rng.random() < self.epsilon:
             return int(self.rng.integers(self.K))
-        return self.best_arm()
+        return self._greedy
 
     def get_config(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, **super().get_config()}
@@ -157,14 +175,19 @@ class UCB1(BanditAgent):
     def __init__(self, c: float = 0.5, reward_mode: str = "throughput", seed: int | None = 0, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
         super().__init__(reward_mode, seed, gammas)
         self.c = float(c)
+        self._ucb_src: Any = None  # the (n, mean, var) the cached decision was computed from
+        self._ucb_arm = 0
 
     def act(self, obs: np.ndarray) -> int:
         n, mean, _ = self.means_vars()
-        untried = np.flatnonzero(n == 0)
-        if len(untried):
-            return int(untried[0])
-        ucb = mean + self.c * np.sqrt(2.0 * math.log(n.sum()) / n)
-        return int(np.argmax(ucb))
+        if self._ucb_src is not self._mv_cache:
+            untried = np.flatnonzero(n == 0)
+            if len(untried):
+                self._ucb_arm = int(untried[0])
+            else:
+                self._ucb_arm = int(np.argmax(mean + self.c * np.sqrt(2.0 * math.log(n.sum()) / n)))
+            self._ucb_src = self._mv_cache
+        return self._ucb_arm
 
     def get_config(self) -> dict[str, Any]:
         return {"c": self.c, **super().get_config()}

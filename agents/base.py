@@ -94,7 +94,8 @@ class GammaTable:
     ``(1 - a^(g+1)) / (1 - a)`` (the SpecKV paper's objective: the largest gamma wins for
     every alpha > 0). The argmax is piecewise constant in alpha: we locate each change on a
     fine grid, then bisect it to machine precision, so a lookup is one ``bisect`` over a few
-    thresholds and equals the brute-force argmax (first maximum on ties) except within ~1e-12
+    thresholds and equals the brute-force argmax (ties: the smaller gamma for "time", the
+    larger for "tokens") except within ~1e-12
     of a threshold. Thresholds are kept both in alpha and in logit(alpha) space, so a model
     that outputs a logit needs no sigmoid.
     """
@@ -148,6 +149,11 @@ class GammaTable:
 
     def best_exact(self, alpha: float) -> int:
         vals = [self.value(alpha, g) for g in self.gammas]
+        if self.rule == "tokens":
+            # expected tokens grow with gamma for every alpha > 0; in floating point a^(g+1)
+            # underflows for tiny alpha and makes ties, which go to the larger gamma here
+            m = max(vals)
+            return max((i for i, v in enumerate(vals) if v == m), key=lambda i: self.gammas[i])
         return int(np.argmax(vals))
 
     def index(self, alpha: float) -> int:

@@ -27,8 +27,9 @@ Speed. torch is used only to train. act() runs a numpy forward pass with the alg
 rearranged to five numpy calls on preallocated buffers:
     relu(W x + b) = max(W x, -b) + b, and the "+ b" is folded into the next layer's bias,
     input standardisation folded into the first layer.
-That is mathematically identical to the torch model (float32 rounding aside; a test checks
-predictions agree to 1e-5 and decisions are identical). Not thread-safe (shared buffers).
+That is mathematically identical to the torch model, computed in float64 (the torch model's
+float32 rounding aside; a test checks predictions agree to 1e-5 and decisions are identical).
+Not thread-safe (shared buffers).
 """
 
 from __future__ import annotations
@@ -103,20 +104,21 @@ class SpecKVMLP(CostModelMixin, Agent):
         # layer 1: h1 = max(W1 x, -b1)             (true h1 = this + b1)
         # layer 2: h2 = max(W2 h1, -(W2 b1 + b2))  (true h2 = this + W2 b1 + b2)
         # output:  z  = W3 h2 + (W3 (W2 b1 + b2) + b3)
-        self._W1 = W1.astype(np.float32)
-        self._nb1 = (-b1).astype(np.float32)
-        self._W2 = self.params["W2"].astype(np.float32)
-        self._nc2 = (-c2).astype(np.float32)
-        self._w3 = self.params["W3"][0].astype(np.float32)
-        c3 = float(p["W3"][0] @ c2 + p["b3"][0])
-        self._c3 = c3
-        self._h1 = np.empty(self.hidden[0], np.float32)
-        self._h2 = np.empty(self.hidden[1], np.float32)
+        # float64: folding the standardisation into layer 1 cancels large terms, which float32
+        # would round visibly (1e-3 in the logit); in float64 the path is exact to ~1e-12
+        self._W1 = np.ascontiguousarray(W1)
+        self._nb1 = -b1
+        self._W2 = np.ascontiguousarray(p["W2"])
+        self._nc2 = -c2
+        self._w3 = np.ascontiguousarray(p["W3"][0])
+        self._c3 = float(p["W3"][0] @ c2 + p["b3"][0])
+        self._h1 = np.empty(self.hidden[0], np.float64)
+        self._h2 = np.empty(self.hidden[1], np.float64)
 
     def predict_logit(self, obs: np.ndarray) -> float:
         """logit(alpha) for one observation (numpy fast path)."""
-        if type(obs) is not np.ndarray or obs.dtype != np.float32:
-            obs = np.asarray(obs, dtype=np.float32)
+        if type(obs) is not np.ndarray:
+            obs = np.asarray(obs, dtype=np.float64)
         h1, h2 = self._h1, self._h2
         np.dot(self._W1, obs, out=h1)
         np.maximum(h1, self._nb1, out=h1)
@@ -125,10 +127,10 @@ class SpecKVMLP(CostModelMixin, Agent):
         return float(self._w3.dot(h2)) + self._c3
 
     def predict_logit_batch(self, obs: np.ndarray) -> np.ndarray:
-        X = np.asarray(obs, dtype=np.float32)
+        X = np.asarray(obs, dtype=np.float64)
         h1 = np.maximum(X @ self._W1.T, self._nb1)
         h2 = np.maximum(h1 @ self._W2.T, self._nc2)
-        return (h2 @ self._w3).astype(np.float64) + self._c3
+        return h2 @ self._w3 + self._c3
 
     def predict_alpha(self, obs: np.ndarray) -> float:
         return float(1.0 / (1.0 + np.exp(-self.predict_logit(obs))))
@@ -202,6 +204,16 @@ class SpecKVMLP(CostModelMixin, Agent):
         progress: bool = False,
     ) -> list[float]:
         """Fit by weighted BCE over acceptance events (see module docs). Returns per-epoch losses."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny MLP: threads only add contention (25x slower on 2 busy cores)
+        try:
+            return self._fit(obs, hits, misses, epochs, lr, batch_size, weight_decay, log, progress)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, obs, hits, misses, epochs, lr, batch_size, weight_decay, log, progress) -> list[float]:
         import torch
         import torch.nn.functional as F
 

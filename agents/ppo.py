@@ -124,13 +124,23 @@ class PPOAgent(Agent):
 
     def train(self, venv: Any, total_timesteps: int, tb_log_dir: str | None = None, callback: Any = None,
               progress: bool = False, tb_log_name: str = "PPO") -> "PPOAgent":
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small networks: extra threads only add contention
+        try:
+            self._learn(venv, total_timesteps, tb_log_dir, callback, progress, tb_log_name)
+        finally:
+            torch.set_num_threads(threads)
+        return self
+
+    def _learn(self, venv, total_timesteps, tb_log_dir, callback, progress, tb_log_name) -> None:
         model = self.make_model(venv, tb_log_dir)
         model.learn(total_timesteps=total_timesteps, callback=callback, progress_bar=progress,
                     reset_num_timesteps=self.timesteps == 0, tb_log_name=tb_log_name)
         self.timesteps = int(model.num_timesteps)
         self.policy.set_training_mode(False)
         self._export()
-        return self
 
     # ---- decisions ------------------------------------------------------------------------
     def logits(self, obs: np.ndarray) -> np.ndarray:

@@ -1,0 +1,123 @@
+"""Per-decision latency of every agent: one observation in, one gamma index out, on CPU.
+
+Each agent decides on a pool of real observations (a random-gamma rollout of
+``SpecKVReplay-v0`` over a synthetic data set), after a warm-up; each call is timed alone with
+``time.perf_counter_ns`` (timer overhead, ~0.1 us, included). Reported: median, p99, mean in
+microseconds. Weights are untrained (random init): latency does not depend on their values.
+``speckv_mlp[torch]`` times the same MLP through torch (the paper's 0.34 ms path) for
+comparison. The lead wires this to ``speckv bench agents --json PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .base import Agent, make_agent
+
+DEFAULT_AGENTS: tuple[str, ...] = (
+    "fixed", "hf_heuristic", "cost_aware", "speckv_mlp", "epsilon_greedy", "ucb1", "thompson", "exp3",
+    "linucb", "ppo", "oracle",
+)
+TARGET_US = {"speckv_mlp": 20.0}
+
+
+def _observation_pool(n: int = 512, seed: int = 0):
+    import gymnasium as gym
+
+    import speckv_env  # noqa: F401
+    from replay.trace import synthetic_dataset
+    from speckv_env.core import CostModel
+
+    env = gym.make("SpecKVReplay-v0", traces=synthetic_dataset(8, seed=seed), cost_model=CostModel.unit())
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset(seed=seed)
+    pool = []
+    while len(pool) < n:
+        pool.append(obs)
+        obs, r, term, trunc, info = env.step(int(rng.integers(env.action_space.n)))
+        if term or trunc:
+            obs, info = env.reset()
+    return env, pool
+
+
+def time_decisions(fn, pool: Sequence[np.ndarray], n: int, warmup: int) -> dict[str, float]:
+    m = len(pool)
+    for i in range(warmup):
+        fn(pool[i % m])
+    ns = np.empty(n, dtype=np.int64)
+    clock = time.perf_counter_ns
+    for i in range(n):
+        o = pool[i % m]
+        t0 = clock()
+        fn(o)
+        ns[i] = clock() - t0
+    us = ns / 1000.0
+    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)), "mean_us": float(us.mean()), "n": int(n)}
+
+
+def bench_agents(json_path: str | Path | None = None, n: int = 5000, warmup: int = 500,
+                 agents: Sequence[str] = DEFAULT_AGENTS, include_torch: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Median / p99 per-decision latency (us) of each agent on one observation; optional JSON."""
+    env, pool = _observation_pool(seed=seed)
+    results: dict[str, Any] = {}
+    for name in agents:
+        kw: dict[str, Any] = {"gammas": tuple(env.unwrapped.gammas)}
+        agent: Agent = make_agent(name, **kw)
+        agent.bind(env)
+        if name == "oracle":
+            _, info = env.reset(seed=seed)
+            agent.begin_episode(env, info)
+        elif agent.learns:  # give learners some statistics so the timed path is the steady state
+            obs, _ = env.reset(seed=seed)
+            for _ in range(200):
+                a = agent.act(obs)
+                nobs, r, term, trunc, info = env.step(a)
+                agent.learn(obs, a, r, nobs, info)
+                obs = nobs if not (term or trunc) else env.reset()[0]
+        results[name] = time_decisions(agent.act, pool, n, warmup)
+        if name in TARGET_US:
+            results[name]["target_us"] = TARGET_US[name]
+            results[name]["meets_target"] = results[name]["median_us"] <= TARGET_US[name]
+        if name == "speckv_mlp" and include_torch:
+            import torch
+
+            model = agent.torch_model().eval()  # type: ignore[attr-defined]
+
+            def torch_decide(o: np.ndarray) -> int:
+                with torch.inference_mode():
+                    z = float(model(torch.from_numpy(o).unsqueeze(0)))
+                return agent.table_for(float(o[9])).index_logit(z)  # type: ignore[attr-defined]
+
+            results["speckv_mlp[torch]"] = time_decisions(torch_decide, pool, max(n // 10, 100), max(warmup // 10, 20))
+    out = {
+        "unit": "microseconds per single-observation decision",
+        "agents": results,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+    if json_path is not None:
+        p = Path(json_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [f"{'agent':<20} {'median us':>10} {'p99 us':>10}"]
+    for name, r in res["agents"].items():
+        lines.append(f"{name:<20} {r['median_us']:>10.2f} {r['p99_us']:>10.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(format_table(bench_agents(sys.argv[1] if len(sys.argv) > 1 else None)))
