@@ -5,7 +5,8 @@
     every step;
   * ``speckv_mlp``: rollouts of a behaviour policy (uniformly random gammas, seeded) collect
     (pre-choice obs, acceptance events), then :meth:`agents.mlp.SpecKVMLP.fit`;
-  * ``ppo``: stable-baselines3 on a vectorised env (:func:`make_vec_env`);
+  * ``ppo``: stable-baselines3 on a vectorised env (:func:`make_vec_env`: with ``traces=``
+    the numpy-batched ``replay.vector`` env through an SB3 VecEnv adapter, else DummyVecEnv);
   * the rest (fixed, hf_heuristic, cost_aware, oracle) need no training: returned as built.
 The curve is kept on the agent as ``agent.train_log`` (a list of dicts, one per finished
 episode or fit epoch) and, with ``tb_log_dir``, written to TensorBoard with CleanRL-style tags
@@ -81,13 +82,14 @@ def begin_episode(agent: Agent, env: Any, info: dict[str, Any]) -> None:
 
 def _episode_record(step: int, ep_return: float, gammas_used: list[int], info: dict[str, Any]) -> dict[str, Any]:
     s = info.get("episode_summary", {})
+    tps = s.get("modelled_tps")
     return {
         "global_step": step,
         "episodic_return": ep_return,
         "tokens_per_second": s.get("modelled_tps"),
         "tokens_per_step": s["tokens"] / s["steps"] if s.get("steps") else None,
         "mean_gamma": float(np.mean(gammas_used)) if gammas_used else None,
-        "speedup": (s.get("modelled_tps") or 0.0) / s["target_only_tps"] if s.get("target_only_tps") else None,
+        "speedup": tps / s["target_only_tps"] if tps is not None and s.get("target_only_tps") else None,
     }
 
 
@@ -172,9 +174,87 @@ def collect_rollouts(env: Any, steps: int, seed: int = 0, behaviour: Agent | Non
     return {"obs": O, "gamma": G, "accepted": K, "hits": ev[:, 0], "misses": ev[:, 1], "emitted": E, "time": T}
 
 
-def make_vec_env(env_factory: EnvFactory, n_envs: int = 4, seed: int = 0):
-    """An SB3 VecEnv: the replay package's vectorised env through an adapter when available,
-    else SB3's DummyVecEnv over ``n_envs`` factory-made envs."""
+class ReplayVecEnvAdapter:
+    """stable-baselines3 ``VecEnv`` over :class:`replay.vector.SpecKVReplayVectorEnv` (numpy-batched).
+
+    The vector env runs in SAME_STEP autoreset mode, which is SB3's convention: at an episode's
+    end the returned observation is the next episode's first, and the last one is in
+    ``infos[i]["terminal_observation"]``; ``infos[i]["TimeLimit.truncated"]`` marks truncation
+    (SB3 bootstraps through it). A finished episode's info also carries
+    ``episode_summary = {"modelled_tps": ...}``. Built lazily as a subclass of SB3's VecEnv.
+    """
+
+    def __new__(cls, venv: Any):
+        from stable_baselines3.common.vec_env.base_vec_env import VecEnv
+
+        class _Adapter(VecEnv):
+            def __init__(self, v: Any) -> None:
+                self.venv = v
+                super().__init__(v.num_envs, v.single_observation_space, v.single_action_space)
+                self._actions: np.ndarray | None = None
+                self.gammas = tuple(v.gammas)
+
+            def reset(self):
+                seed = self._seeds[0] if any(s is not None for s in self._seeds) else None
+                obs, _ = self.venv.reset(seed=seed)
+                self._reset_seeds()
+                return obs
+
+            def step_async(self, actions: np.ndarray) -> None:
+                self._actions = np.asarray(actions, dtype=np.int64).reshape(-1)
+
+            def step_wait(self):
+                obs, rew, term, trunc, info = self.venv.step(self._actions)
+                done = term | trunc
+                infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+                if done.any():
+                    fin = info["final_obs"]
+                    tps = info.get("episode_tps")
+                    for i in np.flatnonzero(done).tolist():
+                        infos[i]["terminal_observation"] = fin[i]
+                        infos[i]["TimeLimit.truncated"] = bool(trunc[i] and not term[i])
+                        if tps is not None:
+                            infos[i]["episode_summary"] = {"modelled_tps": float(tps[i])}
+                return obs, rew.astype(np.float32), done, infos
+
+            def close(self) -> None:
+                self.venv.close()
+
+            def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+                return [getattr(self.venv, attr_name)] * len(self._get_indices(indices))
+
+            def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+                setattr(self.venv, attr_name, value)
+
+            def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
+                return [getattr(self.venv, method_name)(*args, **kwargs)] * len(self._get_indices(indices))
+
+            def env_is_wrapped(self, wrapper_class: Any, indices: Any = None) -> list[bool]:
+                return [False] * len(self._get_indices(indices))
+
+            def get_images(self):
+                return [None] * self.num_envs
+
+        return _Adapter(venv)
+
+
+def make_vec_env(env_factory: EnvFactory | None = None, n_envs: int = 4, seed: int = 0,
+                 traces: Sequence[Any] | None = None, env_kwargs: dict[str, Any] | None = None):
+    """An SB3 VecEnv. With ``traces=``: the numpy-batched replay vector env through
+    :class:`ReplayVecEnvAdapter` (falls back to DummyVecEnv if replay.vector is missing);
+    with ``env_factory=``: SB3's DummyVecEnv over ``n_envs`` factory-made envs."""
+    if traces is not None:
+        try:
+            from replay.vector import SpecKVReplayVectorEnv
+        except ImportError:
+            env_factory = replay_env_factory(traces, **(env_kwargs or {}))
+        else:
+            v = SpecKVReplayVectorEnv(num_envs=n_envs, traces=traces, autoreset_mode="same-step", **(env_kwargs or {}))
+            venv = ReplayVecEnvAdapter(v)
+            venv.seed(seed)
+            return venv
+    if env_factory is None:
+        raise ValueError("make_vec_env needs env_factory= or traces=")
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     venv = DummyVecEnv([env_factory for _ in range(n_envs)])
@@ -257,7 +337,10 @@ def train_agent(
     log: list[dict[str, Any]] = []
     try:
         if agent.kind == "ppo":
-            venv = make_vec_env(factory, n_envs=n_envs, seed=seed)
+            if traces is not None:
+                venv = make_vec_env(n_envs=n_envs, seed=seed, traces=traces, env_kwargs=env_kwargs)
+            else:
+                venv = make_vec_env(factory, n_envs=n_envs, seed=seed)
             agent.train(venv, steps, tb_log_dir=str(writer.run_dir) if writer.run_dir else None,
                         callback=_ppo_callback(writer, log, agent.gammas), progress=progress)
             venv.close()

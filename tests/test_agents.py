@@ -285,6 +285,27 @@ def test_mlp_on_replay_predicts_acceptance():
 # ---- PPO --------------------------------------------------------------------------------------------
 
 
+def test_replay_vec_env_adapter_is_an_sb3_vecenv():
+    from replay.trace import synthetic_dataset
+    from stable_baselines3.common.vec_env import VecEnv
+
+    from agents.training import make_vec_env
+
+    v = make_vec_env(n_envs=3, traces=synthetic_dataset(3), env_kwargs={"cost_model": CostModel.unit()})
+    assert isinstance(v, VecEnv)
+    obs = v.reset()
+    assert obs.shape == (3, OBS_DIM)
+    ends = 0
+    for _ in range(150):
+        obs, rew, done, infos = v.step(np.full(3, 8))
+        assert obs.shape == (3, OBS_DIM) and rew.shape == (3,) and len(infos) == 3
+        for i in np.flatnonzero(done):
+            ends += 1
+            assert infos[i]["terminal_observation"].shape == (OBS_DIM,)
+            assert infos[i]["episode_summary"]["modelled_tps"] > 0
+    assert ends > 0
+
+
 def test_ppo_tiny_budget_learn_save_load(tmp_path):
     tb = tmp_path / "tb"
     agent = train_agent(
@@ -293,6 +314,7 @@ def test_ppo_tiny_budget_learn_save_load(tmp_path):
     )
     assert agent.timesteps >= 256
     assert list(tb.rglob("events.out.tfevents*"))
+    assert agent.train_log and agent.train_log[0]["tokens_per_second"] > 0  # episodes seen through the adapter
     obs = rollout_obs(replay_env(4), 300)
     fast = agent.act_batch(obs)
     assert np.array_equal(fast, agent.act_torch(obs))
