@@ -130,6 +130,41 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         merged.update(cost_models or {})
         return merged
 
+    # ---- step logs (StepLogBackend) ------------------------------------------------------
+    def _step_log_step(self, action: Any):
+        """A step over a censored step log: the recorded step's counterfactual outcome."""
+        if self._done:
+            raise RuntimeError("step() called on a finished episode: call reset() first")
+        requested = self.gammas[action_to_index(action, len(self.gammas), self.gammas)]
+        out = self.backend.step(requested)
+        cm = self.cost_model
+        skipped = bool(out.extra.get("skipped", False))
+        if skipped:  # on_undetermined="skip": the step is passed over
+            t_model, reward, emitted = 0.0, 0.0, 0
+        else:
+            t_model = cm.step_time(out.gamma, out.accepted, self.backend.sampling)
+            reward = float(self._reward_fn(out, t_model, cm))
+            emitted = out.emitted
+            self._builder.update(out.gamma, out.accepted, out.events)
+        s = self._stats
+        s["steps"] += 1
+        s["tokens"] += emitted
+        s["modelled_s"] += t_model
+        self._done = out.done
+        obs = self._builder.observe(self.backend.signals(), self.backend.position())
+        info: dict[str, Any] = {
+            "gamma": out.gamma, "requested_gamma": requested, "accepted": out.accepted, "emitted": emitted,
+            "modelled_time": t_model, "measured_time": None, "position": self.backend.position(), **out.extra,
+        }
+        if out.done:
+            info["episode_summary"] = {
+                "tokens": s["tokens"], "steps": s["steps"], "modelled_s": s["modelled_s"],
+                "modelled_tps": s["tokens"] / s["modelled_s"] if s["modelled_s"] > 0 else float("nan"),
+                "measured_s": None, "measured_tps": None, "target_only_tps": cm.target_only_tps,
+                "finish_reason": out.finish_reason,
+            }
+        return obs, reward, False, bool(out.done), info
+
     # ---- fast path (TraceBackend) --------------------------------------------------------
     def _step_tables(self) -> tuple[list[list[float]], list[list[float]]]:
         """Per (cost model, sampling): modelled time and reward for every (g_eff, k)."""
@@ -158,7 +193,7 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
     def step(self, action: Any):
         """One speculation step at gamma ``gammas[action]`` (see the class docstring)."""
         if not self._fast:
-            return super().step(action)
+            return self._step_log_step(action)
         # Fused form of SpecKVBaseEnv.step for TraceBackend (identical results; tested).
         if self._done:
             raise RuntimeError("step() called on a finished episode: call reset() first")
@@ -283,12 +318,17 @@ SpecKVReplayEnv.__doc__ = """Speculative decoding replayed from recorded logs; g
     - ``on_undetermined`` (step logs only): what to do when the requested gamma's outcome is not
       determined by the log (the recorded step accepted all of its gamma and more was asked):
       ``"raise"`` (default) raises :class:`~replay.importers.UndeterminedOutcomeError`;
-      ``"clip"`` answers the recorded gamma's outcome instead (``info["gamma"]`` shows it);
-      ``"skip"`` does the same and also flags ``info["undetermined"] = True``.
+      ``"clip"`` answers the largest determined gamma instead (the tokens the step drafted;
+      ``info["gamma"]`` shows it, ``info["undetermined"]`` is True); ``"skip"`` passes the
+      step over (reward 0, no modelled time, no tokens, ``info["skipped"]`` True).
+      Step-log replay follows the *recorded* steps: the position advances as recorded
+      whatever gamma is chosen, and each step is answered counterfactually (a per-step,
+      bandit-style evaluation), so it is not an exact replay of a policy's trajectory.
     - ``paper_features`` (step logs only): observe the paper's *post-draft* signals of the
       current step (computed over the tokens drafted in that very step). They are leakage for
       a controller that chooses gamma before drafting; off by default, when the previous
-      step's signals are observed instead.
+      step's signals are observed instead (zeros at the first step). Entropy is converted
+      from bits to nats; the paper recorded no top-1/top-2 margin (observed as 0).
 
     ## Example
     >>> import gymnasium as gym, speckv_env
