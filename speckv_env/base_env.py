@@ -63,7 +63,7 @@ def action_to_index(action: Any, n: int, gammas: Sequence[int]) -> int:
 class SpecKVBaseEnv(gym.Env):
     """Speculative decoding as an MDP; see :class:`speckv_env.env.SpecKVEnv` for the full docs."""
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 0}
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(
         self,
