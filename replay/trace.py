@@ -386,6 +386,12 @@ def load_cost_models(folder: PathLike) -> dict[str, CostModel]:
     return out
 
 
+def make_trace_id(pair: str, compression: str, prompt_id: str, mode: str, seed: int, extra: str = "") -> str:
+    """A readable, deterministic trace id (the resume key): ``pair|compression|prompt|mode|seed``."""
+    parts = [pair, compression, prompt_id, mode, str(int(seed))] + ([extra] if extra else [])
+    return "|".join(p.replace("|", "/") for p in parts)
+
+
 # ---- writing ------------------------------------------------------------------------------
 
 def _fsync_dir(folder: Path) -> None:

@@ -185,3 +185,18 @@ def test_meta_roundtrip(tmp_path: Path) -> None:
     write_traces(tmp_path / "m.parquet", [t])
     assert read_traces(tmp_path / "m.parquet")[0].meta == t.meta
     assert json.loads(pq.read_table(tmp_path / "m.parquet").column("meta")[0].as_py())["note"] == "x"
+
+
+def test_schema_doc_lists_every_column() -> None:
+    from replay.schema import STEPS_COLUMNS, TRACE_COLUMNS
+
+    doc = (Path(__file__).resolve().parent.parent / "replay" / "SCHEMA.md").read_text()
+    for name in list(TRACE_COLUMNS) + list(STEPS_COLUMNS):
+        assert f"| `{name}` |" in doc, name
+
+
+def test_make_trace_id_is_stable() -> None:
+    from replay.trace import make_trace_id
+
+    a = make_trace_id("smol", "int8", "code-3", "sample", 7)
+    assert a == make_trace_id("smol", "int8", "code-3", "sample", 7) and a != make_trace_id("smol", "int8", "code-3", "sample", 8)
