@@ -330,6 +330,11 @@ SpecKVReplayEnv.__doc__ = """Speculative decoding replayed from recorded logs; g
       step's signals are observed instead (zeros at the first step). Entropy is converted
       from bits to nats; the paper recorded no top-1/top-2 margin (observed as 0).
 
+    ## Vector form
+    ``gym.make_vec("SpecKVReplay-v0", num_envs=256, vectorization_mode="vector_entry_point",
+    traces=..., cost_model=...)`` gives :class:`replay.vector.SpecKVReplayVectorEnv`: the
+    same trajectories, bit for bit, batched in numpy (full-information traces only).
+
     ## Example
     >>> import gymnasium as gym, speckv_env
     >>> from replay.trace import synthetic_dataset

@@ -149,3 +149,15 @@ def test_import_does_not_pull_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_docstring_example_runs() -> None:
+    import doctest
+
+    import replay.env as renv
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    for t in finder.find(renv.SpecKVReplayEnv, "SpecKVReplayEnv", globs={}):
+        runner.run(t)
+    assert runner.failures == 0 and runner.tries >= 5
