@@ -34,6 +34,7 @@ from .trace import PathLike, Trace, load_cost_models, read_traces
 
 # rows of the integer state matrix
 _EP, _BASE, _FI, _END, _GRP, _EOS = range(6)
+_ROWS = 6 + OBS_DIM + 4  # integer state, observation, float side state
 
 
 class SpecKVReplayVectorEnv(VectorEnv):
@@ -139,19 +140,22 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self._R = np.concatenate(tabs_r)
 
         # ---- per-trace fresh state (an env reset to trace i copies column i) ----
-        self._fresh_i = np.zeros((6, ntr), dtype=np.int64)
+        # one int64 buffer: rows 0-5 integer state, 6-18 observation (float64 bits), 19-22
+        # float side state (float64 bits), so that a reset is a single fancy assignment
+        self._fresh = np.zeros((_ROWS, ntr), dtype=np.int64)
+        self._fresh_i = self._fresh[0:6]
         self._fresh_i[_EP] = np.arange(ntr)
         self._fresh_i[_BASE] = base
         self._fresh_i[_FI] = base
         self._fresh_i[_END] = base + lens - 1
         self._fresh_i[_GRP] = grp
         self._fresh_i[_EOS] = [t.finish_reason == "eos" for t in trs]
-        self._fresh_s = np.zeros((OBS_DIM, ntr), dtype=np.float64)
+        self._fresh_s = self._fresh[6 : 6 + OBS_DIM].view(np.float64)
         for i, t in enumerate(trs):
             ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
             self._fresh_s[:, i] = ob.observe_values(float(sig[0, base[i]]), float(sig[1, base[i]]), float(sig[2, base[i]]), 0)
         # float side state: hits + 1, tests + 2, modelled time so far, N
-        self._fresh_f = np.zeros((4, ntr), dtype=np.float64)
+        self._fresh_f = self._fresh[6 + OBS_DIM :].view(np.float64)
         self._fresh_f[0] = 1.0
         self._fresh_f[1] = 2.0
         self._fresh_f[3] = lens
@@ -172,9 +176,10 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self._gam_ext = np.concatenate([self._gam, np.full(na, -1, dtype=np.int64)])
 
         E = self.num_envs
-        self._I = np.zeros((6, E), dtype=np.int64)
-        self._S = np.zeros((OBS_DIM, E), dtype=np.float64)
-        self._F = np.zeros((4, E), dtype=np.float64)
+        self._buf = np.zeros((_ROWS, E), dtype=np.int64)
+        self._I = self._buf[0:6]
+        self._S = self._buf[6 : 6 + OBS_DIM].view(np.float64)
+        self._F = self._buf[6 + OBS_DIM :].view(np.float64)
         self._prev_done = np.zeros(E, dtype=bool)
         self._started = False
         self._ep_buf = np.zeros(0, dtype=np.int64)
@@ -210,9 +215,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
         return out
 
     def _start(self, idx: np.ndarray, eps: np.ndarray) -> None:
-        self._I[:, idx] = self._fresh_i[:, eps]
-        self._S[:, idx] = self._fresh_s[:, eps]
-        self._F[:, idx] = self._fresh_f[:, eps]
+        self._buf[:, idx] = self._fresh[:, eps]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -243,7 +246,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
             g = self._gam_ext.take(a)
         except IndexError:
             g = np.full(1, -1)
-        if g.min() < 0:
+        if np.minimum.reduce(g) < 0:
             bad = a[(a < 0) | (a >= self._gam.shape[0])]
             raise ValueError(f"invalid action(s) {bad.tolist()}: must be in 0..{self._gam.shape[0] - 1}, indices into gammas {self.gammas}")
         return g
@@ -290,13 +293,13 @@ class SpecKVReplayVectorEnv(VectorEnv):
         terminated = done & (I[_EOS] == 1)
         truncated = done ^ terminated
         info: dict[str, Any] = {"gamma": geff, "accepted": k, "modelled_time": tm}
-        any_done = done.any()
+        any_done = np.count_nonzero(done) > 0
         if any_done:
             info["episode_tps"] = np.where(done, F[3] / F[2], np.nan)
             info["_episode_tps"] = done
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             pd = self._prev_done
-            if pd.any():
+            if np.count_nonzero(pd):
                 # these envs ended in the previous step: what was computed for them above is
                 # discarded (their flat index sat on the padding slot), and they start anew
                 idx = np.flatnonzero(pd)
