@@ -1,7 +1,7 @@
 """A :class:`speckv_env.core.Backend` over full-information traces (exact replay).
 
 Episode ``i`` is trace ``i``. A step at position ``t`` with requested gamma ``g`` uses
-g_eff = min(g, N - 1 - t), accepts k = min(L[t], g_eff), emits tokens[t : t + k + 1] and
+g_eff = min(g, max_new_tokens - 1 - t), accepts k = min(L[t], g_eff), emits tokens[t : t + k + 1] and
 moves to t + k + 1 (see :mod:`replay.trace`). Measured times are not replayed
 (``draft_s``/``verify_s`` are None); the environment prices each step with the episode's
 cost model, chosen by the trace's compression.
@@ -97,7 +97,7 @@ class TraceBackend:
         n = self._n
         if t >= n:
             raise RuntimeError("step() past the end of the trace: reset first")
-        g = min(int(gamma), n - 1 - t)
+        g = min(int(gamma), self.max_new_tokens - 1 - t)
         k = min(self._L[t], g)
         if g == 0:
             events = [int(self._accept[t])]

@@ -204,7 +204,7 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         b = self.backend
         t = b._pos
         n = b._n
-        rem = n - 1 - t
+        rem = b.max_new_tokens - 1 - t
         geff = g if g < rem else rem
         lt = b._L[t]
         k = lt if lt < geff else geff

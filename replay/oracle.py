@@ -5,7 +5,7 @@ on the gammas, so the fastest policy for a trace is a shortest path over output 
 
     dp[N] = 0
     dp[t] = min over g in gammas of  step_time(g_eff, k) + dp[t + k + 1],
-            g_eff = min(g, N - 1 - t),  k = min(L[t], g_eff)
+            g_eff = min(g, max_new_tokens - 1 - t),  k = min(L[t], g_eff)
 
 The oracle knows the future (L[t]), so it is not a policy a controller can reach; it is the
 ceiling against which regret is measured. The (N x len(gammas)) candidate costs and successor
@@ -58,7 +58,7 @@ def oracle(trace: Trace, cost_model: CostModel, gammas: Sequence[int] = DEFAULT_
     n = trace.n
     table = np.nan_to_num(cost_model.step_time_table(range(int(gs[-1]) + 1), trace.sampling), nan=np.inf)
     t = np.arange(n, dtype=np.int64)[:, None]
-    geff = np.minimum(gs[None, :], n - 1 - t)  # (N, G)
+    geff = np.minimum(gs[None, :], trace.max_new_tokens - 1 - t)  # (N, G)
     k = np.minimum(trace.L.astype(np.int64)[:, None], geff)
     cost = table[geff, k]  # (N, G)
     nxt = t + k + 1
@@ -113,7 +113,7 @@ def fixed_gamma_time(trace: Trace, cost_model: CostModel, gamma: int) -> float:
     n = trace.n
     t, total = 0, 0.0
     while t < n:
-        g = min(gamma, n - 1 - t)
+        g = min(gamma, trace.max_new_tokens - 1 - t)
         k = min(int(L[t]), g)
         total += cost_model.step_time(g, k, trace.sampling)
         t += k + 1

@@ -14,8 +14,10 @@ gammas chosen. For every output position ``s`` a trace stores
   choosing gamma at a step starting at ``s``.
 
 ``L[t]`` = length of the run of consecutive ``accept == True`` starting at ``t``, capped at
-``gamma_max``. A step at ``t`` with requested gamma ``g`` uses g_eff = min(g, N - 1 - t),
-accepts k = min(L[t], g_eff), emits ``tokens[t : t + k + 1]`` and moves to ``t + k + 1``.
+``gamma_max`` and at ``N - 1 - t`` (the last emitted token is always the target's: EOS, or the
+max_new_tokens-th token). A step at ``t`` with requested gamma ``g`` uses
+g_eff = min(g, max_new_tokens - 1 - t) (known before the step, as in the live engine), accepts
+k = min(L[t], g_eff), emits ``tokens[t : t + k + 1]`` and moves to ``t + k + 1``.
 
 Signals of draft tokens *beyond the first rejection* of a draft run are off the true path and
 are not recorded: the only features they could feed are post-draft ones, which are leakage
@@ -74,7 +76,8 @@ _STEP_FIELDS = ("step_pos", "step_gamma", "step_accepted", "step_draft_s", "step
 
 
 def run_lengths(accept: np.ndarray, cap: int) -> np.ndarray:
-    """``L[t]`` = number of consecutive True values in ``accept`` starting at ``t``, capped at ``cap``.
+    """``L[t]`` = number of consecutive True values in ``accept`` starting at ``t``, capped at
+    ``cap`` and at ``N - 1 - t``.
 
     Vectorised: the distance from ``t`` to the next False (or to the end), clipped.
     """
@@ -83,7 +86,9 @@ def run_lengths(accept: np.ndarray, cap: int) -> np.ndarray:
     pos = np.arange(n, dtype=np.int64)
     z = np.where(a, n, pos)  # index of each False, n elsewhere
     next_false = np.minimum.accumulate(z[::-1])[::-1]
-    return np.minimum(next_false - pos, cap).astype(np.int8 if cap <= 127 else np.int16)
+    # a step at t can accept at most N - 1 - t drafts: the last token is always the target's
+    run = np.minimum(next_false - pos, n - 1 - pos)
+    return np.minimum(run, cap).astype(np.int8 if cap <= 127 else np.int16)
 
 
 @dataclass
@@ -207,9 +212,12 @@ class Trace:
                 raise self._err(f"recorded path ends at position {nxt[-1]}, not at N = {n}")
             if (g < 0).any() or (g > self.gamma_max).any() or (k < 0).any() or (k > g).any():
                 raise self._err("recorded path has gamma outside 0..gamma_max or accepted outside 0..gamma")
-            if (g > n - 1 - pos).any():
-                i = int(np.nonzero(g > n - 1 - pos)[0][0])
-                raise self._err(f"recorded step {i} at position {pos[i]} drafts {g[i]} tokens, past the end (N = {n})")
+            lim = self.max_new_tokens - 1 - pos
+            if (g > lim).any():
+                i = int(np.nonzero(g > lim)[0][0])
+                raise self._err(
+                    f"recorded step {i} at position {pos[i]} drafts {g[i]} tokens, past max_new_tokens = {self.max_new_tokens}"
+                )
             L = run_lengths(self.accept, self.gamma_max)
             expect = np.minimum(L[pos], g)
             if (expect != k).any():
@@ -226,7 +234,7 @@ class Trace:
     # ---- replay of one step (reference implementation; backends inline it) ---------
     def step(self, t: int, gamma: int) -> tuple[int, int]:
         """(g_eff, k) of a step starting at position ``t`` with requested ``gamma``."""
-        g_eff = min(gamma, self.n - 1 - t)
+        g_eff = min(gamma, self.max_new_tokens - 1 - t)
         return g_eff, min(int(self.L[t]), g_eff)
 
     def equals(self, other: "Trace") -> bool:
@@ -547,11 +555,12 @@ def synthetic_trace(
     tokens = rng.integers(3, 49152, n).astype(np.int32)
     cm = cost_model or CostModel.unit(gamma_max)
     L = run_lengths(accept, gamma_max)
+    mnt = n if finish_reason == "length" else n + 8
     g_rec = min(record_gamma, gamma_max)
     pos, gs, ks, ds, vs = [], [], [], [], []
     t = 0
     while t < n:
-        g = min(g_rec, n - 1 - t)
+        g = min(g_rec, mnt - 1 - t)
         k = min(int(L[t]), g)
         pos.append(t)
         gs.append(g)
@@ -567,7 +576,7 @@ def synthetic_trace(
         sig_entropy=entropy.astype(np.float32),
         sig_margin=np.minimum(margin, top1).astype(np.float32),
         gamma_max=gamma_max,
-        max_new_tokens=n if finish_reason == "length" else n + 8,
+        max_new_tokens=mnt,
         finish_reason=finish_reason,
         pair="synthetic",
         target="synthetic-target",

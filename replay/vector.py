@@ -33,8 +33,9 @@ from .backend import resolve_cost_model
 from .trace import PathLike, Trace, load_cost_models, read_traces
 
 # rows of the integer state matrix
-_EP, _BASE, _FI, _END, _GRP, _EOS = range(6)
-_ROWS = 6 + OBS_DIM + 4  # integer state, observation, float side state
+_EP, _BASE, _FI, _END, _GRP, _EOS, _LIM = range(7)
+_NI = 7  # integer state rows
+_ROWS = _NI + OBS_DIM + 4  # integer state, observation, float side state
 
 
 class SpecKVReplayVectorEnv(VectorEnv):
@@ -102,7 +103,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
         base = np.zeros(ntr, dtype=np.int64)
         base[1:] = np.cumsum(lens + 1)[:-1]
         total = int((lens + 1).sum())
-        self._L = np.zeros(total, dtype=np.int64)
+        self._L = np.full(total, -1, dtype=np.int64)  # padding slot: -1 keeps a finished env in place
         self._acc = np.zeros(total, dtype=np.int64)
         sig = np.zeros((3, total), dtype=np.float64)
         for i, t in enumerate(trs):
@@ -143,19 +144,20 @@ class SpecKVReplayVectorEnv(VectorEnv):
         # one int64 buffer: rows 0-5 integer state, 6-18 observation (float64 bits), 19-22
         # float side state (float64 bits), so that a reset is a single fancy assignment
         self._fresh = np.zeros((_ROWS, ntr), dtype=np.int64)
-        self._fresh_i = self._fresh[0:6]
+        self._fresh_i = self._fresh[0:_NI]
         self._fresh_i[_EP] = np.arange(ntr)
         self._fresh_i[_BASE] = base
         self._fresh_i[_FI] = base
         self._fresh_i[_END] = base + lens - 1
         self._fresh_i[_GRP] = grp
         self._fresh_i[_EOS] = [t.finish_reason == "eos" for t in trs]
-        self._fresh_s = self._fresh[6 : 6 + OBS_DIM].view(np.float64)
+        self._fresh_i[_LIM] = base + np.array([t.max_new_tokens for t in trs], dtype=np.int64) - 1
+        self._fresh_s = self._fresh[_NI : _NI + OBS_DIM].view(np.float64)
         for i, t in enumerate(trs):
             ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
             self._fresh_s[:, i] = ob.observe_values(float(sig[0, base[i]]), float(sig[1, base[i]]), float(sig[2, base[i]]), 0)
         # float side state: hits + 1, tests + 2, modelled time so far, N
-        self._fresh_f = self._fresh[6 + OBS_DIM :].view(np.float64)
+        self._fresh_f = self._fresh[_NI + OBS_DIM :].view(np.float64)
         self._fresh_f[0] = 1.0
         self._fresh_f[1] = 2.0
         self._fresh_f[3] = lens
@@ -177,9 +179,9 @@ class SpecKVReplayVectorEnv(VectorEnv):
 
         E = self.num_envs
         self._buf = np.zeros((_ROWS, E), dtype=np.int64)
-        self._I = self._buf[0:6]
-        self._S = self._buf[6 : 6 + OBS_DIM].view(np.float64)
-        self._F = self._buf[6 + OBS_DIM :].view(np.float64)
+        self._I = self._buf[0:_NI]
+        self._S = self._buf[_NI : _NI + OBS_DIM].view(np.float64)
+        self._F = self._buf[_NI + OBS_DIM :].view(np.float64)
         self._prev_done = np.zeros(E, dtype=bool)
         self._started = False
         self._ep_buf = np.zeros(0, dtype=np.int64)
@@ -258,13 +260,15 @@ class SpecKVReplayVectorEnv(VectorEnv):
         g = self._actions(actions)
         I, S, F = self._I, self._S, self._F
         fi = I[_FI]
-        geff = np.minimum(g, I[_END] - fi)  # g_eff = min(g, N - 1 - t)
+        geff = np.minimum(g, I[_LIM] - fi)  # g_eff = min(g, max_new_tokens - 1 - t)
         lt = self._L.take(fi)
         k = np.minimum(lt, geff)  # accepted
         # acceptance events: g_eff == 0 -> [a_t]; k < g_eff -> k ones then a zero; else g_eff ones.
         # With m = max(g_eff, 1): ones = min(L_t, m) and a rejection iff ones < m.
         m = np.maximum(geff, 1)
         ones = np.minimum(lt, m)
+        # g_eff == 0: the event is a_t itself (L_t is also capped by the trace's end)
+        np.copyto(ones, self._acc.take(fi), where=geff == 0)
         rej = ones < m
         ema = S[3]
         upd = 1.0 - ema

@@ -296,11 +296,11 @@ class SpeculativeEngine:
         """Draft ``gamma`` tokens (0 = plain target step), verify them, emit, roll caches back."""
         if not self._started:
             raise RuntimeError("call start() before step()")
-        if self.done:
-            raise RuntimeError("generation has finished: call start() for a new sequence")
         g_req = int(gamma)
         if g_req < 0 or g_req > self.max_gamma:
             raise ValueError(f"gamma must be in 0..{self.max_gamma}, got {gamma}")
+        if self.done:
+            raise RuntimeError("generation has finished: call start() for a new sequence")
         t = len(self.out)
         g = min(g_req, self.max_new_tokens - 1 - t)  # never emit past max_new_tokens
         self.observe()
@@ -384,11 +384,14 @@ class SpeculativeEngine:
                 events = [ev] if g == 0 else [1] * g
                 bonus_rec = (s, sigs[-1], bool(ev))
         acc_raw = accepted
-        # EOS inside the emitted tokens ends generation right after it
+        # EOS inside the emitted tokens ends generation right after it; the EOS counts as the
+        # target's token (accepted = tokens before it), as in the trace model of replay/
         for j, tok in enumerate(emitted):
             if tok in self.eos:
                 emitted = emitted[: j + 1]
-                accepted = min(accepted, j)
+                if j < accepted:
+                    accepted = j
+                    events = [1] * accepted + [0]
                 finish = "eos"
                 break
 

@@ -19,7 +19,7 @@ def _brute(tr, cm, gammas) -> float:
             return 0.0
         out = np.inf
         for g in gammas:
-            ge = min(g, n - 1 - t)
+            ge = min(g, tr.max_new_tokens - 1 - t)
             k = min(int(tr.L[t]), ge)
             out = min(out, cm.step_time(ge, k, tr.sampling) + best(t + k + 1))
         return out

@@ -36,7 +36,7 @@ def test_step_semantics_match_trace_model() -> None:
     while True:
         a = int(rng.integers(9))
         obs, r, term, trunc, info = env.step(a)
-        g = min(a, tr.n - 1 - t)
+        g = min(a, tr.max_new_tokens - 1 - t)  # known before the step, as live
         k = min(int(tr.L[t]), g)
         assert (info["gamma"], info["accepted"], info["requested_gamma"]) == (g, k, a)
         assert info["tokens"] == tr.tokens[t : t + k + 1].tolist()

@@ -34,7 +34,7 @@ def _brute_L(a: np.ndarray, cap: int) -> list[int]:
     out = []
     for t in range(len(a)):
         k = 0
-        while t + k < len(a) and a[t + k] and k < cap:
+        while t + k < len(a) - 1 and a[t + k] and k < cap:  # the last token is always the target's
             k += 1
         out.append(k)
     return out

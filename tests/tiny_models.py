@@ -1,0 +1,30 @@
+"""Tiny random Llama models for tests (nothing downloaded)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def make_tiny_llama(vocab: int = 64, hidden: int = 64, layers: int = 2, seed: int = 0, eos: int = 3, std: float = 0.3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=eos, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False, initializer_range=std,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_tiny_pair(vocab: int = 64, noise: float = 0.05, seed: int = 0, hidden: int = 64):
+    """A random target and a draft that is a noisy copy of it (so acceptance is partial)."""
+    target = make_tiny_llama(vocab=vocab, hidden=hidden, seed=seed)
+    draft = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g) * p.std())
+    return target, draft
