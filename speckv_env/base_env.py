@@ -161,6 +161,8 @@ class SpecKVBaseEnv(gym.Env):
             "verify_time": out.verify_s,
             "position": self.backend.position(),
         }
+        if out.extra:
+            info.update(out.extra)
         if out.done:
             s = self._stats
             info["episode_summary"] = {

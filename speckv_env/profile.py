@@ -1,0 +1,161 @@
+"""`speckv profile`: record full-information traces of a pair over tasks x compressions x prompts.
+
+Each episode is decoded once by the engine with a behaviour policy (default: gamma drawn
+uniformly from 0..gamma_max, seeded per episode, so the recorded path's measured times cover
+every gamma). Because the emitted sequence does not depend on gamma, the engine's per-position
+record (whether the draft's proposal at every position would be accepted, and the draft's
+signals there) answers every other policy exactly: see replay/SCHEMA.md.
+
+Crash-safe: each finished episode is its own Parquet part file, written atomically;
+``resume=True`` skips the episodes already on disk (no duplicates, no gaps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+MODES = {"greedy": 0.0, "sample": 0.7}
+
+
+def episode_seed(prompt_id: str, mode: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"{prompt_id}|{mode}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def record_episode(engine, pair, prompt, *, max_new_tokens: int, gamma_max: int, mode: str, seed: int,
+                   policy: Callable[[int, Any], int] | None = None, split: str | None = None):
+    """Decode one prompt with ``engine`` and return its :class:`replay.trace.Trace`."""
+    from replay.trace import Trace, make_trace_id
+
+    ids = pair.encode_chat(prompt.text)
+    rng = random.Random(seed)
+    pol = policy or (lambda i, s: rng.randint(0, gamma_max))
+    res = engine.generate(ids, max_new_tokens, gamma=pol, seed=seed)
+    engine.finalize_record()
+    sigs = engine.pos_signals
+    if any(s is None for s in sigs) or any(a is None for a in engine.pos_accept) or len(sigs) != len(res.tokens):
+        raise RuntimeError(f"incomplete per-position record for prompt {prompt.id}: engine bug")
+    pos, t = [], 0
+    for s in res.steps:
+        pos.append(t)
+        t += len(s.tokens)
+    return Trace(
+        trace_id=make_trace_id(pair.name, pair.compression, prompt.id, mode, seed),
+        tokens=np.asarray(res.tokens, dtype=np.int32),
+        accept=np.asarray(engine.pos_accept, dtype=bool),
+        sig_top1=np.asarray([s.top1 for s in sigs], dtype=np.float32),
+        sig_entropy=np.asarray([s.entropy for s in sigs], dtype=np.float32),
+        sig_margin=np.asarray([s.margin for s in sigs], dtype=np.float32),
+        gamma_max=gamma_max,
+        max_new_tokens=max_new_tokens,
+        finish_reason=res.finish_reason or "length",
+        pair=pair.name,
+        target=pair.target_name,
+        draft=pair.draft_name,
+        compression=pair.compression,
+        device=str(pair.device.type),
+        task=prompt.task,
+        split=split or prompt.split,
+        prompt_id=prompt.id,
+        mode=mode,
+        temperature=engine.temperature if engine.sampling else 0.0,
+        top_p=engine.top_p,
+        seed=seed,
+        prompt_len=len(ids),
+        step_pos=np.asarray(pos, dtype=np.int32),
+        step_gamma=np.asarray([s.gamma for s in res.steps], dtype=np.int16),
+        step_accepted=np.asarray([s.accepted for s in res.steps], dtype=np.int16),
+        step_draft_s=np.asarray([s.draft_s for s in res.steps], dtype=np.float64),
+        step_verify_s=np.asarray([s.verify_s for s in res.steps], dtype=np.float64),
+        meta={"behaviour_policy": "uniform-random gamma" if policy is None else "custom", "prefill_s": engine.prefill_s},
+    )
+
+
+def select_profile_prompts(tasks: Sequence[str], splits: Sequence[str], n_train: int | None) -> list:
+    from .prompts import load_prompts
+
+    out = []
+    for task in tasks:
+        for split in splits:
+            ps = load_prompts(task=task, split=split)
+            if split == "train" and n_train is not None:
+                ps = ps[:n_train]
+            out.extend(ps)
+    return out
+
+
+def profile(
+    out: str | Path,
+    *,
+    target: str | None = None,
+    draft: str | None = None,
+    compressions: Sequence[str] = ("fp32", "int8", "nf4"),
+    tasks: Sequence[str] = ("chat", "code", "math", "summarization"),
+    splits: Sequence[str] = ("test", "validation", "train"),
+    n_train: int | None = 40,
+    modes: Sequence[str] = ("greedy", "sample"),
+    max_new_tokens: int = 128,
+    gamma_max: int = 8,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+    prompts: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Record traces into ``out``; returns a summary (episodes written, skipped, seconds)."""
+    from tqdm import tqdm
+
+    from replay.trace import TraceWriter, make_trace_id
+
+    from .calibrate import cached_calibration
+    from .engine import SpeculativeEngine
+    from .pair import load_pair
+
+    outp = Path(out)
+    if outp.exists() and any(outp.glob("*.parquet")) and not resume:
+        raise FileExistsError(
+            f"{outp} already holds traces: pass --resume to continue that recording, or choose another folder"
+        )
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
+    sel = list(prompts) if prompts is not None else select_profile_prompts(tasks, splits, n_train)
+    t_start = time.time()
+    written = skipped = 0
+    stopped_early = False
+    with TraceWriter(outp) as writer:
+        done_keys = writer.completed_keys()
+        for comp in compressions:
+            pair = load_pair(target, draft, compression=comp, device=device)
+            todo = [
+                (mode, p) for mode in modes for p in sel
+                if make_trace_id(pair.name, pair.compression, p.id, mode, episode_seed(p.id, mode)) not in done_keys
+            ]
+            skipped += len(sel) * len(modes) - len(todo)
+            cm_path = outp / f"cost-{pair.compression}.json"
+            if not cm_path.exists():
+                cm = cached_calibration(pair, gamma_max=gamma_max, progress=progress)
+                writer.save_cost_model(cm)
+            engines = {
+                m: SpeculativeEngine(pair.target, pair.draft, temperature=MODES[m], eos_token_id=pair.eos_token_id, max_gamma=gamma_max)
+                for m in modes
+            }
+            bar = tqdm(todo, desc=f"profile {comp}", unit="ep", disable=not progress)
+            for mode, p in bar:
+                if time_budget_s is not None and time.time() - t_start > time_budget_s:
+                    stopped_early = True
+                    break
+                seed = episode_seed(p.id, mode)
+                tr = record_episode(engines[mode], pair, p, max_new_tokens=max_new_tokens, gamma_max=gamma_max, mode=mode, seed=seed)
+                writer.write(tr)
+                written += 1
+                bar.set_postfix_str(f"{p.id} {mode} {tr.n} tok")
+            del pair, engines
+            if stopped_early:
+                break
+    return {"written": written, "skipped": skipped, "seconds": time.time() - t_start, "stopped_early": stopped_early, "out": str(outp)}
