@@ -1,0 +1,177 @@
+"""Plots of a comparison (matplotlib, Agg backend): throughput with intervals, gamma choices,
+learning curves, regret curves. Called by :func:`agents.compare.run_comparison`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _order(policies: Mapping[str, Any]) -> list[str]:
+    return sorted(policies, key=lambda p: policies[p]["subsets"]["all"]["tokens_per_s"]["value"])
+
+
+def plot_throughput(results: Mapping[str, Any], path: Path) -> Path | None:
+    plt = _plt()
+    splits = [(s, v) for s, v in results["splits"].items() if "policies" in v]
+    if not splits:
+        return None
+    n_pol = max(len(v["policies"]) for _, v in splits)
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 0.32 * n_pol + 1.6), squeeze=False)
+    for ax, (split, v) in zip(axes[0], splits):
+        pol = v["policies"]
+        names = _order(pol)
+        vals = np.array([pol[p]["subsets"]["all"]["tokens_per_s"]["value"] for p in names])
+        lo = np.array([pol[p]["subsets"]["all"]["tokens_per_s"]["lo"] for p in names])
+        hi = np.array([pol[p]["subsets"]["all"]["tokens_per_s"]["hi"] for p in names])
+        colors = ["#888888" if p.startswith("fixed-") else "#d62728" if p == "oracle" else "#2ca02c" if p == "best-fixed(train)"
+                  else "#1f77b4" for p in names]
+        y = np.arange(len(names))
+        ax.barh(y, vals, xerr=[vals - lo, hi - vals], color=colors, capsize=2)
+        ax.set_yticks(y, names, fontsize=8)
+        bf = pol["best-fixed(train)"]["subsets"]["all"]["tokens_per_s"]["value"]
+        ax.axvline(bf, color="#2ca02c", ls="--", lw=1)
+        ax.set_xlim(min(vals) * 0.9, max(hi) * 1.02)
+        ax.set_xlabel("modelled tokens/s (95% bootstrap CI)")
+        ax.set_title(f"{split}: {pol['oracle']['subsets']['all']['episodes']} test episodes", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gamma_choices(results: Mapping[str, Any], gammas: Any, path: Path) -> Path | None:
+    plt = _plt()
+    split = next((s for s, v in results["splits"].items() if "policies" in v), None)
+    if split is None:
+        return None
+    pol = results["splits"][split]["policies"]
+    names = [p for p in _order(pol) if not p.startswith("fixed-")]
+    M = np.array([pol[p]["subsets"]["all"]["gamma_hist"] for p in names])
+    fig, ax = plt.subplots(figsize=(0.5 * len(gammas) + 3, 0.32 * len(names) + 1.5))
+    im = ax.imshow(M, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(gammas)), [str(g) for g in gammas])
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("gamma chosen")
+    ax.set_title(f"share of steps per gamma ({split} split)", fontsize=10)
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            if M[i, j] >= 0.05:
+                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if M[i, j] < 0.6 else "k")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _binned(logs: list[list[dict[str, Any]]], xkey: str, ykey: str, bins: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    pts = [(r[xkey], r[ykey]) for log in logs for r in log if r.get(ykey) is not None and r.get(xkey) is not None]
+    if len(pts) < 2:
+        return None
+    x = np.array([p[0] for p in pts], dtype=float)
+    y = np.array([p[1] for p in pts], dtype=float)
+    edges = np.linspace(x.min(), x.max() + 1e-9, bins + 1)
+    b = np.clip(np.digitize(x, edges) - 1, 0, bins - 1)
+    xs, ms, ss = [], [], []
+    for k in range(bins):
+        sel = b == k
+        if sel.any():
+            xs.append(x[sel].mean())
+            ms.append(y[sel].mean())
+            ss.append(y[sel].std() / max(np.sqrt(sel.sum()), 1))
+    return np.array(xs), np.array(ms), np.array(ss)
+
+
+def plot_learning_curves(results: Mapping[str, Any], path: Path) -> Path | None:
+    plt = _plt()
+    curves = results.get("learning_curves", {})
+    online = {p: c for p, c in curves.items() if p != "speckv_mlp"}
+    mlp = curves.get("speckv_mlp")
+    if not online and not mlp:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax = axes[0]
+    for p, runs in online.items():
+        r = _binned([run["log"] for run in runs], "global_step", "tokens_per_second")
+        if r is None:
+            continue
+        x, m, s = r
+        ax.plot(x, m, label=f"{p} ({len(runs)} seeds)")
+        ax.fill_between(x, m - s, m + s, alpha=0.2)
+    split = next((v for v in results["splits"].values() if "policies" in v), None)
+    if split is not None:
+        for ref, st in (("best-fixed(train)", "--"), ("oracle", ":")):
+            ax.axhline(split["policies"][ref]["subsets"]["all"]["tokens_per_s"]["value"], color="k", ls=st, lw=1,
+                       label=f"{ref} (test set)")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("episode modelled tokens/s (training episodes)")
+    ax.set_title("online learners and PPO while training", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    if mlp:
+        r = _binned([run["log"] for run in mlp], "epoch", "loss", bins=max(len(mlp[0]["log"]), 2))
+        if r is not None:
+            ax.plot(r[0], r[1], marker="o", label=f"speckv_mlp ({len(mlp)} seeds)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("weighted BCE over acceptance events")
+        ax.set_title("SpecKV MLP training loss", fontsize=10)
+        ax.legend(fontsize=7)
+    else:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_regret_curves(splits_out: Mapping[str, Any], data: Any, path: Path) -> Path | None:
+    plt = _plt()
+    split = next((s for s, v in splits_out.items() if "_pooled" in v), None)
+    if split is None:
+        return None
+    pooled = splits_out[split]["_pooled"]
+    ref = pooled["oracle"]
+    O = ref.time.mean(0)
+    tok = data.N[ref.idx]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, r in pooled.items():
+        if name.startswith("fixed-") or name == "oracle":
+            continue
+        from .compare import _align
+
+        T = _align(r, ref.idx).time.mean(0)
+        ls = "--" if name == "best-fixed(train)" else "-"
+        axes[0].plot(np.cumsum(tok), np.cumsum(T - O), ls=ls, label=name)
+        axes[1].plot(np.cumsum(tok), np.cumsum(T - O) / np.cumsum(O), ls=ls, label=name)
+    axes[0].set_xlabel("tokens generated (test episodes in order)")
+    axes[0].set_ylabel("cumulative modelled seconds lost vs oracle")
+    axes[1].set_xlabel("tokens generated (test episodes in order)")
+    axes[1].set_ylabel("cumulative time regret / oracle time")
+    axes[0].set_title(f"regret vs the clairvoyant oracle ({split} split)", fontsize=10)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(results: Mapping[str, Any], splits_out: Mapping[str, Any], data: Any, out: Path) -> dict[str, str]:
+    made = {
+        "throughput": plot_throughput(results, out / "throughput.png"),
+        "gamma_choices": plot_gamma_choices(results, data.gammas, out / "gamma_choices.png"),
+        "learning_curves": plot_learning_curves(results, out / "learning_curves.png"),
+        "regret_curves": plot_regret_curves(splits_out, data, out / "regret_curves.png"),
+    }
+    return {k: str(v.name) for k, v in made.items() if v is not None}

@@ -1,0 +1,164 @@
+"""report.md of a comparison: the headline table, per-task and per-compression tables, the
+splits and what was held out, seeds, how bandits were evaluated, and the verdict."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+SPLIT_TITLES = {
+    "heldout": "Held-out prompts (train on split train+val, test on split test)",
+    "loto": "Leave one task out (train on the other tasks, test on the held-out task; folds pooled)",
+    "loco": "Leave one compression out (train on the other compression levels, test on the held-out one; folds pooled)",
+}
+
+
+def _f(x: Any, nd: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{nd}g}"
+
+
+def _ci(m: Mapping[str, Any], nd: int = 4, pct: bool = False) -> str:
+    if pct:
+        return f"{100 * m['value']:.1f}% [{100 * m['lo']:.1f}, {100 * m['hi']:.1f}]" if m["value"] is not None and math.isfinite(m["value"]) else "n/a"
+    return f"{_f(m['value'], nd)} [{_f(m['lo'], nd)}, {_f(m['hi'], nd)}]"
+
+
+def _p(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _diff(v: Mapping[str, Any]) -> str:
+    return f"{v['diff']:+.4g} [{v['lo']:+.4g}, {v['hi']:+.4g}]"
+
+
+def _order(pol: Mapping[str, Any], sub: str = "all") -> list[str]:
+    return sorted(pol, key=lambda p: -pol[p]["subsets"][sub]["tokens_per_s"]["value"])
+
+
+def headline_table(pol: Mapping[str, Any], sub: str = "all") -> list[str]:
+    rows = [
+        "| policy | tokens/s [95% CI] | speedup | tokens/step | mean gamma | regret vs oracle (time) | gap captured | Δ tokens/s vs best fixed [95% CI] | p vs best fixed | seeds (sd) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in _order(pol, sub):
+        m = pol[p]["subsets"][sub]
+        v = m["vs_best_fixed"]
+        ref = p == "best-fixed(train)"
+        seeds = f"{m.get('seeds', 1)}" + (f" ({_f(m['seed_sd'], 3)})" if "seed_sd" in m else "")
+        name = f"**{p}**" if p in ("best-fixed(train)", "oracle") else p
+        rows.append(
+            f"| {name} | {_ci(m['tokens_per_s'])} | {_f(m['speedup']['value'], 3)}x | {_f(m['tokens_per_step'], 3)} | "
+            f"{_f(m['mean_gamma'], 3)} | {100 * m['regret_time']['value']:.1f}% | "
+            f"{'—' if ref or p == 'oracle' else _ci(m['gap_captured'], pct=True)} | "
+            f"{'(reference)' if ref else _diff(v)} | "
+            f"{'—' if ref else _p(v['p'])} | {seeds} |"
+        )
+    return rows
+
+
+def subset_table(pol: Mapping[str, Any], prefix: str) -> list[str]:
+    subs = [s for s in next(iter(pol.values()))["subsets"] if s.startswith(prefix)]
+    if not subs:
+        return []
+    names = [p for p in _order(pol) if not p.startswith("fixed-")]
+    head = "| policy | " + " | ".join(s.split("=", 1)[1] for s in subs) + " |"
+    rows = [head, "|---|" + "---|" * len(subs)]
+    for p in names:
+        cells = []
+        for s in subs:
+            m = pol[p]["subsets"][s]
+            v = m["vs_best_fixed"]
+            mark = ""
+            if p not in ("best-fixed(train)", "oracle") and math.isfinite(v["p"]):
+                mark = f" ({100 * v['rel']:+.1f}%{'*' if (v['lo'] > 0 or v['hi'] < 0) else ''})"
+            cells.append(f"{_f(m['tokens_per_s']['value'])}{mark}")
+        rows.append(f"| {p} | " + " | ".join(cells) + " |")
+    n = [next(iter(pol.values()))["subsets"][s]["episodes"] for s in subs]
+    rows.append("| *episodes* | " + " | ".join(str(x) for x in n) + " |")
+    return rows
+
+
+def write_report(results: Mapping[str, Any], path: Path) -> Path:
+    d = results["data"]
+    cfg = results["config"]
+    L: list[str] = ["# SpecKV gym: gamma controller comparison", ""]
+    if d.get("synthetic"):
+        L += ["> **SYNTHETIC DATA**: these traces are random (replay.trace.synthetic_trace), not from any model. "
+              "The numbers exercise the pipeline; they say nothing about real speculative decoding.", ""]
+    L += [
+        f"Data: {d['episodes']} episodes ({int(d['tokens'])} tokens); tasks {', '.join(d['tasks'])}; "
+        f"compressions {', '.join(d['compressions'])}; modes {', '.join(d['modes'])}; pair(s) {', '.join(d['pairs'])}; "
+        f"device(s) {', '.join(d['devices'])}. Source: `{results.get('logs') or 'in-memory traces'}`.",
+        "",
+        "Throughput is **modelled** tokens/s: exact replay of each policy over full-information traces, each "
+        "step timed by the calibrated cost model of its compression (draft forwards x t_draft + t_verify[gamma]). "
+        "Speedup is over target-only decoding (N x t_target). Intervals: 95% percentile bootstrap over episodes "
+        f"(prompts), {cfg['n_boot']} resamples shared by all policies (paired). p: two-sided paired bootstrap test "
+        "of the tokens/s difference against best-fixed(train).",
+        "",
+    ]
+    first = None
+    for split, s in results["splits"].items():
+        if "verdict" in s:
+            first = first or split
+    if first:
+        L += ["## Verdict", ""]
+        for split, s in results["splits"].items():
+            if "verdict" in s:
+                L.append(f"- **{split}**: {s['verdict']['sentence']}")
+        L.append("")
+    for split, s in results["splits"].items():
+        L += [f"## {SPLIT_TITLES.get(split, split)}", ""]
+        if "policies" not in s:
+            L += [f"Skipped: {s.get('skipped')}", ""]
+            continue
+        pol = s["policies"]
+        L += headline_table(pol)
+        L.append("")
+        L.append("Folds (what was held out):")
+        L.append("")
+        for f in s["folds"]:
+            bf = ", ".join(f"{k}: {v}" for k, v in f["best_fixed_gamma"].items() if k != "*")
+            L.append(f"- `{f['fold']}`: held out {f['held_out']}; train {f['n_train']} episodes "
+                     f"(tasks {', '.join(f['train_tasks'])}; compressions {', '.join(f['train_compressions'])}; "
+                     f"splits {', '.join(f['train_splits'])}), test {f['n_test']} episodes "
+                     f"(tasks {', '.join(f['test_tasks'])}; compressions {', '.join(f['test_compressions'])}). "
+                     f"Best fixed gamma on training episodes: {bf} (global {f['best_fixed_gamma']['*']}).")
+        L.append("")
+        for prefix, title in (("task=", "Per task"), ("compression=", "Per compression")):
+            rows = subset_table(pol, prefix)
+            if rows:
+                L += [f"**{title}** (tokens/s; in brackets the difference vs best-fixed(train), * = 95% CI excludes zero):", ""]
+                L += rows
+                L.append("")
+    L += [
+        "## Method",
+        "",
+        "- **Splits.** " + "; ".join(f"`{k}`: {v}" for k, v in SPLIT_TITLES.items() if k in cfg["splits"]) + ". "
+        "In leave-one-out splits every episode of the held-out task/compression is a test episode and nothing of it "
+        "is seen in training (the trace ids of each fold are in results.json).",
+        f"- **Best fixed gamma.** {results['best_fixed_rule']}. It is the reference of the paired tests and of "
+        "\"gap captured\" = (T_bestfixed - T_policy) / (T_bestfixed - T_oracle), in total modelled time.",
+        f"- **Seeds.** {cfg['seeds']} seeds for every stochastic policy (bandit random streams, MLP initialisation and "
+        "rollouts, PPO). The per-episode time is the mean over seeds (the prompt is the bootstrap unit); the last "
+        "column gives the seeds and the sd of tokens/s across seeds.",
+        f"- **Bandits.** Trained online for {cfg['bandit_steps']} steps on the training episodes (per fold and seed), "
+        f"then evaluated {results['bandit_evaluation']}.",
+        f"- **SpecKV MLP.** {cfg['mlp_rollout_steps']} random-gamma rollout steps per fold and seed, "
+        f"{cfg['mlp_epochs']} epochs of weighted BCE over acceptance events; `mlp-time` picks gamma by expected "
+        "tokens/s under the true cost model, `mlp-tokens` is the same network with the paper's tokens/step rule.",
+        f"- **PPO.** stable-baselines3, {cfg['ppo_steps']} steps on {cfg['ppo_n_envs']} vectorised replay envs, "
+        f"{cfg['ppo_kwargs']}; trained on splits {', '.join(cfg['ppo_splits'])} only; deterministic (argmax) at test.",
+        "- **Analytic baselines.** `hf-heuristic`: Hugging Face's +2/-1 schedule (per episode); `cost-aware`: "
+        "acceptance EMA in Leviathan et al.'s expected tokens/s with the true cost model; `oracle`: the clairvoyant "
+        "shortest path over positions, the ceiling for any controller (not reachable).",
+        f"- Runtime: {results.get('runtime_s', 0):.1f} s. Plots: " + ", ".join(f"`{v}`" for v in results.get("plots", {}).values()) + ".",
+        "",
+    ]
+    path.write_text("\n".join(L))
+    return path
