@@ -1,0 +1,187 @@
+"""agents.compare / agents.stats: the comparison pipeline on SYNTHETIC traces."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agents import make_agent
+from agents import stats
+from agents.compare import _Data, eval_online, eval_vector, make_folds, oracle_result, run_comparison
+from replay.oracle import fixed_gamma_time
+from replay.trace import synthetic_dataset
+from speckv_env.core import DEFAULT_GAMMAS, CostModel
+
+TASKS = ("code", "chat", "math")
+COMPRESSIONS = ("fp16", "nf4")
+
+
+def _cost_models() -> dict[str, CostModel]:
+    out = {}
+    for c, r in (("fp16", 0.08), ("nf4", 0.3)):
+        cm = CostModel.unit(8, draft_ratio=r, verify_slope=0.04)
+        cm.compression = c
+        out[c] = cm
+    return out
+
+
+def _traces(n: int = 60, seed: int = 0):
+    # synthetic_dataset cycles task = tasks[i % 3], compression = compressions[(i // 3) % 2],
+    # mode = modes[i % 2], split = train/val/test by i % 5: every combination occurs
+    return synthetic_dataset(n, n_range=(30, 70), seed=seed, compressions=COMPRESSIONS, tasks=TASKS, modes=("greedy", "sample"))
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    trs = _traces()
+    res = run_comparison(
+        traces=trs, cost_models=_cost_models(), out_dir=out, quick=True, progress=False,
+        policies=("fixed", "hf_heuristic", "cost_aware", "speckv_mlp", "ucb1", "linucb", "ppo", "oracle"),
+        bandit_steps=600, mlp_rollout_steps=800, ppo_steps=512,
+    )
+    return out, trs, res
+
+
+def test_outputs_written(comparison):
+    out, _, res = comparison
+    for f in ("report.md", "results.json", "throughput.png", "gamma_choices.png", "learning_curves.png", "regret_curves.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["splits"]) == {"heldout", "loto", "loco"}
+    report = (out / "report.md").read_text()
+    assert "SYNTHETIC" in report and "## Verdict" in report and "best-fixed(train)" in report
+    assert any(p.name.startswith("events") for p in (out / "tb").rglob("*"))
+    for split in ("heldout", "loto", "loco"):
+        v = doc["splits"][split]["verdict"]
+        assert v["outcome"] in ("beats", "worse", "inconclusive") and v["sentence"]
+
+
+def test_oracle_never_beaten(comparison):
+    _, _, res = comparison
+    for split, s in res["splits"].items():
+        pol = s["policies"]
+        for sub in pol["oracle"]["subsets"]:
+            o = pol["oracle"]["subsets"][sub]["tokens_per_s"]["value"]
+            for name, m in pol.items():
+                assert m["subsets"][sub]["tokens_per_s"]["value"] <= o * (1 + 1e-12), (split, sub, name)
+                assert m["subsets"][sub]["regret_time"]["value"] >= -1e-12
+
+
+def test_oracle_never_beaten_per_episode():
+    trs = _traces(30, seed=3)
+    data = _Data(trs, _cost_models(), DEFAULT_GAMMAS)
+    idx = np.arange(len(trs))
+    o = oracle_result(data, idx, {}).time[0]
+    for agent in [make_agent("fixed", g=g) for g in DEFAULT_GAMMAS] + [make_agent("hf_heuristic"), make_agent("cost_aware")]:
+        t = eval_vector(agent, data, idx, "all").time[0]
+        assert (o <= t + 1e-9).all(), agent.name
+
+
+def test_fixed_gamma_matches_replay_oracle_module(comparison):
+    _, trs, res = comparison
+    cms = _cost_models()
+    data = _Data(trs, cms, DEFAULT_GAMMAS)
+    idx = np.arange(len(trs))
+    for g in DEFAULT_GAMMAS:
+        r = eval_vector(make_agent("fixed", g=g), data, idx, "all")
+        ref = np.array([fixed_gamma_time(t, cms[t.compression], g) for t in trs])
+        np.testing.assert_allclose(r.time[0], ref, rtol=1e-12)
+    # the reported tokens/s of each fixed gamma on the held-out test set
+    test = [t for t in trs if t.split == "test"]
+    pol = res["splits"]["heldout"]["policies"]
+    for g in DEFAULT_GAMMAS:
+        want = sum(t.n for t in test) / sum(fixed_gamma_time(t, cms[t.compression], g) for t in test)
+        assert pol[f"fixed-{g}"]["subsets"]["all"]["tokens_per_s"]["value"] == pytest.approx(want, rel=1e-12)
+    # best-fixed(train) is one of the fixed gammas per compression, chosen on training episodes only
+    fold = res["splits"]["heldout"]["folds"][0]
+    train = [t for t in trs if t.split in ("train", "val")]
+    for c, g in fold["best_fixed_gamma"].items():
+        sel = [t for t in train if c == "*" or t.compression == c]
+        times = {h: sum(fixed_gamma_time(t, cms[t.compression], h) for t in sel) for h in DEFAULT_GAMMAS}
+        assert g == min(DEFAULT_GAMMAS, key=lambda h: (times[h], h))
+
+
+def test_leave_one_out_never_trains_on_held_out(comparison):
+    _, trs, res = comparison
+    by_id = {t.trace_id: t for t in trs}
+    for split, attr in (("loto", "task"), ("loco", "compression")):
+        folds = res["splits"][split]["folds"]
+        assert len(folds) == len(set(getattr(t, attr) for t in trs))
+        tested = []
+        for f in folds:
+            held = f["held_out"].split("=", 1)[1]
+            assert all(getattr(by_id[i], attr) != held for i in f["train_trace_ids"]), (split, f["fold"])
+            assert all(getattr(by_id[i], attr) == held for i in f["test_trace_ids"])
+            assert not set(f["train_trace_ids"]) & set(f["test_trace_ids"])
+            tested += f["test_trace_ids"]
+        assert sorted(tested) == sorted(by_id)  # every episode evaluated exactly once per split
+    f = res["splits"]["heldout"]["folds"][0]
+    assert all(by_id[i].split == "test" for i in f["test_trace_ids"])
+    assert all(by_id[i].split != "test" for i in f["train_trace_ids"])
+
+
+def test_seeds_recorded(comparison):
+    _, _, res = comparison
+    pol = res["splits"]["heldout"]["policies"]
+    for name in ("mlp-time", "ucb1", "linucb", "ppo"):
+        assert pol[name]["subsets"]["all"]["seeds"] == 2
+        assert len(pol[name]["subsets"]["all"]["seed_tokens_per_s"]) == 2
+
+
+def test_online_eval_is_order_independent():
+    trs = _traces(20, seed=5)
+    data = _Data(trs, _cost_models(), DEFAULT_GAMMAS)
+    from replay.env import SpecKVReplayEnv
+
+    env = SpecKVReplayEnv(traces=trs, cost_models=data.cms)
+    agent = make_agent("thompson", seed=1)
+    a = eval_online(agent, env, np.arange(20), seed=7)
+    b = eval_online(agent, env, np.arange(20), seed=7)
+    np.testing.assert_array_equal(a.time, b.time)
+    assert agent.stats.sum() == 0  # the trained agent itself is not changed by evaluation
+
+
+def test_folds_skip_single_valued_attribute():
+    trs = synthetic_dataset(10, compressions=("fp16",), tasks=("code", "chat"))
+    data = _Data(trs, _cost_models(), DEFAULT_GAMMAS)
+    assert make_folds(data, "loco") == []
+    assert len(make_folds(data, "loto")) == 2
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+def test_bootstrap_ci_contains_point_and_shrinks():
+    rng = np.random.default_rng(0)
+    small = rng.exponential(2.0, 40)
+    big = rng.exponential(2.0, 4000)
+    a = stats.bootstrap_ci(small, n_boot=2000, seed=1)
+    b = stats.bootstrap_ci(big, n_boot=2000, seed=1)
+    for m in (a, b):
+        assert m["lo"] <= m["value"] <= m["hi"]
+    assert (b["hi"] - b["lo"]) < 0.3 * (a["hi"] - a["lo"])
+    num, den = rng.integers(50, 150, 300).astype(float), rng.uniform(20, 80, 300)
+    r = stats.ratio_ci(num, den, stats.resample_weights(300, 1000, 2))
+    assert r["value"] == pytest.approx(num.sum() / den.sum())
+    assert r["lo"] <= r["value"] <= r["hi"]
+
+
+def test_paired_test_detects_known_difference_and_not_zero():
+    rng = np.random.default_rng(1)
+    n = 200
+    N = rng.integers(60, 160, n).astype(float)
+    T = N / rng.uniform(1.2, 2.5, n)  # very heterogeneous episodes
+    W = stats.resample_weights(n, 2000, 3)
+    faster = T / 1.03  # 3% faster on every episode: tiny vs the spread between episodes
+    t = stats.paired_ratio_test(N, faster, N, T, W)
+    assert t["lo"] > 0 and t["p"] < 0.01 and t["rel"] == pytest.approx(0.03, rel=1e-9)
+    same = stats.paired_ratio_test(N, T.copy(), N, T, W)
+    assert same["diff"] == 0 and same["p"] == 1.0 and same["lo"] <= 0 <= same["hi"]
+    noisy = T * rng.choice([0.98, 1 / 0.98], n)  # no systematic difference
+    z = stats.paired_ratio_test(N, noisy, N, T, W)
+    assert z["lo"] <= 0 <= z["hi"] and z["p"] > 0.05
+    # unpaired intervals overlap heavily although the paired test is decisive
+    a, b = stats.ratio_ci(N, faster, W), stats.ratio_ci(N, T, W)
+    assert a["lo"] < b["hi"]
