@@ -205,7 +205,13 @@ def quantization_config(compression: str):
 
     c = check_compression(compression)
     if c == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        # LLM.int8 without the mixed-precision outlier decomposition (threshold 0). With the
+        # default threshold 6.0, bitsandbytes picks the outlier columns from *all* rows of a
+        # forward, so a token's logits depend on which other tokens share the forward: a
+        # (g+1)-token verification then disagrees in the last bits with one-token decoding and
+        # no speculative decoder (HF's included) can be lossless against the target's own
+        # greedy output. Row-wise int8 with int32 accumulation is batch-invariant.
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     if c == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=False

@@ -143,3 +143,21 @@ def test_sampling_distribution_equals_target(top_p):
     qm = q > 5
     chi2_q = float((((counts - q) ** 2)[qm] / q[qm]).sum())
     assert chi2_q > _chi2_critical(int(qm.sum()) - 1)
+
+
+@pytest.mark.parametrize("compression", ["bf16", "fp16", "int8", "nf4"])
+def test_greedy_lossless_against_the_same_compressed_target(tmp_path, tiny_pair, compression):
+    """A compressed target (bitsandbytes INT8/NF4 or a half dtype) verified by the engine emits
+    exactly that compressed target's own greedy output."""
+    from speckv_env.models import load_model
+
+    target, draft = tiny_pair
+    target.save_pretrained(tmp_path / "t")
+    ct = load_model(str(tmp_path / "t"), compression=compression, device="cpu")
+    rng = random.Random(11)
+    eng = SpeculativeEngine(ct, draft, eos_token_id=3)
+    for trial in range(2):
+        prompt = [rng.randrange(4, 64) for _ in range(rng.randint(2, 8))]
+        ref = hf_greedy(ct, prompt, 24)
+        for kind in (0, 1, 3, 8, "random"):
+            assert eng.generate(prompt, 24, schedule(kind, rng)).tokens == ref, (compression, kind)

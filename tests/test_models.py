@@ -1,0 +1,109 @@
+"""Model loading: every bad input is a clear error that says what was wrong and where."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from speckv_env.models import (
+    ModelLoadError,
+    TokenizerMismatchError,
+    UnknownCompressionError,
+    check_compression,
+    check_tokenizers_match,
+    load_model,
+    resolve_source,
+)
+from tiny_models import make_tiny_llama
+
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+
+
+WORDS = ["<pad>", "<unk>", "</s>", *[f"w{i}" for i in range(61)]]
+
+
+def _save_model(tmp_path, name, words, seed=0):
+    d = tmp_path / name
+    m = make_tiny_llama(vocab=len(words), seed=seed, eos=2)
+    m.save_pretrained(d)
+    _word_tokenizer(words).save_pretrained(d)
+    return d
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_source(str(tmp_path / "nope"), "target")
+    with pytest.raises(ModelLoadError, match=r"GGUF file .*missing\.gguf does not exist"):
+        resolve_source(str(tmp_path / "missing.gguf"), "draft")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_source(str(tmp_path / "empty"), "target")
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not a .gguf file"):
+        resolve_source(str(f), "target")
+
+
+def test_hub_id_without_network_says_weights_must_be_local():
+    code = (
+        "from speckv_env.models import load_tokenizer, ModelLoadError\n"
+        "try:\n    load_tokenizer('someorg/some-model', role='target')\n"
+        "except ModelLoadError as e:\n    print('ERR', e)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "ERR target" in out and "someorg/some-model" in out and "must be local" in out
+
+
+def test_unknown_compression():
+    with pytest.raises(UnknownCompressionError, match="unknown compression 'int3'.*fp32, bf16, fp16, int8, nf4"):
+        check_compression("int3")
+    assert check_compression("NF4") == "nf4" and check_compression("none") == "fp32"
+
+
+def test_tokenizer_mismatch_compares_vocabularies_not_names(tmp_path):
+    a = _word_tokenizer(WORDS)
+    b = _word_tokenizer(WORDS)
+    check_tokenizers_match(a, b)  # same vocabulary: fine, whatever the names
+    swapped = WORDS[:3] + [WORDS[4], WORDS[3]] + WORDS[5:]
+    with pytest.raises(TokenizerMismatchError, match="same token, different id"):
+        check_tokenizers_match(_word_tokenizer(swapped), a, "d", "t")
+    other = WORDS[:-1] + ["zzz"]
+    with pytest.raises(TokenizerMismatchError, match="only in d"):
+        check_tokenizers_match(_word_tokenizer(other), a, "d", "t")
+
+
+def test_load_pair_rejects_mismatched_tokenizers(tmp_path):
+    from speckv_env.pair import load_pair
+
+    t = _save_model(tmp_path, "target", WORDS)
+    d = _save_model(tmp_path, "draft", WORDS[:3] + [WORDS[4], WORDS[3]] + WORDS[5:], seed=1)
+    with pytest.raises(TokenizerMismatchError, match="do not share a vocabulary"):
+        load_pair(str(t), str(d), device="cpu")
+    d2 = _save_model(tmp_path, "draft2", WORDS, seed=1)
+    pair = load_pair(str(t), str(d2), device="cpu")
+    assert pair.compression == "fp32" and pair.draft.config.vocab_size == len(WORDS)
+    with pytest.raises(ModelLoadError, match="draft model is required"):
+        load_pair(str(t), None, device="cpu")
+
+
+@pytest.mark.parametrize("compression", ["bf16", "int8", "nf4"])
+def test_compressed_loading(tmp_path, compression):
+    t = _save_model(tmp_path, "target", WORDS)
+    m = load_model(str(t), compression=compression, device="cpu")
+    cfg = json.dumps(m.config.to_dict(), default=str)
+    if compression in ("int8", "nf4"):
+        assert "bitsandbytes" in cfg or "load_in" in cfg
+    assert m.speckv_compression == compression
