@@ -156,9 +156,10 @@ class SpecKVEnv(SpecKVBaseEnv):
     its JSON, or None to calibrate once and cache), ``pair`` (an already loaded ModelPair).
 
     Determinism: on CPU the tokens, observations and rewards are reproducible for a given
-    seed and action sequence; only the measured times in ``info`` vary, so the environment
-    is not registered as nondeterministic. (GPU kernels can be nondeterministic in the last
-    bits; greedy ties could then flip.)
+    seed and action sequence. The measured times in ``info`` are wall-clock readings and vary
+    between runs, which is why the id is registered with ``nondeterministic=True`` (Gymnasium's
+    checker compares ``info`` too). GPU kernels can also differ in the last bits; greedy ties
+    could then flip.
     """
 
     def __init__(
