@@ -98,10 +98,15 @@ class CompareConfig:
     """policy groups to include (see POLICY_GROUPS)"""
     bandit_steps: int = 10_000
     """online training steps of each bandit on the training episodes (per fold and seed)"""
+    bandit_splits: tuple[str, ...] = ("heldout",)
+    """splits on which the bandits run (their per-step online evaluation is the slowest part;
+    add "loto"/"loco" when time allows)"""
     mlp_rollout_steps: int = 10_000
     """random-gamma rollout steps that label the MLP's training data (per fold and seed)"""
-    mlp_epochs: int = 20
+    mlp_epochs: int = 15
     """MLP training epochs"""
+    mlp_batch_size: int = 1024
+    """MLP minibatch size"""
     ppo_steps: int = 50_000
     """PPO environment steps (per fold and seed)"""
     ppo_splits: tuple[str, ...] = ("heldout",)
@@ -198,6 +203,7 @@ class EvalResult:
     gsum: np.ndarray
     hist: np.ndarray  # (episodes, len(gammas)) chosen-gamma counts, summed over seeds
     clipped: np.ndarray | None = None  # step logs: steps whose requested gamma was undetermined
+    tokens: np.ndarray | None = None  # step logs: emitted tokens (they depend on the policy there)
 
 
 def _stack(results: Sequence[EvalResult]) -> EvalResult:
@@ -207,6 +213,7 @@ def _stack(results: Sequence[EvalResult]) -> EvalResult:
         r0.idx, np.concatenate([r.time for r in results]), np.concatenate([r.steps for r in results]),
         np.concatenate([r.gsum for r in results]), sum(r.hist for r in results),
         None if r0.clipped is None else np.concatenate([r.clipped for r in results]),
+        None if r0.tokens is None else np.concatenate([r.tokens for r in results]),
     )
 
 
@@ -216,6 +223,8 @@ def _concat_folds(results: Sequence[EvalResult]) -> EvalResult:
         np.concatenate([r.idx for r in results]), np.concatenate([r.time for r in results], axis=1),
         np.concatenate([r.steps for r in results], axis=1), np.concatenate([r.gsum for r in results], axis=1),
         np.concatenate([r.hist for r in results], axis=0),
+        None if results[0].clipped is None else np.concatenate([r.clipped for r in results], axis=1),
+        None if results[0].tokens is None else np.concatenate([r.tokens for r in results], axis=1),
     )
 
 
@@ -269,7 +278,7 @@ def eval_online(agent: Any, env: Any, idx: np.ndarray, seed: int, learn: bool = 
 
     G = len(agent.gammas)
     n = len(idx)
-    T, S, Gs, C = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    T, S, Gs, C, K = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     hist = np.zeros((n, G))
     gam = agent.gammas
     it: Any = range(n)
@@ -277,14 +286,20 @@ def eval_online(agent: Any, env: Any, idx: np.ndarray, seed: int, learn: bool = 
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=desc or f"eval {agent.name}", leave=False)
+    online = learn and agent.learns
+    if not online:
+        agent.bind(env)
+    keep = {id(x): x for x in (env, getattr(env, "unwrapped", None), getattr(agent, "_env", None)) if x is not None}
     for j in it:
-        ag = copy.deepcopy(agent)
-        if hasattr(ag, "rng"):
-            ag.rng = np.random.default_rng([int(seed), int(j)])
-        ag.bind(env)
+        ag = agent
+        if online:  # a fresh copy of the trained state per episode (the env is shared, not copied)
+            ag = copy.deepcopy(agent, dict(keep))
+            if hasattr(ag, "rng"):
+                ag.rng = np.random.default_rng([int(seed), int(j)])
+            ag.bind(env)
         obs, info = env.reset(seed=seed, options={"episode": j})
         begin_episode(ag, env, info)
-        t = s = g = c = 0.0
+        t = s = g = c = k = 0.0
         while True:
             a = ag.act(obs)
             nobs, r, term, trunc, sinfo = env.step(a)
@@ -294,12 +309,13 @@ def eval_online(agent: Any, env: Any, idx: np.ndarray, seed: int, learn: bool = 
             s += 1
             g += gam[a]
             c += bool(sinfo.get("undetermined", False))
+            k += sinfo["emitted"]
             hist[j, a] += 1
             obs = nobs
             if term or trunc:
                 break
-        T[j], S[j], Gs[j], C[j] = t, s, g, c
-    return EvalResult(np.asarray(idx), T[None], S[None], Gs[None], hist, C[None])
+        T[j], S[j], Gs[j], C[j], K[j] = t, s, g, c, k
+    return EvalResult(np.asarray(idx), T[None], S[None], Gs[None], hist, C[None], K[None])
 
 
 def oracle_result(data: _Data, idx: np.ndarray, cache: dict[int, tuple[float, int, float, np.ndarray]]) -> EvalResult:
@@ -325,7 +341,8 @@ def oracle_result(data: _Data, idx: np.ndarray, cache: dict[int, tuple[float, in
 def _select(res: EvalResult, idx: np.ndarray) -> EvalResult:
     pos = {int(i): j for j, i in enumerate(res.idx)}
     j = np.array([pos[int(i)] for i in idx], dtype=np.int64)
-    return EvalResult(np.asarray(idx), res.time[:, j], res.steps[:, j], res.gsum[:, j], res.hist[j])
+    return EvalResult(np.asarray(idx), res.time[:, j], res.steps[:, j], res.gsum[:, j], res.hist[j],
+                      None if res.clipped is None else res.clipped[:, j], None if res.tokens is None else res.tokens[:, j])
 
 
 # ---- splits ------------------------------------------------------------------------------------
@@ -371,7 +388,7 @@ def _train(name: str, data: _Data, idx: np.ndarray, cfg: CompareConfig, seed: in
     common = dict(traces=trs, seed=seed, tb_log_dir=tb, progress=False, env_kwargs=_env_kwargs(data), run_name=run)
     if name == "speckv_mlp":
         return train_agent("speckv_mlp", steps=cfg.mlp_rollout_steps, agent_kwargs={"rule": "time"},
-                           fit_kwargs={"epochs": cfg.mlp_epochs}, **common)
+                           fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size}, **common)
     if name == "ppo":
         return train_agent("ppo", steps=cfg.ppo_steps, n_envs=cfg.ppo_n_envs, agent_kwargs=dict(cfg.ppo_kwargs), **common)
     return train_agent(name, steps=cfg.bandit_steps, **common)
@@ -550,7 +567,8 @@ def run_comparison(
             })
             # ---- learned policies ----
             env = None
-            jobs = [(p, s) for p in learners if not (p == "ppo" and split not in cfg.ppo_splits) for s in seeds]
+            jobs = [(p, s) for p in learners for s in seeds
+                    if not (p == "ppo" and split not in cfg.ppo_splits) and not (p in BANDITS and split not in cfg.bandit_splits)]
             bar = tqdm(jobs, desc=f"{fold.name}", leave=False, disable=not cfg.progress)
             got: dict[str, list[EvalResult]] = {}
             for p, s in bar:
@@ -707,3 +725,228 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     return x
+
+
+# ---- the SpecKV paper's censored step logs ------------------------------------------------------
+
+PAPER_POLICIES = ("fixed", "hf_heuristic", "cost_aware", "speckv_mlp", *BANDITS)
+
+
+def _paper_env(filters: Mapping[str, Any], gammas: Sequence[int]):
+    from replay.env import SpecKVReplayEnv
+
+    return SpecKVReplayEnv(source="speckv-paper", on_undetermined="clip", gammas=gammas, **filters)
+
+
+def _paper_folds(runs: Any, split: str) -> list[dict[str, Any]]:
+    if split == "heldout":
+        return [{"name": "heldout", "held_out": "split=test (prompt 4 of each task)",
+                 "train": {"split": ["train", "val"]}, "test": {"split": "test"}}]
+    col = {"loto": "task", "loco": "compression"}[split]
+    vals = sorted(set(runs[col]))
+    if len(vals) < 2:
+        return []
+    return [{"name": f"{split}:{v}", "held_out": f"{col}={v}", "train": {col: [x for x in vals if x != v]}, "test": {col: v}}
+            for v in vals]
+
+
+def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, Any]:
+    """Compare policies on the SpecKV paper's step logs (``source="speckv-paper"``).
+
+    The logs are censored (only the recorded gamma's outcome is known), so the evaluation is
+    the paper's per-step methodology: every policy replays each recorded run step by step,
+    positions advance as recorded, and at each step the chosen gamma's outcome is taken from
+    the log where the log determines it; where it does not (the recorded step accepted all it
+    drafted and the policy asked for more) the step is answered at the largest determined
+    gamma (``on_undetermined="clip"``) and counted in the "clipped" column. There is no
+    clairvoyant oracle (the log does not determine it) and no PPO (it trains on the
+    vectorised full-information replay). Tokens/s is modelled with cost models fitted to the
+    paper's wall times (replay.importers.fit_cost_model).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from replay.importers import import_speckv_paper, load_step_log
+
+    from .base import make_agent
+    from .training import train_agent
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tb = out / "tb" if cfg.tensorboard else None
+    steps_df, cms = load_step_log("speckv-paper")
+    _, runs = import_speckv_paper()
+    gammas = tuple(g for g in cfg.gammas if g <= 8)
+    env_all = _paper_env({}, gammas)
+    brs = env_all.backend.runs
+    run_index = {r["run_id"]: i for i, r in enumerate(brs)}
+    meta = {c: np.array([r[c] for r in brs]) for c in ("task", "compression", "split", "prompt_id", "run_id")}
+    t_target = np.array([cm.t_target for cm in env_all.backend.cost_models])
+    rec_gamma = np.array([r["gamma"][0] for r in brs])
+    pol = set(cfg.policies) & set(PAPER_POLICIES)
+    seeds = list(range(cfg.seeds))
+
+    def evaluate(agent: Any, env: Any, seed: int, learn: bool) -> EvalResult:
+        ids = np.array([run_index[r["run_id"]] for r in env.backend.runs])
+        return eval_online(agent, env, ids, seed, learn=learn)
+
+    splits_out: dict[str, Any] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for split in cfg.splits:
+        folds = _paper_folds(runs, split)
+        if not folds:
+            splits_out[split] = {"skipped": f"split {split!r} does not apply"}
+            continue
+        per_policy: dict[str, list[EvalResult]] = {}
+        fold_info = []
+        for f in folds:
+            env_tr = _paper_env(f["train"], gammas)
+            env_te = _paper_env(f["test"], gammas)
+            # fixed gammas on train (to choose the best) and on test
+            fixed_tr = {g: evaluate(make_agent("fixed", g=g, gammas=gammas), env_tr, 0, False) for g in gammas}
+            fixed_te = {g: evaluate(make_agent("fixed", g=g, gammas=gammas), env_te, 0, False) for g in gammas}
+            tr_ids = fixed_tr[gammas[0]].idx
+            te_ids = fixed_te[gammas[0]].idx
+            choice: dict[str, int] = {}
+
+            def best(sel: np.ndarray) -> int:
+                return int(max(gammas, key=lambda g: (fixed_tr[g].tokens[0][sel].sum() / fixed_tr[g].time[0][sel].sum(), -g)))
+
+            choice["*"] = best(np.ones(tr_ids.size, dtype=bool))
+            for c in sorted(set(meta["compression"][tr_ids])):
+                choice[c] = best(meta["compression"][tr_ids] == c)
+            rows = [fixed_te[choice.get(c, choice["*"])] for c in meta["compression"][te_ids]]
+            bf = EvalResult(te_ids, *(np.array([[getattr(r, k)[0, j] for j, r in enumerate(rows)]]) for k in ("time", "steps", "gsum")),
+                            np.array([r.hist[j] for j, r in enumerate(rows)]), np.array([[r.clipped[0, j] for j, r in enumerate(rows)]]),
+                            np.array([[r.tokens[0, j] for j, r in enumerate(rows)]]))
+            per_policy.setdefault(BEST_FIXED, []).append(bf)
+            if "fixed" in pol:
+                for g in gammas:
+                    per_policy.setdefault(f"fixed-{g}", []).append(fixed_te[g])
+            for name in ("hf_heuristic", "cost_aware"):
+                if name in pol:
+                    per_policy.setdefault(DISPLAY[name], []).append(evaluate(make_agent(name, gammas=gammas), env_te, 0, False))
+            fold_info.append({
+                "fold": f["name"], "held_out": f["held_out"], "n_train": int(tr_ids.size), "n_test": int(te_ids.size),
+                "train_tasks": sorted(set(meta["task"][tr_ids])), "test_tasks": sorted(set(meta["task"][te_ids])),
+                "train_compressions": sorted(set(meta["compression"][tr_ids])),
+                "test_compressions": sorted(set(meta["compression"][te_ids])),
+                "train_splits": sorted(set(meta["split"][tr_ids])), "test_splits": sorted(set(meta["split"][te_ids])),
+                "train_trace_ids": meta["run_id"][tr_ids].tolist(), "test_trace_ids": meta["run_id"][te_ids].tolist(),
+                "best_fixed_gamma": choice,
+            })
+            learners = [p for p in ("speckv_mlp", *BANDITS) if p in pol and (p == "speckv_mlp" or split in cfg.bandit_splits)]
+            got: dict[str, list[EvalResult]] = {}
+            for p, s in tqdm([(p, s) for p in learners for s in seeds], desc=f"paper {f['name']}", leave=False, disable=not cfg.progress):
+                run = f"SpecKVReplay-v0-paper__{f['name'].replace(':', '-')}__{p}__{s}"
+                kw: dict[str, Any] = dict(env_factory=lambda: _paper_env(f["train"], gammas), seed=s, tb_log_dir=tb,
+                                          progress=False, run_name=run)
+                if p == "speckv_mlp":
+                    agent = train_agent("speckv_mlp", steps=cfg.mlp_rollout_steps, agent_kwargs={"rule": "time", "gammas": gammas},
+                                        fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size}, **kw)
+                    got.setdefault("mlp-time", []).append(evaluate(agent, env_te, s, False))
+                    got.setdefault("mlp-tokens", []).append(evaluate(_mlp_tokens_twin(agent), env_te, s, False))
+                else:
+                    agent = train_agent(p, steps=cfg.bandit_steps, agent_kwargs={"gammas": gammas}, **kw)
+                    got.setdefault(DISPLAY[p], []).append(evaluate(agent, env_te, s, True))
+                if split == "heldout":
+                    curves.setdefault(p if p == "speckv_mlp" else DISPLAY[p], []).append(
+                        {"seed": s, "fold": f["name"], "log": _thin(getattr(agent, "train_log", []))})
+            for name, rs in got.items():
+                per_policy.setdefault(name, []).append(_stack(rs))
+        pooled = {n: _concat_folds(rs) for n, rs in per_policy.items() if len(rs) == len(folds)}
+        splits_out[split] = {"folds": fold_info, "policies": _paper_metrics(pooled, meta, t_target, cfg), "_pooled": pooled}
+
+    # the paper's own numbers: recorded tokens/step and measured tokens/s per (compression, gamma)
+    paper_table = []
+    for (c, g), grp in runs.groupby(["compression", "gamma"]):
+        sel = (meta["compression"] == c) & (rec_gamma == g)
+        st = steps_df[steps_df["run_id"].isin(set(meta["run_id"][sel]))]
+        cm = cms[c]
+        mt = float(sum(cm.step_time(int(d), int(k)) for d, k in zip(st["drafted"], st["accepted"])))
+        paper_table.append({
+            "compression": c, "gamma": int(g), "runs": int(len(grp)),
+            "paper_tokens_per_step": float(grp["tokens"].sum() / grp["n_steps"].sum()),
+            "paper_measured_tokens_per_s": float(grp["tokens"].sum() / grp["elapsed_sec"].sum()),
+            "modelled_tokens_per_s": float(st["tokens_produced"].sum() / mt),
+        })
+    for s in splits_out.values():
+        if "policies" in s:
+            s["verdict"] = _verdict(s["policies"])
+    results = {
+        "format": "speckv-compare/1",
+        "source": "speckv-paper",
+        "logs": "speckv-paper (replay/data/speckv_paper)",
+        "config": asdict(cfg),
+        "data": {
+            "episodes": len(brs), "tokens": float(runs["tokens"].sum()), "tasks": sorted(set(meta["task"])),
+            "compressions": sorted(set(meta["compression"])), "modes": ["greedy"],
+            "splits": {s: int((meta["split"] == s).sum()) for s in sorted(set(meta["split"]))},
+            "pairs": sorted(set(steps_df["pair"])), "devices": sorted(set(steps_df["device"])), "synthetic": False,
+            "cost_models": {k: v.to_dict() for k, v in cms.items()},
+            "recorded_gammas": sorted(int(g) for g in set(rec_gamma)),
+            "censored_step_fraction": float(steps_df["censored"].mean()),
+        },
+        "evaluation": "per recorded step (the paper's methodology); undetermined outcomes answered at the largest "
+                      "determined gamma (clip) and counted",
+        "bandit_evaluation": "continue-per-episode: each test run starts from the state learned on the training runs "
+                             "and keeps learning within the run; nothing carries across test runs",
+        "best_fixed_rule": "per compression, highest modelled tokens/s on the fold's training runs (per recorded step); "
+                           "global training-best for a compression absent from training",
+        "paper_table": paper_table,
+        "splits": splits_out,
+        "learning_curves": curves,
+    }
+    from .plots import write_paper_plots
+
+    results["plots"] = write_paper_plots(results, out, gammas)
+    results["runtime_s"] = time.time() - t0
+    for s in splits_out.values():
+        s.pop("_pooled", None)
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    from .report import write_paper_report
+
+    write_paper_report(results, out / "report.md")
+    return results
+
+
+def _paper_metrics(pooled: Mapping[str, EvalResult], meta: Mapping[str, np.ndarray], t_target: np.ndarray,
+                   cfg: CompareConfig) -> dict[str, Any]:
+    ref = pooled[BEST_FIXED]
+    idx = ref.idx
+    subsets: dict[str, np.ndarray] = {"all": np.ones(idx.size, dtype=bool)}
+    for t in sorted(set(meta["task"][idx])):
+        subsets[f"task={t}"] = meta["task"][idx] == t
+    for c in sorted(set(meta["compression"][idx])):
+        subsets[f"compression={c}"] = meta["compression"][idx] == c
+    rng = np.random.default_rng(cfg.boot_seed)
+    tt = t_target[idx]
+    F_T, F_N, F_S = ref.time.mean(0), ref.tokens.mean(0), ref.steps.mean(0)
+    out: dict[str, Any] = {n: {"subsets": {}} for n in pooled}
+    for sub, mask in subsets.items():
+        W = stats.resample_weights(int(mask.sum()), cfg.n_boot, rng)
+        for name, r in pooled.items():
+            r = _align(r, idx) if not np.array_equal(r.idx, idx) else r
+            T, N, S = r.time.mean(0)[mask], r.tokens.mean(0)[mask], r.steps.mean(0)[mask]
+            m: dict[str, Any] = {
+                "tokens_per_s": stats.ratio_ci(N, T, W, cfg.level),
+                "speedup": stats.ratio_ci(N * tt[mask], T, W, cfg.level),
+                "tokens_per_step_ci": stats.ratio_ci(N, S, W, cfg.level),
+                "tokens_per_step": float(N.sum() / S.sum()),
+                "mean_gamma": float(r.gsum.mean(0)[mask].sum() / S.sum()),
+                "clipped_fraction": float(r.clipped.mean(0)[mask].sum() / S.sum()),
+                "vs_best_fixed": stats.paired_ratio_test(N, T, F_N[mask], F_T[mask], W, cfg.level),
+                "tokens_per_step_vs_best_fixed": stats.paired_ratio_test(N, S, F_N[mask], F_S[mask], W, cfg.level),
+                "episodes": int(mask.sum()),
+                "seeds": int(r.time.shape[0]),
+            }
+            hh = r.hist[mask].sum(0)
+            m["gamma_hist"] = (hh / max(hh.sum(), 1)).tolist()
+            if r.time.shape[0] > 1:
+                per_seed = r.tokens[:, mask].sum(1) / r.time[:, mask].sum(1)
+                m["seed_tokens_per_s"] = per_seed.tolist()
+                m["seed_sd"] = float(np.std(per_seed, ddof=1))
+            out[name]["subsets"][sub] = m
+    return out

@@ -44,7 +44,7 @@ def plot_throughput(results: Mapping[str, Any], path: Path) -> Path | None:
         ax.axvline(bf, color="#2ca02c", ls="--", lw=1)
         ax.set_xlim(min(vals) * 0.9, max(hi) * 1.02)
         ax.set_xlabel("modelled tokens/s (95% bootstrap CI)")
-        ax.set_title(f"{split}: {pol['oracle']['subsets']['all']['episodes']} test episodes", fontsize=10)
+        ax.set_title(f"{split}: {pol['best-fixed(train)']['subsets']['all']['episodes']} test episodes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -113,6 +113,8 @@ def plot_learning_curves(results: Mapping[str, Any], path: Path) -> Path | None:
     split = next((v for v in results["splits"].values() if "policies" in v), None)
     if split is not None:
         for ref, st in (("best-fixed(train)", "--"), ("oracle", ":")):
+            if ref not in split["policies"]:
+                continue
             ax.axhline(split["policies"][ref]["subsets"]["all"]["tokens_per_s"]["value"], color="k", ls=st, lw=1,
                        label=f"{ref} (test set)")
     ax.set_xlabel("training steps")
@@ -173,5 +175,44 @@ def write_plots(results: Mapping[str, Any], splits_out: Mapping[str, Any], data:
         "gamma_choices": plot_gamma_choices(results, data.gammas, out / "gamma_choices.png"),
         "learning_curves": plot_learning_curves(results, out / "learning_curves.png"),
         "regret_curves": plot_regret_curves(splits_out, data, out / "regret_curves.png"),
+    }
+    return {k: str(v.name) for k, v in made.items() if v is not None}
+
+
+def plot_paper_tokens_vs_speed(results: Mapping[str, Any], path: Path) -> Path | None:
+    """The SpecKV paper's runs: tokens/step (the paper's objective) grows with gamma; tokens/s does not."""
+    plt = _plt()
+    tab = results.get("paper_table") or []
+    if not tab:
+        return None
+    comps = sorted(set(r["compression"] for r in tab))
+    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], comps):
+        rows = sorted((r for r in tab if r["compression"] == c), key=lambda r: r["gamma"])
+        g = [r["gamma"] for r in rows]
+        ax.plot(g, [r["paper_tokens_per_step"] for r in rows], "o-", color="#1f77b4", label="tokens/step (paper)")
+        ax.set_xlabel("gamma (recorded runs)")
+        ax.set_ylabel("tokens per step", color="#1f77b4")
+        ax2 = ax.twinx()
+        ax2.plot(g, [r["paper_measured_tokens_per_s"] for r in rows], "s--", color="#d62728", label="tokens/s measured (paper wall time)")
+        ax2.plot(g, [r["modelled_tokens_per_s"] for r in rows], "^:", color="#ff7f0e", label="tokens/s modelled (fitted cost)")
+        ax2.set_ylabel("tokens per second", color="#d62728")
+        ax.set_title(c, fontsize=10)
+        if c == comps[0]:
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_paper_plots(results: Mapping[str, Any], out: Path, gammas: Any) -> dict[str, str]:
+    made = {
+        "throughput": plot_throughput(results, out / "throughput.png"),
+        "gamma_choices": plot_gamma_choices(results, gammas, out / "gamma_choices.png"),
+        "learning_curves": plot_learning_curves(results, out / "learning_curves.png"),
+        "tokens_per_step_vs_tokens_per_s": plot_paper_tokens_vs_speed(results, out / "paper_tokens_vs_speed.png"),
     }
     return {k: str(v.name) for k, v in made.items() if v is not None}
