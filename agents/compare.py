@@ -950,3 +950,113 @@ def _paper_metrics(pooled: Mapping[str, EvalResult], meta: Mapping[str, np.ndarr
                 m["seed_sd"] = float(np.std(per_seed, ddof=1))
             out[name]["subsets"][sub] = m
     return out
+
+
+# ---- plain-argument entry points for the CLI ------------------------------------------------------
+
+def compare_main(
+    logs: str | Path | Sequence[str | Path] | None,
+    out_dir: str | Path,
+    source: str | None = None,
+    quick: bool = False,
+    seeds: int | None = None,
+    splits: Sequence[str] | None = None,
+    policies: Sequence[str] | None = None,
+    ppo_steps: int | None = None,
+    bandit_steps: int | None = None,
+    n_boot: int | None = None,
+    progress: bool = True,
+    tensorboard: bool = True,
+) -> dict[str, Any]:
+    """``speckv compare``: run :func:`run_comparison` and print the verdict; returns the results.
+
+    ``logs``: trace folder/file(s) (None: the shipped data set), or ``source="speckv-paper"``.
+    Other arguments override :class:`CompareConfig` fields (None = default)."""
+    kw: dict[str, Any] = {"progress": progress, "tensorboard": tensorboard}
+    for k, v in (("seeds", seeds), ("splits", splits), ("policies", policies), ("ppo_steps", ppo_steps),
+                 ("bandit_steps", bandit_steps), ("n_boot", n_boot)):
+        if v is not None:
+            kw[k] = tuple(v) if isinstance(v, (list, tuple)) else v
+    res = run_comparison(logs=logs, out_dir=out_dir, source=source, quick=quick, **kw)
+    print(f"wrote {Path(out_dir) / 'report.md'} ({res['runtime_s']:.0f} s)")
+    for split, s in res["splits"].items():
+        if "verdict" in s:
+            print(f"[{split}] {s['verdict']['sentence']}")
+    return res
+
+
+def train_main(
+    agent: str,
+    logs: str | Path | Sequence[str | Path] | None,
+    out: str | Path,
+    steps: int | None = None,
+    seed: int = 0,
+    source: str | None = None,
+    agent_kwargs: Mapping[str, Any] | None = None,
+    gammas: Sequence[int] = DEFAULT_GAMMAS,
+    tensorboard: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``speckv train``: train one agent on the training split (train + val) and save it.
+
+    ``agent``: a registry name (fixed, hf_heuristic, cost_aware, speckv_mlp, epsilon_greedy, ucb1,
+    thompson, exp3, linucb, ppo). ``out``: the agent file (``.json`` or ``.safetensors``), or a
+    folder (then ``<out>/<agent>-seed<seed>.<ext>``); TensorBoard runs go beside it in ``tb/``.
+    ``steps``: training steps (default: the full comparison's budget for that agent kind).
+    Evaluates the trained agent on the test split (modelled tokens/s vs the best fixed gamma
+    chosen on the training split) and returns ``{"path", "test": {...}, "best_fixed": {...}}``.
+    """
+    import torch
+
+    from .base import make_agent
+    from .training import evaluate_agent, summarize, train_agent
+
+    torch.set_num_threads(1)
+    cfg = CompareConfig()
+    steps = steps or {"speckv_mlp": cfg.mlp_rollout_steps, "ppo": cfg.ppo_steps}.get(agent, cfg.bandit_steps)
+    out = Path(out)
+    folder = out.parent if out.suffix in (".json", ".safetensors") else out
+    folder.mkdir(parents=True, exist_ok=True)
+    tb = folder / "tb" if tensorboard else None
+    kw = dict(agent_kwargs or {})
+    kw.setdefault("gammas", tuple(gammas))
+    run = f"SpecKVReplay-v0__train__{agent}__{seed}__{int(time.time())}"
+    if source == "speckv-paper":
+        if agent == "ppo":
+            raise ValueError("PPO trains on full-information traces (vectorised replay), not on the paper's step logs")
+        gam = tuple(g for g in gammas if g <= 8)
+        kw["gammas"] = gam
+        train_env = lambda: _paper_env({"split": ["train", "val"]}, gam)  # noqa: E731
+        test_env = _paper_env({"split": "test"}, gam)
+        trained = train_agent(agent, env_factory=train_env, steps=steps, seed=seed, tb_log_dir=tb, progress=progress,
+                              agent_kwargs=kw, run_name=run)
+        train_e = train_env()
+    else:
+        from replay.env import SpecKVReplayEnv
+
+        trs, cms = _load(logs, None, None)
+        train = [t for t in trs if t.split in ("train",) + VAL_SPLITS]
+        test = [t for t in trs if t.split == "test"]
+        if not train or not test:
+            raise ValueError("the data needs episodes in split train (or val) and in split test")
+        ek = {"cost_models": cms, "gammas": kw["gammas"]}
+        trained = train_agent(agent, traces=train, steps=steps, seed=seed, tb_log_dir=tb, progress=progress,
+                              agent_kwargs=kw, env_kwargs=ek, run_name=run,
+                              **({"n_envs": cfg.ppo_n_envs} if agent == "ppo" else {}))
+        test_env = SpecKVReplayEnv(traces=test, **ek)
+        train_e = SpecKVReplayEnv(traces=train, **ek)
+    ext = ".safetensors" if trained.get_tensors() else ".json"
+    path = out if out.suffix in (".json", ".safetensors") else folder / f"{agent}-seed{seed}{ext}"
+    trained.save(path)
+    # online learners keep learning during the test episodes, as in run_comparison (but here the
+    # learning carries over from one test episode to the next, as in a deployment)
+    test_sum = summarize(evaluate_agent(trained, test_env, seed=seed, learn=trained.learns))
+    best_g, best_tps = None, -1.0
+    for g in kw["gammas"]:
+        s = summarize(evaluate_agent(make_agent("fixed", g=g, gammas=kw["gammas"]), train_e))
+        if s["tokens_per_second"] > best_tps:
+            best_g, best_tps = g, s["tokens_per_second"]
+    bf = summarize(evaluate_agent(make_agent("fixed", g=best_g, gammas=kw["gammas"]), test_env))
+    print(f"saved {path}; test: {test_sum['tokens_per_second']:.4g} modelled tokens/s over {test_sum['episodes']} "
+          f"episodes (best fixed gamma on train = {best_g}: {bf['tokens_per_second']:.4g} tokens/s on test)")
+    return {"path": str(path), "test": test_sum, "best_fixed": {"gamma": best_g, **bf}, "train_log": getattr(trained, "train_log", [])}

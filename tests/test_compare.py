@@ -185,3 +185,43 @@ def test_paired_test_detects_known_difference_and_not_zero():
     # unpaired intervals overlap heavily although the paired test is decisive
     a, b = stats.ratio_ci(N, faster, W), stats.ratio_ci(N, T, W)
     assert a["lo"] < b["hi"]
+
+
+# ---- the SpecKV paper's step logs and the CLI entry points -------------------------------------
+
+def test_paper_comparison(tmp_path):
+    res = run_comparison(source="speckv-paper", out_dir=tmp_path, quick=True, progress=False, seeds=1,
+                         splits=("heldout",), policies=("fixed", "hf_heuristic", "speckv_mlp", "ucb1"),
+                         bandit_steps=300, mlp_rollout_steps=300)
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "paper_tokens_vs_speed.png").is_file()
+    report = (tmp_path / "report.md").read_text()
+    assert "Tokens per step is not tokens per second" in report
+    tab = res["paper_table"]
+    for c in {r["compression"] for r in tab}:
+        rows = sorted((r for r in tab if r["compression"] == c), key=lambda r: r["gamma"])
+        tps = [r["paper_tokens_per_step"] for r in rows]
+        assert tps == sorted(tps)  # tokens/step grows with gamma in the paper's runs
+    pol = res["splits"]["heldout"]["policies"]
+    # the paper's rule picks the largest gamma and maximises tokens/step among the learned policies
+    assert pol["mlp-tokens"]["subsets"]["all"]["mean_gamma"] == 8
+    assert pol["fixed-8"]["subsets"]["all"]["tokens_per_step"] >= pol["fixed-2"]["subsets"]["all"]["tokens_per_step"]
+    assert "oracle" not in pol and 0 <= pol["fixed-8"]["subsets"]["all"]["clipped_fraction"] <= 1
+    assert pol["fixed-2"]["subsets"]["all"]["clipped_fraction"] == 0  # every recorded gamma is >= 2
+
+
+def test_train_main_and_compare_main(tmp_path):
+    from agents import load_agent
+    from agents.compare import compare_main, train_main
+    from replay.trace import TraceWriter
+
+    with TraceWriter(tmp_path / "logs", batch_size=100) as w:
+        for t in _traces(40, seed=9):
+            w.write(t)
+        for cm in _cost_models().values():
+            w.save_cost_model(cm)
+    r = train_main("ucb1", tmp_path / "logs", tmp_path / "agents", steps=300, progress=False)
+    assert load_agent(r["path"]).kind == "ucb1" and r["test"]["episodes"] == 8
+    res = compare_main(tmp_path / "logs", tmp_path / "cmp", quick=True, progress=False, seeds=1, splits=["heldout"],
+                       policies=["fixed", "cost_aware", "oracle"])
+    assert (tmp_path / "cmp" / "report.md").is_file()
+    assert res["splits"]["heldout"]["verdict"]["best_learned"] is None
