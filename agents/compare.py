@@ -27,7 +27,9 @@ Policies
     model); ``mlp-time`` / ``mlp-tokens`` (the SpecKV MLP with the tokens/s rule and with the
     paper's tokens/step rule: the same trained network); the bandits ``epsilon-greedy``,
     ``ucb1``, ``thompson``, ``exp3``, ``linucb``; ``ppo`` (stable-baselines3, small budget);
-    ``oracle`` (the clairvoyant DP: the ceiling, not a controller).
+    ``oracle`` (the clairvoyant DP: the ceiling, not a controller). By default the bandits and
+    PPO run on the held-out split only (``bandit_splits``, ``ppo_splits``: their training and
+    per-step evaluation are the slow part); the leave-one-out splits run everything else.
 
 Seeds
     Stochastic policies (MLP init and rollouts, bandit randomness, PPO) run ``seeds`` times;
