@@ -143,7 +143,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from agents.compare import compare_main
 
     _threads(a.threads or 1)
-    compare_main(_logs_arg(a.logs) if a.logs != "speckv-paper" else a.logs, a.out, quick=a.quick, **_kv(a.set))
+    if a.logs == "speckv-paper":
+        compare_main(None, a.out, source="speckv-paper", quick=a.quick, **_kv(a.set))
+    else:
+        compare_main(_logs_arg(a.logs), a.out, quick=a.quick, **_kv(a.set))
     print(f"report: {Path(a.out) / 'report.md'}")
     return 0
 
