@@ -117,7 +117,8 @@ def plot_learning_curves(results: Mapping[str, Any], path: Path) -> Path | None:
                 continue
             ax.axhline(split["policies"][ref]["subsets"]["all"]["tokens_per_s"]["value"], color="k", ls=st, lw=1,
                        label=f"{ref} (test set)")
-    ax.set_xlabel("training steps")
+    ax.set_xscale("log")
+    ax.set_xlabel("training steps (log scale)")
     ax.set_ylabel("episode modelled tokens/s (training episodes)")
     ax.set_title("online learners and PPO while training", fontsize=10)
     ax.legend(fontsize=7)
