@@ -100,6 +100,9 @@ class CompareConfig:
     """policy groups to include (see POLICY_GROUPS)"""
     bandit_steps: int = 10_000
     """online training steps of each bandit on the training episodes (per fold and seed)"""
+    paper_recorded_gammas: tuple[int, ...] = (8,)
+    """paper mode: evaluate on the runs recorded at these gammas. At the largest (8) every gamma
+    <= 8 is determined at every recorded step, so nothing has to be clipped; () = all runs"""
     bandit_splits: tuple[str, ...] = ("heldout",)
     """splits on which the bandits run (their per-step online evaluation is the slowest part;
     add "loto"/"loco" when time allows)"""
@@ -734,10 +737,11 @@ def _jsonable(x: Any) -> Any:
 PAPER_POLICIES = ("fixed", "hf_heuristic", "cost_aware", "speckv_mlp", *BANDITS)
 
 
-def _paper_env(filters: Mapping[str, Any], gammas: Sequence[int]):
+def _paper_env(filters: Mapping[str, Any], gammas: Sequence[int], recorded: Sequence[int] = ()):
     from replay.env import SpecKVReplayEnv
 
-    return SpecKVReplayEnv(source="speckv-paper", on_undetermined="clip", gammas=gammas, **filters)
+    return SpecKVReplayEnv(source="speckv-paper", on_undetermined="clip", gammas=gammas,
+                           recorded_gamma=list(recorded) or None, **filters)
 
 
 def _paper_folds(runs: Any, split: str) -> list[dict[str, Any]]:
@@ -781,7 +785,7 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
     steps_df, cms = load_step_log("speckv-paper")
     _, runs = import_speckv_paper()
     gammas = tuple(g for g in cfg.gammas if g <= 8)
-    env_all = _paper_env({}, gammas)
+    env_all = _paper_env({}, gammas, cfg.paper_recorded_gammas)
     brs = env_all.backend.runs
     run_index = {r["run_id"]: i for i, r in enumerate(brs)}
     meta = {c: np.array([r[c] for r in brs]) for c in ("task", "compression", "split", "prompt_id", "run_id")}
@@ -804,8 +808,8 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
         per_policy: dict[str, list[EvalResult]] = {}
         fold_info = []
         for f in folds:
-            env_tr = _paper_env(f["train"], gammas)
-            env_te = _paper_env(f["test"], gammas)
+            env_tr = _paper_env(f["train"], gammas, cfg.paper_recorded_gammas)
+            env_te = _paper_env(f["test"], gammas, cfg.paper_recorded_gammas)
             # fixed gammas on train (to choose the best) and on test
             fixed_tr = {g: evaluate(make_agent("fixed", g=g, gammas=gammas), env_tr, 0, False) for g in gammas}
             fixed_te = {g: evaluate(make_agent("fixed", g=g, gammas=gammas), env_te, 0, False) for g in gammas}
@@ -843,7 +847,7 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
             got: dict[str, list[EvalResult]] = {}
             for p, s in tqdm([(p, s) for p in learners for s in seeds], desc=f"paper {f['name']}", leave=False, disable=not cfg.progress):
                 run = f"SpecKVReplay-v0-paper__{f['name'].replace(':', '-')}__{p}__{s}"
-                kw: dict[str, Any] = dict(env_factory=lambda: _paper_env(f["train"], gammas), seed=s, tb_log_dir=tb,
+                kw: dict[str, Any] = dict(env_factory=lambda: _paper_env(f["train"], gammas, cfg.paper_recorded_gammas), seed=s, tb_log_dir=tb,
                                           progress=False, run_name=run)
                 if p == "speckv_mlp":
                     agent = train_agent("speckv_mlp", steps=cfg.mlp_rollout_steps, agent_kwargs={"rule": "time", "gammas": gammas},
@@ -891,8 +895,9 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
             "recorded_gammas": sorted(int(g) for g in set(rec_gamma)),
             "censored_step_fraction": float(steps_df["censored"].mean()),
         },
-        "evaluation": "per recorded step (the paper's methodology); undetermined outcomes answered at the largest "
-                      "determined gamma (clip) and counted",
+        "evaluation": "per recorded step (the paper's methodology), on the runs recorded at gamma "
+                      f"{list(cfg.paper_recorded_gammas) or 'any'}; undetermined outcomes (none when only the largest "
+                      "recorded gamma is used) answered at the largest determined gamma (clip) and counted",
         "bandit_evaluation": "continue-per-episode: each test run starts from the state learned on the training runs "
                              "and keeps learning within the run; nothing carries across test runs",
         "best_fixed_rule": "per compression, highest modelled tokens/s on the fold's training runs (per recorded step); "
@@ -1028,8 +1033,8 @@ def train_main(
             raise ValueError("PPO trains on full-information traces (vectorised replay), not on the paper's step logs")
         gam = tuple(g for g in gammas if g <= 8)
         kw["gammas"] = gam
-        train_env = lambda: _paper_env({"split": ["train", "val"]}, gam)  # noqa: E731
-        test_env = _paper_env({"split": "test"}, gam)
+        train_env = lambda: _paper_env({"split": ["train", "val"]}, gam, (8,))  # noqa: E731
+        test_env = _paper_env({"split": "test"}, gam, (8,))
         trained = train_agent(agent, env_factory=train_env, steps=steps, seed=seed, tb_log_dir=tb, progress=progress,
                               agent_kwargs=kw, run_name=run)
         train_e = train_env()

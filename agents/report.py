@@ -200,8 +200,9 @@ def write_paper_report(results: Mapping[str, Any], path: Path) -> Path:
         "**Restricted to what the data determines.** These logs record only the chosen gamma's outcome, so every "
         "policy is evaluated per recorded step (the paper's methodology): each recorded run is replayed step by "
         "step, positions advance as recorded, and the chosen gamma's outcome comes from the log where it is "
-        "determined. Where it is not (a censored step and a larger gamma asked for), the step is answered at the "
-        "largest determined gamma and counted in *clipped steps*. There is no oracle (the log does not determine "
+        "determined. Evaluation: " + str(results.get("evaluation", "")) + ". Where an outcome is not determined (a censored "
+        "step and a larger gamma asked for), the step is answered at the largest determined gamma and counted in "
+        "*clipped steps*. There is no oracle (the log does not determine "
         "the clairvoyant path) and no PPO. Tokens/s is modelled with per-compression cost models fitted to the "
         "paper's wall times (`replay.importers.fit_cost_model`).",
         "",

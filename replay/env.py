@@ -72,6 +72,7 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         source: str | None = None,
         on_undetermined: str = "raise",
         paper_features: bool = False,
+        recorded_gamma: None | int | Sequence[int] = None,
     ) -> None:
         filters = dict(task=task, split=split, compression=compression, mode=mode)
         backend: Any
@@ -81,13 +82,21 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
             if source is not None and source != "speckv-paper":
                 raise ValueError(f"unknown source {source!r}: the only named source is 'speckv-paper'")
             steps, cms = load_step_log(logs if source is None else "speckv-paper", **filters)
+            if recorded_gamma is not None:
+                # step logs only: keep runs recorded at these gammas (e.g. the largest one, where
+                # every smaller gamma's outcome is determined at every recorded step)
+                keep = [recorded_gamma] if isinstance(recorded_gamma, int) else list(recorded_gamma)
+                first = steps[steps["step"] == 0].set_index("run_id")["gamma"]
+                steps = steps[steps["run_id"].map(first).isin(keep)]
+                if len(steps) == 0:
+                    raise ValueError(f"no recorded runs at gamma {keep} in the step log")
             backend = StepLogBackend(
                 steps, self._cost_models(cost_model, cost_models, cms), on_undetermined=on_undetermined,
                 paper_features=paper_features,
             )
         else:
-            if paper_features:
-                raise ValueError("paper_features=True applies to step logs (speckv-steps/1) only")
+            if paper_features or recorded_gamma is not None:
+                raise ValueError("paper_features= and recorded_gamma= apply to step logs (speckv-steps/1) only")
             if traces is not None:
                 if logs is not None:
                     raise ValueError("pass either logs= or traces=, not both")
