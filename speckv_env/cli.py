@@ -114,9 +114,25 @@ def cmd_profile(a: argparse.Namespace) -> int:
     summary = profile(
         a.out, target=a.target, draft=a.draft, compressions=a.compressions.split(","), tasks=a.tasks.split(","),
         splits=a.splits.split(","), n_train=a.n_train, modes=a.modes.split(","), max_new_tokens=a.max_new_tokens,
-        gamma_max=a.gamma_max, device=a.device, resume=a.resume, time_budget_s=a.time_budget,
+        gamma_max=a.gamma_max, device=a.device, resume=a.resume, time_budget_s=a.time_budget, behaviour=a.behaviour,
     )
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .pair import load_pair
+
+    _threads(a.threads)
+    pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device)
+    cm = calibrate(pair, gamma_max=a.gamma_max, tokens_per_gamma=a.tokens_per_gamma, progress=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"cost-{cm.compression}.json"
+    cm.save(path)
+    print(json.dumps(cm.to_dict(), indent=2))
+    print(f"wrote {path}")
     return 0
 
 
@@ -235,7 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--resume", action="store_true", help="continue an interrupted recording")
     p.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
+    p.add_argument("--behaviour", default="uniform",
+                   help="gamma policy of the recorded path: uniform (0..gamma-max), uniform:A-B or fixed:G")
     p.set_defaults(fn=cmd_profile)
+
+    cal = sub.add_parser("calibrate", help="measure a pair's cost model (draft/verify/target step times)")
+    _add_pair_args(cal)
+    cal.add_argument("--out", required=True, help="folder: writes cost-<compression>.json (beside traces)")
+    cal.add_argument("--gamma-max", type=int, default=8)
+    cal.add_argument("--tokens-per-gamma", type=int, default=24)
+    cal.set_defaults(fn=cmd_calibrate)
 
     t = sub.add_parser("train", help="train one controller on traces")
     t.add_argument("agent")

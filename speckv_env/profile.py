@@ -27,14 +27,39 @@ def episode_seed(prompt_id: str, mode: str) -> int:
     return int.from_bytes(hashlib.sha1(f"{prompt_id}|{mode}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
+def parse_behaviour(spec: str, gamma_max: int) -> tuple[int, int]:
+    """'uniform' (0..gamma_max), 'uniform:A-B' or 'fixed:G' -> inclusive gamma range."""
+    try:
+        if spec == "uniform":
+            return 0, gamma_max
+        kind, arg = spec.split(":", 1)
+        if kind == "fixed":
+            lo = hi = int(arg)
+        elif kind == "uniform":
+            lo, hi = (int(x) for x in arg.split("-", 1))
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"behaviour policy {spec!r}: expected 'uniform', 'uniform:A-B' or 'fixed:G'") from None
+    if not 0 <= lo <= hi <= gamma_max:
+        raise ValueError(f"behaviour policy {spec!r}: gammas must lie in 0..{gamma_max}")
+    return lo, hi
+
+
 def record_episode(engine, pair, prompt, *, max_new_tokens: int, gamma_max: int, mode: str, seed: int,
-                   policy: Callable[[int, Any], int] | None = None, split: str | None = None):
-    """Decode one prompt with ``engine`` and return its :class:`replay.trace.Trace`."""
+                   policy: Callable[[int, Any], int] | None = None, split: str | None = None,
+                   behaviour: str = "uniform"):
+    """Decode one prompt with ``engine`` and return its :class:`replay.trace.Trace`.
+
+    The behaviour policy only changes the recorded path's measured times: the per-position
+    record (and so every replayed policy's outcome) is the same whatever it is.
+    """
     from replay.trace import Trace, make_trace_id
 
     ids = pair.encode_chat(prompt.text)
     rng = random.Random(seed)
-    pol = policy or (lambda i, s: rng.randint(0, gamma_max))
+    lo, hi = parse_behaviour(behaviour, gamma_max)
+    pol = policy or (lambda i, s: rng.randint(lo, hi))
     res = engine.generate(ids, max_new_tokens, gamma=pol, seed=seed)
     engine.finalize_record()
     sigs = engine.pos_signals
@@ -72,7 +97,8 @@ def record_episode(engine, pair, prompt, *, max_new_tokens: int, gamma_max: int,
         step_accepted=np.asarray([s.accepted for s in res.steps], dtype=np.int16),
         step_draft_s=np.asarray([s.draft_s for s in res.steps], dtype=np.float64),
         step_verify_s=np.asarray([s.verify_s for s in res.steps], dtype=np.float64),
-        meta={"behaviour_policy": "uniform-random gamma" if policy is None else "custom", "prefill_s": engine.prefill_s},
+        meta={"behaviour_policy": f"uniform random gamma in {lo}..{hi}" if policy is None else "custom",
+              "prefill_s": engine.prefill_s},
     )
 
 
@@ -106,6 +132,7 @@ def profile(
     progress: bool = True,
     time_budget_s: float | None = None,
     prompts: Sequence[Any] | None = None,
+    behaviour: str = "uniform",
 ) -> dict[str, Any]:
     """Record traces into ``out``; returns a summary (episodes written, skipped, seconds)."""
     from tqdm import tqdm
@@ -121,6 +148,7 @@ def profile(
         raise FileExistsError(
             f"{outp} already holds traces: pass --resume to continue that recording, or choose another folder"
         )
+    parse_behaviour(behaviour, gamma_max)
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
@@ -151,7 +179,8 @@ def profile(
                     stopped_early = True
                     break
                 seed = episode_seed(p.id, mode)
-                tr = record_episode(engines[mode], pair, p, max_new_tokens=max_new_tokens, gamma_max=gamma_max, mode=mode, seed=seed)
+                tr = record_episode(engines[mode], pair, p, max_new_tokens=max_new_tokens, gamma_max=gamma_max, mode=mode,
+                                    seed=seed, behaviour=behaviour)
                 writer.write(tr)
                 written += 1
                 bar.set_postfix_str(f"{p.id} {mode} {tr.n} tok")
