@@ -306,6 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
+        # bad input (models, compression, logs, agent files): one clear line, no traceback
+        # (set SPECKV_DEBUG=1 for the traceback)
+        if os.environ.get("SPECKV_DEBUG"):
+            raise
+        print(f"speckv {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

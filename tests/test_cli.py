@@ -1,0 +1,80 @@
+"""The `speckv` command line end to end on small inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from dataclasses import replace
+
+import pytest
+
+from conftest import requires_default
+from replay.trace import synthetic_dataset, write_traces
+from speckv_env.core import CostModel
+
+
+def speckv(*args, timeout=600, env=None):
+    r = subprocess.run([sys.executable, "-m", "speckv_env.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def trace_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("traces")
+    ds = synthetic_dataset(48, compressions=("fp32", "nf4"), tasks=("code", "chat"), modes=("greedy",))
+    write_traces(d / "traces.parquet", ds)
+    CostModel.unit(draft_ratio=0.1).save(d / "cost-fp32.json")
+    replace(CostModel.unit(draft_ratio=0.05, verify_slope=0.02), compression="nf4").save(d / "cost-nf4.json")
+    return d
+
+
+def test_train_saves_a_loadable_agent(trace_folder, tmp_path):
+    from agents import load_agent
+
+    out = tmp_path / "ucb1.json"
+    speckv("train", "ucb1", "--logs", str(trace_folder), "--out", str(out), "--set", "steps=2000")
+    agent = load_agent(out)
+    assert agent.kind == "ucb1"
+
+
+def test_compare_quick_writes_report(trace_folder, tmp_path):
+    speckv("compare", "--logs", str(trace_folder), "--out", str(tmp_path / "cmp"), "--quick", "--set", "splits=[\"heldout\"]")
+    rep = (tmp_path / "cmp" / "report.md").read_text()
+    assert "best fixed" in rep.lower()
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert "heldout" in res["splits"]
+
+
+def test_bench_agents_writes_json(tmp_path):
+    speckv("bench", "agents", "--json", str(tmp_path / "a.json"))
+    r = json.loads((tmp_path / "a.json").read_text())
+    assert "speckv_mlp" in json.dumps(r)
+
+
+def test_unknown_compression_is_a_clear_cli_error():
+    r = subprocess.run([sys.executable, "-m", "speckv_env.cli", "generate", "--compression", "int3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "unknown compression 'int3'" in r.stderr
+
+
+@requires_default
+def test_generate_on_a_tiny_pair(tmp_path):
+    import torch
+
+    from speckv_env.models import load_tokenizer
+    from tiny_models import make_tiny_pair
+
+    tok = load_tokenizer(None)
+    t, d = make_tiny_pair(vocab=49152, hidden=32, seed=2)
+    for m, name in ((t, "t"), (d, "d")):
+        m.config.eos_token_id = tok.eos_token_id
+        m.generation_config.eos_token_id = tok.eos_token_id
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out = speckv("generate", "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "d"), "--device", "cpu",
+                 "--max-new-tokens", "12", "--gamma", "3", "--json")
+    r = json.loads(out[out.index("{"):])
+    assert r["new_tokens"] <= 12 and r["steps"] >= 1 and "text" in r and r["tokens_per_s"] > 0
