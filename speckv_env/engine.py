@@ -45,20 +45,29 @@ class StepResult:
     emit past max_new_tokens); ``accepted`` the number of drafted tokens accepted;
     ``tokens`` the emitted ids (accepted drafts, then the target's own token, unless an
     accepted draft was EOS); ``draft_signals`` the signals of every drafted token, in order
-    (the first is the pre-choice observation's); ``events`` the acceptance events
-    (see :func:`speckv_env.core.acceptance_events`).
+    (the first is the pre-choice observation's; for gamma = 0, the observation's only),
+    computed on first access from the draft's logits so that decoding pays nothing for them
+    when nobody looks; ``events`` the acceptance events (:func:`speckv_env.core.acceptance_events`).
     """
 
     gamma: int
     accepted: int
     tokens: list[int]
-    draft_signals: list[DraftSignals]
     draft_s: float
     verify_s: float
     done: bool
     finish_reason: str | None
     events: list[int]
     draft_forwards: int
+    draft_rows: list = field(default_factory=list, repr=False)
+    _sigs: list | None = field(default=None, repr=False)
+
+    @property
+    def draft_signals(self) -> list[DraftSignals]:
+        if self._sigs is None:
+            self._sigs = [_signals_from_logits(r) for r in self.draft_rows]
+            self.draft_rows = []
+        return self._sigs
 
 
 @dataclass
@@ -86,14 +95,20 @@ class GenerationResult:
 
 
 def _signals_from_logits(logits: torch.Tensor) -> DraftSignals:
-    """Top-1 probability, entropy (nats) and top-1/top-2 margin of softmax(logits) (T = 1)."""
+    """Top-1 probability, entropy (nats) and top-1/top-2 margin of softmax(logits) (T = 1).
+
+    One pass each for top-2, exp, and two sums: with z = logits - max, S = sum(exp z),
+    p_i = exp(z_i) / S and H = log S - sum(exp(z) * z) / S.
+    """
     lf = logits.float()
-    logp = torch.log_softmax(lf, dim=-1)
-    p = logp.exp()
-    top = torch.topk(p, 2).values
-    ent = -(p * logp).sum()
-    t1, t2, e = float(top[0]), float(top[1]), float(ent)
-    return DraftSignals(t1, max(e, 0.0), t1 - t2)
+    top = torch.topk(lf, 2).values
+    z = lf - top[0]
+    e = torch.exp(z)
+    S = e.sum()
+    ent = torch.log(S) - torch.dot(e, z) / S
+    t1 = float(1.0 / S)
+    t2 = float(torch.exp(top[1] - top[0]) / S)
+    return DraftSignals(t1, max(float(ent), 0.0), t1 - t2)
 
 
 def cache_kwarg(model) -> str:
@@ -224,7 +239,7 @@ class SpeculativeEngine:
         self._obs_s = 0.0
         self._late_pos: int | None = None
         self.pos_accept: list[bool | None] = []
-        self.pos_signals: list[DraftSignals | None] = []
+        self._pos_rows: list[torch.Tensor | None] = []
         self.finish_reason: str | None = None
         self._started = True
 
@@ -236,13 +251,8 @@ class SpeculativeEngine:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    @torch.inference_mode()
-    def observe(self) -> DraftSignals:
-        """The draft's signals at the current position (runs the draft's catch-up forward once)."""
-        if not self._started:
-            raise RuntimeError("call start() before observe()")
-        if self.done:
-            raise RuntimeError("generation has finished: nothing to observe")
+    def _ensure_q(self) -> None:
+        """Run the draft's catch-up forward: its logits at the current position (once per step)."""
         if self._q is None:
             t0 = self._now()
             pend = self._d_pending
@@ -250,24 +260,42 @@ class SpeculativeEngine:
                 # greedy, after a fully accepted draft: pending = [d_g, bonus]; the row for d_g
                 # is the draft's distribution at the bonus position (recorded for traces)
                 logits = self._draft_forward(pend, keep=2)
-                self._record(self._late_pos, _signals_from_logits(logits[0]), int(torch.argmax(logits[0])) == self.out[self._late_pos])
+                self._record(self._late_pos, logits[0], int(torch.argmax(logits[0])) == self.out[self._late_pos])
                 self._q = logits[1]
             else:
                 self._q = self._draft_forward(pend)[-1]
             self._late_pos = None
             self._d_pending = []
-            self._sig = _signals_from_logits(self._q)
+            self._sig = None
             self._obs_s = self._now() - t0
-        assert self._sig is not None
+
+    @torch.inference_mode()
+    def observe(self) -> DraftSignals:
+        """The draft's signals at the current position (runs the draft's catch-up forward once)."""
+        if not self._started:
+            raise RuntimeError("call start() before observe()")
+        if self.done:
+            raise RuntimeError("generation has finished: nothing to observe")
+        self._ensure_q()
+        if self._sig is None:
+            t0 = self._now()
+            self._sig = _signals_from_logits(self._q)
+            self._obs_s += self._now() - t0
         return self._sig
 
-    def _record(self, pos: int, sig: DraftSignals, accepted: bool) -> None:
-        """Per-position record for full-information traces (see replay/SCHEMA.md)."""
+    @property
+    def pos_signals(self) -> list[DraftSignals | None]:
+        """Per-position draft signals of this sequence (computed on first access)."""
+        return [r if (r is None or isinstance(r, DraftSignals)) else _signals_from_logits(r) for r in self._pos_rows]
+
+    def _record(self, pos: int, row: torch.Tensor, accepted: bool) -> None:
+        """Per-position record for full-information traces (see replay/SCHEMA.md): whether the
+        draft's proposal at ``pos`` is accepted, and its logits there (signals computed lazily)."""
         while len(self.pos_accept) <= pos:
             self.pos_accept.append(None)
-            self.pos_signals.append(None)
+            self._pos_rows.append(None)
         self.pos_accept[pos] = bool(accepted)
-        self.pos_signals[pos] = sig
+        self._pos_rows[pos] = row
 
     @torch.inference_mode()
     def finalize_record(self) -> None:
@@ -278,7 +306,7 @@ class SpeculativeEngine:
         if self._late_pos is not None and len(self._d_pending) >= 2:
             logits = self._draft_forward(self._d_pending[:1], keep=1)
             self._d_pending = self._d_pending[1:]
-            self._record(self._late_pos, _signals_from_logits(logits[-1]), int(torch.argmax(logits[-1])) == self.out[self._late_pos])
+            self._record(self._late_pos, logits[-1], int(torch.argmax(logits[-1])) == self.out[self._late_pos])
             self._late_pos = None
 
     def _draft_forward(self, tokens: list[int], keep: int = 1) -> torch.Tensor:
@@ -303,9 +331,9 @@ class SpeculativeEngine:
             raise RuntimeError("generation has finished: call start() for a new sequence")
         t = len(self.out)
         g = min(g_req, self.max_new_tokens - 1 - t)  # never emit past max_new_tokens
-        self.observe()
+        self._ensure_q()
         obs_s = self._obs_s
-        assert self._q is not None and self._sig is not None
+        assert self._q is not None
         d_len0 = self._d_cache.get_seq_length()  # draft cache = prompt + y
         u = self._u
 
@@ -313,7 +341,7 @@ class SpeculativeEngine:
         t0 = self._now()
         drafts: list[int] = []
         q_rows: list[torch.Tensor] = []  # draft distributions used for the proposals (sampling)
-        sigs: list[DraftSignals] = [self._sig]
+        sigs: list[torch.Tensor] = [self._q]  # draft logits of every drafted position
         q_logits = self._q
         n_fwd = 1  # the observation forward
         for i in range(g):
@@ -327,7 +355,7 @@ class SpeculativeEngine:
             if i < g - 1:
                 q_logits = self._draft_forward([d])[-1]
                 n_fwd += 1
-                sigs.append(_signals_from_logits(q_logits))
+                sigs.append(q_logits)
         t1 = self._now()
 
         # ---- verify -------------------------------------------------------------------
@@ -370,7 +398,7 @@ class SpeculativeEngine:
                     qb_logits = self._draft_forward([drafts[-1]])[-1]
                     n_fwd += 1
                     extra_draft_s = self._now() - te
-                    sigs.append(_signals_from_logits(qb_logits))
+                    sigs.append(qb_logits)
                 qb = self._probs(qb_logits)
                 pb = self._probs(logits[g])
                 db = _sample_from(qb, float(u[s, 0]))
@@ -430,7 +458,7 @@ class SpeculativeEngine:
             gamma=g,
             accepted=accepted,
             tokens=emitted,
-            draft_signals=sigs[: max(g, 1)],
+            draft_rows=sigs[: max(g, 1)],
             draft_s=obs_s + (t1 - t0) + extra_draft_s,
             verify_s=(t2 - t1) - extra_draft_s,
             done=finish is not None,
