@@ -103,15 +103,20 @@ def record_episode(engine, pair, prompt, *, max_new_tokens: int, gamma_max: int,
 
 
 def select_profile_prompts(tasks: Sequence[str], splits: Sequence[str], n_train: int | None) -> list:
+    """Prompts in recording order: split by split (in the order given), tasks interleaved
+    round-robin, so that a recording stopped early (time budget) stays balanced over tasks."""
     from .prompts import load_prompts
 
     out = []
-    for task in tasks:
-        for split in splits:
+    for split in splits:
+        per_task = []
+        for task in tasks:
             ps = load_prompts(task=task, split=split)
             if split == "train" and n_train is not None:
                 ps = ps[:n_train]
-            out.extend(ps)
+            per_task.append(ps)
+        for i in range(max((len(ps) for ps in per_task), default=0)):
+            out.extend(ps[i] for ps in per_task if i < len(ps))
     return out
 
 
@@ -161,7 +166,7 @@ def profile(
         for comp in compressions:
             pair = load_pair(target, draft, compression=comp, device=device)
             todo = [
-                (mode, p) for mode in modes for p in sel
+                (mode, p) for p in sel for mode in modes
                 if make_trace_id(pair.name, pair.compression, p.id, mode, episode_seed(p.id, mode)) not in done_keys
             ]
             skipped += len(sel) * len(modes) - len(todo)
