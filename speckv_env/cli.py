@@ -115,6 +115,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
         a.out, target=a.target, draft=a.draft, compressions=a.compressions.split(","), tasks=a.tasks.split(","),
         splits=a.splits.split(","), n_train=a.n_train, modes=a.modes.split(","), max_new_tokens=a.max_new_tokens,
         gamma_max=a.gamma_max, device=a.device, resume=a.resume, time_budget_s=a.time_budget, behaviour=a.behaviour,
+        calibrate=not a.no_calibrate, per_task=a.per_task,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="chat,code,math,summarization")
     p.add_argument("--splits", default="test,validation,train")
     p.add_argument("--n-train", type=int, default=40, help="training prompts per task")
+    p.add_argument("--per-task", type=int, default=None, help="cap on prompts per task in every split")
     p.add_argument("--modes", default="greedy,sample", help="greedy and/or sample (temperature 0.7)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--gamma-max", type=int, default=8)
@@ -253,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
     p.add_argument("--behaviour", default="uniform",
                    help="gamma policy of the recorded path: uniform (0..gamma-max), uniform:A-B or fixed:G")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="do not measure the cost model here (write it later with `speckv calibrate --out` on a quiet machine)")
     p.set_defaults(fn=cmd_profile)
 
     cal = sub.add_parser("calibrate", help="measure a pair's cost model (draft/verify/target step times)")

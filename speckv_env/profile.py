@@ -102,21 +102,25 @@ def record_episode(engine, pair, prompt, *, max_new_tokens: int, gamma_max: int,
     )
 
 
-def select_profile_prompts(tasks: Sequence[str], splits: Sequence[str], n_train: int | None) -> list:
-    """Prompts in recording order: split by split (in the order given), tasks interleaved
-    round-robin, so that a recording stopped early (time budget) stays balanced over tasks."""
+def select_profile_prompts(tasks: Sequence[str], splits: Sequence[str], n_train: int | None,
+                           per_task: int | None = None) -> list:
+    """Prompts in recording order, interleaved round-robin over splits and tasks, so that a
+    recording stopped early (time budget) stays balanced over splits and tasks.
+    ``n_train`` caps training prompts per task, ``per_task`` caps every split's prompts per task."""
     from .prompts import load_prompts
 
-    out = []
+    lists = []
     for split in splits:
-        per_task = []
         for task in tasks:
             ps = load_prompts(task=task, split=split)
             if split == "train" and n_train is not None:
                 ps = ps[:n_train]
-            per_task.append(ps)
-        for i in range(max((len(ps) for ps in per_task), default=0)):
-            out.extend(ps[i] for ps in per_task if i < len(ps))
+            if per_task is not None:
+                ps = ps[:per_task]
+            lists.append(ps)
+    out = []
+    for i in range(max((len(ps) for ps in lists), default=0)):
+        out.extend(ps[i] for ps in lists if i < len(ps))
     return out
 
 
@@ -138,6 +142,8 @@ def profile(
     time_budget_s: float | None = None,
     prompts: Sequence[Any] | None = None,
     behaviour: str = "uniform",
+    calibrate: bool = True,
+    per_task: int | None = None,
 ) -> dict[str, Any]:
     """Record traces into ``out``; returns a summary (episodes written, skipped, seconds)."""
     from tqdm import tqdm
@@ -157,7 +163,7 @@ def profile(
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
-    sel = list(prompts) if prompts is not None else select_profile_prompts(tasks, splits, n_train)
+    sel = list(prompts) if prompts is not None else select_profile_prompts(tasks, splits, n_train, per_task)
     t_start = time.time()
     written = skipped = 0
     stopped_early = False
@@ -171,7 +177,7 @@ def profile(
             ]
             skipped += len(sel) * len(modes) - len(todo)
             cm_path = outp / f"cost-{pair.compression}.json"
-            if not cm_path.exists():
+            if calibrate and not cm_path.exists():
                 cm = cached_calibration(pair, gamma_max=gamma_max, progress=progress)
                 writer.save_cost_model(cm)
             engines = {
