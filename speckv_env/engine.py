@@ -115,8 +115,16 @@ def cache_kwarg(model) -> str:
     """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     import inspect
 
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    for cls in type(model).__mro__:  # subclasses may wrap forward(*args, **kwargs)
+        fwd = cls.__dict__.get("forward")
+        if fwd is None:
+            continue
+        params = inspect.signature(fwd).parameters
+        if "cache" in params:
+            return "cache"
+        if "past_key_values" in params:
+            return "past_key_values"
+    return "past_key_values"
 
 
 def _crop(cache, new_len: int) -> None:
