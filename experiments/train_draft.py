@@ -557,7 +557,7 @@ def ship(run_dir: str | Path, notes: str = "") -> Path:
     best = summ.get("best") or {}
     L += ["## Training", "",
           "- Loss: soft cross-entropy to the target's top-k distribution renormalised over the head tokens "
-          "+ 0.3 x cross-entropy on the target's argmax; AdamW (betas 0.9/0.98, wd 0.01), warmup + cosine, "
+          "+ `--hard-weight` x cross-entropy on the target's argmax (values in the commands below); AdamW (betas 0.9/0.98, wd 0.01), warmup + cosine, "
           "grad clip 1.0, body + norm + head trained, embedding frozen; 2 CPU threads.",
           f"- {summ['steps']} steps ({summ['epochs']} full epochs), {summ['wall_s'] / 60:.1f} min wall; best "
           f"checkpoint at step {best.get('step')} (val top-1 agreement {best.get('val_agree', float('nan')):.4f}, "
@@ -629,6 +629,7 @@ def main(argv=None):
     ap.add_argument("--eval-max-new", type=int, default=128)
     ap.add_argument("--ship", action="store_true", help="copy <out>/best into speckv_env/assets/draft")
     ap.add_argument("--budget", choices=["full", "tiny"], default="full")
+    ap.add_argument("--notes-file", default=None, help="markdown appended to TRAINING.md by --ship")
     a = ap.parse_args(argv)
     if a.budget == "tiny":
         run_tiny(a)
@@ -637,7 +638,8 @@ def main(argv=None):
         evaluate(d, a.splits.split(","), a.eval_max_new, out_json=Path(a.out) / f"eval_{Path(d).name}.json",
                  cache_dir=Path(a.out) / "eval_cache", threads=a.threads)
     elif a.ship:
-        log(f"shipped to {ship(a.out)}")
+        notes = Path(a.notes_file).read_text() if a.notes_file else ""
+        log(f"shipped to {ship(a.out, notes)}")
     else:
         train(a)
 
