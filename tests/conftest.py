@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tiny_models import make_tiny_pair
 
