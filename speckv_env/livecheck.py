@@ -97,8 +97,14 @@ def live_check(
     best_g = min(gammas, key=lambda g: sum(fixed_gamma_time(t, cms[comp], g) for t in train))
     agents: dict[str, Any] = {f"fixed-{best_g} (best fixed on train)": make_agent("fixed", g=best_g, gammas=gammas),
                               "hf_heuristic": make_agent("hf_heuristic", gammas=gammas)}
+    import torch
+
+    threads = torch.get_num_threads()
     for name in learned:
-        agents[name] = train_agent(name, traces=train, steps=train_steps, seed=0, progress=progress)
+        torch.set_num_threads(1)  # small MLP fits are fastest single-threaded
+        agents[name] = train_agent(name, traces=train, steps=train_steps, seed=0, progress=progress,
+                                   env_kwargs={"cost_models": cms})
+    torch.set_num_threads(threads)
     # held-out prompts that have a test trace
     by_id = {t.prompt_id: t for t in test}
     chosen = []
