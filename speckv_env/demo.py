@@ -57,7 +57,7 @@ def run_demo(out: str = "out/demo", quick: bool = True, live: bool = True, threa
         torch.set_num_threads(threads or 2)
         print("[demo] 2/2 live check on the real models (held-out prompts)", flush=True)
         default_target_path()
-        r = live_check(traces, prompts_per_task=1, max_new_tokens=96, train_steps=10_000)
+        r = live_check(traces, prompts_per_task=1, train_steps=10_000)
         (outp / "live_check.json").write_text(json.dumps(r, indent=2, default=str))
         txt = format_live_check(r)
         with report.open("a") as f:

@@ -24,16 +24,18 @@ def _boot_ratio(num: np.ndarray, den: np.ndarray, n: int = 2000, seed: int = 0) 
     return float(num.sum() / den.sum()), float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
 
 
-def _run_live(env, agent, episodes: Sequence[int]) -> dict[str, np.ndarray]:
-    toks, meas, model = [], [], []
+def _run_live(env, agent, episodes: Sequence[int]) -> dict[str, Any]:
+    toks, meas, model, ids = [], [], [], []
     for e in episodes:
         obs, info = env.reset(options={"episode": int(e), "episode_seed": 0})
         agent.begin_episode(env, info) if hasattr(agent, "begin_episode") else agent.reset()
         done = False
         n = m = t = 0.0
+        seq: list[int] = []
         while not done:
             a = agent.act(obs)
             obs, r, te, tr, info = env.step(a)
+            seq.extend(int(x) for x in info["tokens"])
             n += info["emitted"]
             m += info["measured_time"]
             t += info["modelled_time"]
@@ -41,34 +43,38 @@ def _run_live(env, agent, episodes: Sequence[int]) -> dict[str, np.ndarray]:
         toks.append(n)
         meas.append(m)
         model.append(t)
-    return {"tokens": np.array(toks), "measured_s": np.array(meas), "modelled_s": np.array(model)}
+        ids.append(seq)
+    return {"tokens": np.array(toks), "measured_s": np.array(meas), "modelled_s": np.array(model), "ids": ids}
 
 
-def _run_replay(traces, cms, agent, gammas) -> dict[str, np.ndarray]:
+def _run_replay(traces, cms, agent, gammas) -> dict[str, Any]:
     from replay.env import SpecKVReplayEnv
 
     env = SpecKVReplayEnv(traces=list(traces), cost_models=cms, gammas=gammas)
-    toks, model = [], []
+    toks, model, ids = [], [], []
     for e in range(len(traces)):
         obs, info = env.reset(options={"episode": e})
         agent.begin_episode(env, info) if hasattr(agent, "begin_episode") else agent.reset()
         done = False
         n = t = 0.0
+        seq: list[int] = []
         while not done:
             obs, r, te, tr, info = env.step(agent.act(obs))
+            seq.extend(int(x) for x in info["tokens"])
             n += info["emitted"]
             t += info["modelled_time"]
             done = te or tr
         toks.append(n)
         model.append(t)
-    return {"tokens": np.array(toks), "modelled_s": np.array(model)}
+        ids.append(seq)
+    return {"tokens": np.array(toks), "modelled_s": np.array(model), "ids": ids}
 
 
 def live_check(
     traces_dir: str | Path,
     learned: Sequence[str] = ("speckv_mlp", "cost_aware"),
     prompts_per_task: int = 2,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     train_steps: int = 20_000,
     pair=None,
     progress: bool = True,
@@ -105,8 +111,14 @@ def live_check(
         agents[name] = train_agent(name, traces=train, steps=train_steps, seed=0, progress=progress,
                                    env_kwargs={"cost_models": cms})
     torch.set_num_threads(threads)
-    # held-out prompts that have a test trace
+    # held-out prompts that have a test trace; live episodes use the traces' token budget so
+    # that live and replayed episodes are the same episodes
     by_id = {t.prompt_id: t for t in test}
+    budgets = {t.max_new_tokens for t in test}
+    if max_new_tokens is None:
+        max_new_tokens = max(budgets)
+    elif budgets != {max_new_tokens}:
+        raise ValueError(f"max_new_tokens={max_new_tokens} but the test traces were recorded with {sorted(budgets)}")
     chosen = []
     for task in ("chat", "code", "math", "summarization"):
         chosen += [p for p in load_prompts(task=task, split="test") if p.id in by_id][:prompts_per_task]
@@ -124,7 +136,7 @@ def live_check(
         rows.append({
             "policy": name, "measured_tps": m, "measured_ci": [ml, mh], "replay_tps": r, "replay_ci": [rl, rh],
             "live_modelled_tps": lm, "live_modelled_ci": [lml, lmh],
-            "same_tokens": bool((live["tokens"] == rep["tokens"]).all()),
+            "same_tokens": live["ids"] == rep["ids"],
             "agree": bool(ml <= rh and rl <= mh),
         })
     target_only = 1.0 / cms[comp].t_target
