@@ -24,20 +24,21 @@ def _boot_ratio(num: np.ndarray, den: np.ndarray, n: int = 2000, seed: int = 0) 
     return float(num.sum() / den.sum()), float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
 
 
-def _run_live(env, agent, episodes: Sequence[int]) -> dict[str, Any]:
+def _run_episodes(env, agent, n_episodes: int) -> dict[str, Any]:
+    """Run episodes 0..n-1 of ``env`` (live or replay) with ``agent``: per-episode tokens,
+    modelled seconds, measured seconds (live only; 0 in replay) and emitted ids."""
     toks, meas, model, ids = [], [], [], []
-    for e in episodes:
-        obs, info = env.reset(options={"episode": int(e), "episode_seed": 0})
+    for e in range(n_episodes):
+        obs, info = env.reset(options={"episode": e, "episode_seed": 0})
         agent.begin_episode(env, info) if hasattr(agent, "begin_episode") else agent.reset()
         done = False
         n = m = t = 0.0
         seq: list[int] = []
         while not done:
-            a = agent.act(obs)
-            obs, r, te, tr, info = env.step(a)
+            obs, r, te, tr, info = env.step(agent.act(obs))
             seq.extend(int(x) for x in info["tokens"])
             n += info["emitted"]
-            m += info["measured_time"]
+            m += info["measured_time"] or 0.0
             t += info["modelled_time"]
             done = te or tr
         toks.append(n)
@@ -45,29 +46,6 @@ def _run_live(env, agent, episodes: Sequence[int]) -> dict[str, Any]:
         model.append(t)
         ids.append(seq)
     return {"tokens": np.array(toks), "measured_s": np.array(meas), "modelled_s": np.array(model), "ids": ids}
-
-
-def _run_replay(traces, cms, agent, gammas) -> dict[str, Any]:
-    from replay.env import SpecKVReplayEnv
-
-    env = SpecKVReplayEnv(traces=list(traces), cost_models=cms, gammas=gammas)
-    toks, model, ids = [], [], []
-    for e in range(len(traces)):
-        obs, info = env.reset(options={"episode": e})
-        agent.begin_episode(env, info) if hasattr(agent, "begin_episode") else agent.reset()
-        done = False
-        n = t = 0.0
-        seq: list[int] = []
-        while not done:
-            obs, r, te, tr, info = env.step(agent.act(obs))
-            seq.extend(int(x) for x in info["tokens"])
-            n += info["emitted"]
-            t += info["modelled_time"]
-            done = te or tr
-        toks.append(n)
-        model.append(t)
-        ids.append(seq)
-    return {"tokens": np.array(toks), "modelled_s": np.array(model), "ids": ids}
 
 
 def live_check(
@@ -125,11 +103,14 @@ def live_check(
     if pair is None:
         pair = load_pair(None, None, compression=comp, device="cpu")
     env = gym.make("SpecKV-v0", pair=pair, prompts=chosen, max_new_tokens=max_new_tokens, gammas=gammas, cost_model=cms[comp])
+    from replay.env import SpecKVReplayEnv
+
+    replay_env = SpecKVReplayEnv(traces=[by_id[p.id] for p in chosen], cost_models=cms, gammas=gammas)
     rows = []
     t0 = time.time()
     for name, agent in tqdm(agents.items(), desc="live check", unit="policy", disable=not progress):
-        live = _run_live(env, agent, range(len(chosen)))
-        rep = _run_replay([by_id[p.id] for p in chosen], cms, agent, gammas)
+        live = _run_episodes(env, agent, len(chosen))
+        rep = _run_episodes(replay_env, agent, len(chosen))
         m, ml, mh = _boot_ratio(live["tokens"], live["measured_s"])
         lm, lml, lmh = _boot_ratio(live["tokens"], live["modelled_s"])
         r, rl, rh = _boot_ratio(rep["tokens"], rep["modelled_s"])
