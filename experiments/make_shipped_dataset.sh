@@ -2,27 +2,30 @@
 # How the shipped profiling data set (speckv_env/data/traces/) was made, on a 2-core CPU.
 #  1. Record full-information traces in two processes of 1 thread each, each stopping cleanly
 #     at its time budget (prompts interleaved over splits and tasks, so a stopped recording
-#     is balanced): fp32 in one (up to 8 prompts per task and split), nf4 then int8 in the
-#     other (up to 4 per task and split, half the budget each). Greedy and temperature 0.7,
-#     128 new tokens. Recording is crash-safe and resumable: rerun to continue, and raise
-#     --per-task / drop it for the full set (all test/validation prompts, 40 train per task).
+#     is balanced): fp32 in one, nf4 then int8 in the other (half the budget each). All test
+#     and validation prompts and 40 training prompts per task are queued; greedy and
+#     temperature 0.7, 128 new tokens. Recording is crash-safe and resumable: rerun with a
+#     larger budget to continue toward the full set.
 #  2. Calibrate each compression's cost model on the quiet machine (2 threads): these are
 #     the step times the replay models and the live check measures against. (The measured
 #     times stored in the traces come from the contended 1-thread recording: informational.)
 #  3. Compact into one Parquet file per (compression, mode), with the cost models.
+# Every trace stores its draft's fingerprint (speckv_env.pair.model_fingerprint): after the
+# draft changes, delete runs/profile and record again.
 # Usage: experiments/make_shipped_dataset.sh [BUDGET_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export OMP_WAIT_POLICY=PASSIVE
 BUDGET=${1:-1800}
 HALF=$((BUDGET * 29 / 60))
 WORK=runs/profile
 mkdir -p "$WORK/fp32" "$WORK/quant"
 COMMON=(--device cpu --threads 1 --modes greedy,sample --max-new-tokens 128 --splits test,train,validation
         --n-train 40 --behaviour uniform:1-6 --resume --no-calibrate)
-speckv profile --out "$WORK/fp32" --compressions fp32 "${COMMON[@]}" --per-task 8 --time-budget "$BUDGET" > "$WORK/fp32.log" 2>&1 &
+speckv profile --out "$WORK/fp32" --compressions fp32 "${COMMON[@]}" --time-budget "$BUDGET" > "$WORK/fp32.log" 2>&1 &
 A=$!
-( speckv profile --out "$WORK/quant" --compressions nf4 "${COMMON[@]}" --per-task 4 --time-budget "$HALF";
-  speckv profile --out "$WORK/quant" --compressions int8 "${COMMON[@]}" --per-task 4 --time-budget "$HALF" ) > "$WORK/quant.log" 2>&1 &
+( speckv profile --out "$WORK/quant" --compressions nf4 "${COMMON[@]}" --time-budget "$HALF";
+  speckv profile --out "$WORK/quant" --compressions int8 "${COMMON[@]}" --time-budget "$HALF" ) > "$WORK/quant.log" 2>&1 &
 B=$!
 wait $A $B
 for c in fp32 int8 nf4; do

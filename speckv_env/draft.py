@@ -25,11 +25,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .lookup import ContextLookup
 from .models import ModelLoadError
 
 DRAFT_FORMAT = "speckv-draft-v1"
@@ -84,9 +86,56 @@ class SpecKVDraftForCausalLM(LlamaForCausalLM):
         kwargs.pop("labels", None)
         return super().forward(*args, **kwargs)
 
+    # -- context lookup -----------------------------------------------------------------------
+    @property
+    def lookup(self) -> ContextLookup | None:
+        """The context n-gram lookup mixed into :meth:`forward`'s distribution (None: pure neural)."""
+        w = (getattr(self.config, "speckv_draft", None) or {}).get("lookup_weights")
+        if not w:
+            return None
+        lk = getattr(self, "_lookup", None)
+        if lk is None or lk.weights != [float(x) for x in w]:
+            lk = self._lookup = ContextLookup(w)
+        return lk
+
+    def _context_rows(self, input_ids: torch.Tensor, cache) -> np.ndarray:
+        """Token ids of the whole context per row (cached prefix + ``input_ids``).
+
+        The prefix is kept on the cache object itself and cut to the cache's length on every
+        call, so a cache cropped after a rejection (this project's engine, HF assisted
+        generation) keeps the history in step. Prefix tokens the draft never saw are -1.
+        """
+        new = input_ids.detach().cpu().numpy().astype(np.int64)
+        if cache is None:
+            return new
+        past = int(cache.get_seq_length())
+        hist = getattr(cache, "_speckv_ids", None)
+        if hist is None or hist.shape[0] != new.shape[0]:
+            hist = np.full((new.shape[0], 0), -1, dtype=np.int64)
+        hist = hist[:, :past]
+        if hist.shape[1] < past:
+            hist = np.concatenate([np.full((new.shape[0], past - hist.shape[1]), -1, dtype=np.int64), hist], axis=1)
+        rows = np.concatenate([hist, new], axis=1)
+        cache._speckv_ids = rows
+        return rows
+
     def forward(self, *args, labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+        lk = self.lookup
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        rows = None
+        if lk is not None and input_ids is not None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            rows = self._context_rows(input_ids, cache)
         out = super().forward(*args, **kwargs)
         out.logits = self.expand_logits(out.logits)
+        if rows is not None:
+            keep = out.logits.shape[1]
+            pos = range(rows.shape[1] - keep, rows.shape[1])
+            mixed = []
+            for b in range(rows.shape[0]):
+                props, ns = lk.proposals(rows[b], pos)
+                mixed.append(lk.mix(out.logits[b], props, ns))
+            out.logits = torch.stack(mixed)
         if labels is not None:
             shift = out.logits[..., :-1, :].float()
             tgt = labels[..., 1:].to(shift.device)

@@ -102,6 +102,12 @@ def live_check(
         chosen += [p for p in load_prompts(task=task, split="test") if p.id in by_id][:prompts_per_task]
     if pair is None:
         pair = load_pair(None, None, compression=comp, device="cpu")
+    recorded = {t.meta.get("draft_fingerprint") for t in test if t.meta.get("draft_fingerprint")}
+    if recorded and recorded != {pair.draft_fingerprint}:
+        raise ValueError(
+            f"{traces_dir}: the test traces were recorded with draft {sorted(recorded)}, but the loaded draft is "
+            f"{pair.draft_fingerprint}; a trace replays exactly only for its own draft (re-record them with "
+            "experiments/make_shipped_dataset.sh)")
     env = gym.make("SpecKV-v0", pair=pair, prompts=chosen, max_new_tokens=max_new_tokens, gammas=gammas, cost_model=cms[comp])
     from replay.env import SpecKVReplayEnv
 

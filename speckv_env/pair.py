@@ -38,6 +38,14 @@ class ModelPair:
         return f"{self.target_name}|{self.draft_name}"
 
     @property
+    def draft_fingerprint(self) -> str:
+        """Short hash of the draft's config and weights (see :func:`model_fingerprint`)."""
+        fp = self.__dict__.get("_draft_fp")
+        if fp is None:
+            fp = self.__dict__["_draft_fp"] = model_fingerprint(self.draft)
+        return fp
+
+    @property
     def eos_token_id(self) -> list[int]:
         eos = getattr(self.target.generation_config, "eos_token_id", None)
         if eos is None:
@@ -49,6 +57,25 @@ class ModelPair:
         from .prompts import format_prompt
 
         return self.tokenizer(format_prompt(self.tokenizer, text), add_special_tokens=False)["input_ids"]
+
+
+def model_fingerprint(model) -> str:
+    """12 hex digits identifying a model's config and weights, independent of device and dtype
+    (float16 weights loaded as float32 hash the same) and of metadata that saving adds
+    (``architectures``). Traces store their draft's fingerprint:
+    a trace answers exactly only for the draft that recorded it."""
+    import hashlib
+    import json
+
+    cfg = {k: v for k, v in model.config.to_dict().items()
+           if k not in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "_commit_hash", "architectures")}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            x = t.detach().to("cpu", torch.float64)
+            h.update(f"{name}{tuple(x.shape)}{float(x.sum()):.9g}{float(x.abs().sum()):.9g}".encode())
+    return h.hexdigest()[:12]
 
 
 def _default_draft(device: torch.device):

@@ -98,6 +98,7 @@ def record_episode(engine, pair, prompt, *, max_new_tokens: int, gamma_max: int,
         step_draft_s=np.asarray([s.draft_s for s in res.steps], dtype=np.float64),
         step_verify_s=np.asarray([s.verify_s for s in res.steps], dtype=np.float64),
         meta={"behaviour_policy": f"uniform random gamma in {lo}..{hi}" if policy is None else "custom",
+              "draft_fingerprint": pair.draft_fingerprint,
               "prefill_s": engine.prefill_s},
     )
 

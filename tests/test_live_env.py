@@ -90,15 +90,29 @@ def test_invalid_actions_and_info(tiny_smol_pair):
     assert info["measured_time"] > 0 and len(info["tokens"]) == info["accepted"] + 1
 
 
+@pytest.fixture(scope="module")
+def tiny_smol_lookup_pair(tiny_smol_pair):
+    """The same target with a draft that mixes in context lookup (speckv_env/lookup.py)."""
+    from speckv_env.pair import ModelPair
+    from tiny_models import make_tiny_lookup_draft
+
+    p = tiny_smol_pair
+    draft = make_tiny_lookup_draft(p.target, noise=0.03)
+    draft.generation_config.eos_token_id = p.tokenizer.eos_token_id
+    return ModelPair(p.target, draft, p.tokenizer, "tiny-target", "tiny-lookup-draft", "fp32", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("draft_kind", ["plain", "lookup"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_record_then_replay_counterfactual_is_exact(tiny_smol_pair, temperature):
+def test_record_then_replay_counterfactual_is_exact(tiny_smol_pair, tiny_smol_lookup_pair, temperature, draft_kind):
     """A trace recorded under one gamma schedule answers another schedule exactly: replaying
-    live episodes' random gamma choices gives identical accepted counts and tokens, step by step."""
+    live episodes' random gamma choices gives identical accepted counts and tokens, step by step.
+    Holds for a draft with context lookup too (its proposal depends on the prefix only)."""
     from replay.env import SpecKVReplayEnv
     from speckv_env.engine import SpeculativeEngine
     from speckv_env.profile import record_episode
 
-    pair = tiny_smol_pair
+    pair = tiny_smol_pair if draft_kind == "plain" else tiny_smol_lookup_pair
     env = _env(pair, temperature=temperature)
     prompts = env.unwrapped.backend.prompts
     eng = SpeculativeEngine(pair.target, pair.draft, temperature=temperature, eos_token_id=pair.eos_token_id)
@@ -106,6 +120,7 @@ def test_record_then_replay_counterfactual_is_exact(tiny_smol_pair, temperature)
     for ep in range(3):
         seed = 1000 + ep
         tr = record_episode(eng, pair, prompts[ep], max_new_tokens=24, gamma_max=8, mode=mode, seed=seed)
+        assert tr.meta["draft_fingerprint"] == pair.draft_fingerprint
         renv = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit())
         o_live, _ = env.reset(options={"episode": ep, "episode_seed": seed})
         o_rep, _ = renv.reset(options={"episode": 0})
@@ -172,3 +187,12 @@ def test_profile_is_crash_safe_and_resumes_without_duplicates_or_gaps(tiny_smol_
     for tr in after:  # finished episodes were kept as they were
         if tr.trace_id in old:
             assert tr.equals(old[tr.trace_id])
+
+
+def test_draft_fingerprint_tells_drafts_apart(tiny_smol_pair, tiny_smol_lookup_pair):
+    from speckv_env.pair import model_fingerprint
+
+    a, b = tiny_smol_pair.draft_fingerprint, tiny_smol_lookup_pair.draft_fingerprint
+    assert a != b and len(a) == 12
+    assert model_fingerprint(tiny_smol_pair.draft) == a  # deterministic
+    assert model_fingerprint(tiny_smol_pair.target) != a

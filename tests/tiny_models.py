@@ -28,3 +28,20 @@ def make_tiny_pair(vocab: int = 64, noise: float = 0.05, seed: int = 0, hidden: 
         for p in draft.parameters():
             p.add_(noise * torch.randn(p.shape, generator=g) * p.std())
     return target, draft
+
+
+def make_tiny_lookup_draft(target, weights=(0.3, 0.5, 0.6, 0.7), noise: float = 0.3, seed: int = 5):
+    """A :class:`~speckv_env.draft.SpecKVDraftForCausalLM` (full head) from a noisy copy of
+    ``target``'s weights, with context lookup ``weights`` (empty: lookup off)."""
+    from speckv_env.draft import SpecKVDraftForCausalLM
+
+    cfg = copy.deepcopy(target.config)
+    cfg.speckv_draft = {"head_size": cfg.vocab_size, "lookup_weights": list(weights)}
+    draft = SpecKVDraftForCausalLM(cfg)
+    sd = {k: v for k, v in target.state_dict().items()}
+    draft.load_state_dict(sd, strict=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g) * p.std())
+    return draft.eval()
