@@ -639,7 +639,8 @@ def main(argv=None):
                  cache_dir=Path(a.out) / "eval_cache", threads=a.threads)
     elif a.ship:
         notes = Path(a.notes_file).read_text() if a.notes_file else ""
-        log(f"shipped to {ship(a.out, notes)}")
+        log(f"shipped to {ship(a.out, notes)}; next, fit its context-lookup weights: "
+            "python experiments/fit_lookup.py --draft speckv_env/assets/draft")
     else:
         train(a)
 

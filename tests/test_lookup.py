@@ -112,3 +112,24 @@ def test_engine_with_lookup_is_lossless_and_gamma_independent(tiny_pair, seed):
     samp = SpeculativeEngine(target, draft, eos_token_id=3, temperature=0.8, top_p=0.9)
     outs = {tuple(samp.generate(prompt, 30, g, seed=seed).tokens) for g in [0, 1, 2, 5, [3, 0, 6]]}
     assert len(outs) == 1
+
+
+def test_fit_lookup_weights_follow_which_proposal_is_right():
+    """experiments/fit_lookup.py: a match length whose copies are right gets weight, one whose
+    copies are wrong gets none; agreement with the fitted weights is never below the neural one."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from fit_lookup import agreement, fit
+
+    rng = np.random.default_rng(0)
+    n = rng.integers(0, 4, 400)
+    tgt = rng.integers(0, 50, 400)
+    am = np.where(rng.random(400) < 0.4, tgt, tgt + 1)  # neural right 40% of the time
+    prop = np.where(n == 2, tgt, np.where(n == 3, tgt + 2, -1))  # n=2 copies right, n=3 wrong
+    stats = [{"tgt": tgt, "am": am, "qmax": np.full(400, 0.5), "qc": np.full(400, 0.1), "prop": prop, "n": n}]
+    w, counts = fit(stats, 3)
+    assert w[1] > 0 and w[2] == 0
+    assert counts[2] == int((n == 2).sum())
+    assert agreement(stats, w) > agreement(stats, [0.0] * 3)
