@@ -14,6 +14,12 @@ SPLIT_TITLES = {
 }
 
 
+
+def verdict_lines(results: dict) -> list[str]:
+    """The report's "Verdict" section: one line per split that has a verdict (none: no section)."""
+    lines = [f"- **{split}**: {s['verdict']['sentence']}" for split, s in results["splits"].items() if "verdict" in s]
+    return ["## Verdict", "", *lines, ""] if lines else []
+
 def _f(x: Any, nd: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -102,16 +108,7 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
         "of the tokens/s difference against best-fixed(train).",
         "",
     ]
-    first = None
-    for split, s in results["splits"].items():
-        if "verdict" in s:
-            first = first or split
-    if first:
-        L += ["## Verdict", ""]
-        for split, s in results["splits"].items():
-            if "verdict" in s:
-                L.append(f"- **{split}**: {s['verdict']['sentence']}")
-        L.append("")
+    L += verdict_lines(results)
     for split, s in results["splits"].items():
         L += [f"## {SPLIT_TITLES.get(split, split)}", ""]
         if "policies" not in s:
@@ -219,11 +216,7 @@ def write_paper_report(results: Mapping[str, Any], path: Path) -> Path:
     for r in results["paper_table"]:
         L.append(f"| {r['compression']} | {r['gamma']} | {r['runs']} | {r['paper_tokens_per_step']:.3f} | "
                  f"{r['paper_measured_tokens_per_s']:.2f} | {r['modelled_tokens_per_s']:.2f} |")
-    L += ["", "## Verdict", ""]
-    for split, s in results["splits"].items():
-        if "verdict" in s:
-            L.append(f"- **{split}**: {s['verdict']['sentence']}")
-    L.append("")
+    L += [""] + verdict_lines(results)
     for split, s in results["splits"].items():
         L += [f"## {SPLIT_TITLES.get(split, split)}", ""]
         if "policies" not in s:

@@ -43,6 +43,7 @@ def machine_info() -> dict[str, Any]:
                     info["cpu_model"] = line.split(":", 1)[1].strip()
                     break
         info["loadavg_at_start"] = os.getloadavg()
+        info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     except OSError:
         pass
     try:

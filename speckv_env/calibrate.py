@@ -16,6 +16,7 @@ Results are cached per (pair, compression, device) under ``cache_dir()/calibrati
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -108,13 +109,17 @@ def calibrate(
             "prompts": len(encoded),
             "samples_per_gamma": {g: len(v) for g, v in verify.items()},
             "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "draft_fingerprint": getattr(pair, "draft_fingerprint", None),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     )
 
 
 def calibration_path(pair) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{pair.name}-{pair.compression}-{pair.device.type}")
+    # the draft's fingerprint is part of the key: a retrained draft (same name) is re-measured
+    key = f"{pair.name}-{pair.draft_fingerprint}-{pair.compression}-{pair.device.type}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return cache_dir() / "calibration" / f"{safe}.json"
 
 
