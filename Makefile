@@ -7,8 +7,8 @@ PIP := $(PY) -m pip
 # torch 2.13.0: on this project's CPU machines pip takes a local CPU build; elsewhere pip
 # picks the matching wheel. Override for another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
 TORCH_SPEC ?= torch==2.13.0
-# idle OpenMP threads sleep instead of spinning (a shared 2-core CPU otherwise thrashes)
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP threads: the runtime's default (spin, then sleep) for single-process decoding (demo,
+# bench); tests/conftest.py and `speckv profile` choose PASSIVE (parallel processes).
 
 .PHONY: install demo test bench clean
 
