@@ -70,7 +70,6 @@ def model_fingerprint(model) -> str:
     cfg = {k: v for k, v in model.config.to_dict().items()
            if k not in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "_commit_hash", "architectures")}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             x = t.detach().to("cpu", torch.float64)
