@@ -14,11 +14,11 @@ SPLIT_TITLES = {
 }
 
 
-
 def verdict_lines(results: dict) -> list[str]:
     """The report's "Verdict" section: one line per split that has a verdict (none: no section)."""
     lines = [f"- **{split}**: {s['verdict']['sentence']}" for split, s in results["splits"].items() if "verdict" in s]
     return ["## Verdict", "", *lines, ""] if lines else []
+
 
 def _f(x: Any, nd: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

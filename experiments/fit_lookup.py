@@ -49,6 +49,13 @@ def neural_stats(draft, prompt: list[int], resp: list[int], max_ngram: int) -> d
             "qc": qc, "prop": props, "n": ns}
 
 
+def greedy_hits(s: dict, w: np.ndarray, m: np.ndarray | slice = slice(None)) -> np.ndarray:
+    """Whether greedy drafting with copy weight ``w`` (per position of ``s[...][m]``) matches the
+    target: the copy proposal wins exactly when w / (1 - w) >= max q - q(c) (speckv_env/lookup.py)."""
+    copy = (w > 0) & (w / (1 - w) >= s["qmax"][m] - s["qc"][m])
+    return np.where(copy, s["prop"][m] == s["tgt"][m], s["am"][m] == s["tgt"][m])
+
+
 def fit(stats: list[dict], max_ngram: int) -> tuple[list[float], dict]:
     weights, counts = [], {}
     for n in range(1, max_ngram + 1):
@@ -57,11 +64,7 @@ def fit(stats: list[dict], max_ngram: int) -> tuple[list[float], dict]:
         total = sum(int(m.sum()) for _, m in sel)
         best = (-1, 0.0)
         for w in GRID:
-            r = w / (1 - w)
-            hit = 0
-            for s, m in sel:
-                copy = (w > 0) & (r >= s["qmax"][m] - s["qc"][m])
-                hit += int(np.where(copy, s["prop"][m] == s["tgt"][m], s["am"][m] == s["tgt"][m]).sum())
+            hit = sum(int(greedy_hits(s, np.full(int(m.sum()), w), m).sum()) for s, m in sel)
             if hit > best[0]:
                 best = (hit, w)
         weights.append(float(best[1]))
@@ -71,12 +74,7 @@ def fit(stats: list[dict], max_ngram: int) -> tuple[list[float], dict]:
 
 def agreement(stats: list[dict], weights: list[float]) -> float:
     w = np.array([0.0] + list(weights))
-    hits = []
-    for s in stats:
-        W = w[s["n"]]
-        copy = (W > 0) & (W / (1 - W) >= s["qmax"] - s["qc"])
-        hits.append(np.where(copy, s["prop"] == s["tgt"], s["am"] == s["tgt"]))
-    return float(np.concatenate(hits).mean())
+    return float(np.concatenate([greedy_hits(s, w[s["n"]]) for s in stats]).mean())
 
 
 def main(argv=None) -> dict:

@@ -35,13 +35,14 @@ def figures(traces_dir: str, splits: list[str]) -> dict:
     trs = read_traces(traces_dir, split=splits)
     cms = load_cost_models(traces_dir)
     groups: dict[tuple[str, str, str], list] = defaultdict(list)
+    loops = {t.trace_id: loop_fraction_one(t.tokens) for t in trs}
     for t in trs:
         groups[(t.compression, t.mode, t.task)].append(t)
         groups[(t.compression, t.mode, "all")].append(t)
     out = {}
     for (comp, mode, task), ts in sorted(groups.items()):
         acc = np.concatenate([t.accept[:-1] for t in ts if t.n > 1])  # the last token is always the target's
-        clean = [t.accept[:-1] for t in ts if t.n > 1 and not loop_fraction_one(t.tokens)]
+        clean = [t.accept[:-1] for t in ts if t.n > 1 and not loops[t.trace_id]]
         acc_clean = float(np.concatenate(clean).mean()) if clean else float("nan")
         cm = cms[comp]
         n_tok = sum(t.n for t in ts)
@@ -49,7 +50,7 @@ def figures(traces_dir: str, splits: list[str]) -> dict:
         best = max(fixed, key=fixed.get)
         out[f"{comp}/{mode}/{task}"] = {
             "compression": comp, "mode": mode, "task": task, "episodes": len(ts), "tokens": n_tok,
-            "alpha": float(acc.mean()), "alpha_no_loops": acc_clean, "loop_fraction": float(np.mean([loop_fraction_one(t.tokens) for t in ts])),
+            "alpha": float(acc.mean()), "alpha_no_loops": acc_clean, "loop_fraction": float(np.mean([loops[t.trace_id] for t in ts])),
             "best_fixed_gamma": int(best), "best_fixed_modelled_tps": fixed[best],
             "target_only_tps": 1.0 / cm.t_target, "modelled_speedup": fixed[best] * cm.t_target,
             "cost_ratio": cm.cost_ratio,

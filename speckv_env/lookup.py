@@ -87,8 +87,8 @@ class ContextLookup:
         positions = list(positions)
         if len(positions) > 8:
             props, ns = lookup_table(row[: positions[-1] + 1], positions[0] + 1, self.max_ngram)
-            off = positions[0] + 1
-            return props[np.asarray(positions) + 1 - off], ns[np.asarray(positions) + 1 - off]
+            idx = np.asarray(positions) - positions[0]
+            return props[idx], ns[idx]
         out = [_lookup_one(row[: i + 1], self.max_ngram) for i in positions]
         return np.array([o[0] for o in out], dtype=np.int64), np.array([o[1] for o in out], dtype=np.int64)
 

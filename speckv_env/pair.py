@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -37,13 +38,10 @@ class ModelPair:
     def name(self) -> str:
         return f"{self.target_name}|{self.draft_name}"
 
-    @property
+    @cached_property
     def draft_fingerprint(self) -> str:
         """Short hash of the draft's config and weights (see :func:`model_fingerprint`)."""
-        fp = self.__dict__.get("_draft_fp")
-        if fp is None:
-            fp = self.__dict__["_draft_fp"] = model_fingerprint(self.draft)
-        return fp
+        return model_fingerprint(self.draft)
 
     @property
     def eos_token_id(self) -> list[int]:
