@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -200,6 +201,32 @@ def load_tokenizer(spec: str | os.PathLike | None, *, trust_remote_code: bool = 
         raise ModelLoadError(f"{role}: no usable tokenizer in {src.path}: {e}") from e
 
 
+class _OncePerMessage(logging.Filter):
+    """Let each distinct log message template through once.
+
+    bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" at WARNING on *every*
+    int8 matmul with fp32 inputs (the CPU path): tens of thousands of lines a minute, burying a
+    recording's progress and errors. The first occurrence still reaches the user.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _quiet_repeated_bnb_warnings() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OncePerMessage) for f in log.filters):
+        log.addFilter(_OncePerMessage())
+
+
 def quantization_config(compression: str):
     from transformers import BitsAndBytesConfig
 
@@ -252,6 +279,7 @@ def load_model(
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ModelLoadError(f"{role}: compression {c!r} needs bitsandbytes: pip install bitsandbytes") from None
+        _quiet_repeated_bnb_warnings()
     kwargs: dict[str, Any] = {"dtype": dtype}
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from speckv_env.models import (
     ModelLoadError,
@@ -107,3 +109,16 @@ def test_compressed_loading(tmp_path, compression):
     if compression in ("int8", "nf4"):
         assert "bitsandbytes" in cfg or "load_in" in cfg
     assert m.speckv_compression == compression
+
+
+def test_int8_cast_warning_is_logged_once(tmp_path, caplog):
+    # bitsandbytes warns on every int8 matmul with fp32 inputs (the CPU path); a recording
+    # would print tens of thousands of identical lines. The first one still shows.
+    t = _save_model(tmp_path, "target", WORDS)
+    m = load_model(str(t), compression="int8", device="cpu")
+    ids = torch.tensor([[1, 2, 3]])
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        for _ in range(5):
+            m(ids)
+    casts = [r for r in caplog.records if "will be cast" in r.getMessage()]
+    assert len(casts) <= 1
