@@ -10,7 +10,7 @@ does, so that modelled and measured times agree:
 - ``t_target``: median time per token of plain target-only decoding (one target forward of
   one token and an argmax, KV cache), the baseline for speedups.
 
-Results are cached per (pair, compression, device) under ``cache_dir()/calibration``.
+Results are cached per (pair, draft fingerprint, compression, device, kernels) under ``cache_dir()/calibration``.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def calibrate(
             "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
             "draft_fingerprint": getattr(pair, "draft_fingerprint", None),
+            "cpu_kernels": bool(getattr(pair, "cpu_kernels", False)),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     )
@@ -118,7 +119,9 @@ def calibrate(
 
 def calibration_path(pair) -> Path:
     # the draft's fingerprint is part of the key: a retrained draft (same name) is re-measured
-    key = f"{pair.name}-{pair.draft_fingerprint}-{pair.compression}-{pair.device.type}"
+    # and so is the kernel choice (row-count plans change every step time)
+    kernels = "cpulinear" if getattr(pair, "cpu_kernels", False) else "stock"
+    key = f"{pair.name}-{pair.draft_fingerprint}-{pair.compression}-{pair.device.type}-{kernels}"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return cache_dir() / "calibration" / f"{safe}.json"
 

@@ -33,6 +33,8 @@ class ModelPair:
     draft_name: str
     compression: str
     device: torch.device
+    #: float32 linear layers use row-count plans (:mod:`speckv_env.cpu_linear`)
+    cpu_kernels: bool = False
 
     @property
     def name(self) -> str:
@@ -91,12 +93,17 @@ def load_pair(
     device: str | torch.device | None = "auto",
     trust_remote_code: bool = False,
     draft_dtype: torch.dtype | None = None,
+    cpu_kernels: bool | None = None,
 ) -> ModelPair:
     """Load a draft/target pair, checking that they share a vocabulary.
 
     ``target=None`` is the embedded SmolLM2-135M-Instruct; ``draft=None`` is the draft shipped
     for it (only valid with the default target). ``compression`` applies to the target only;
     the draft runs uncompressed (fp32 on CPU, fp16 on GPU unless ``draft_dtype``).
+
+    ``cpu_kernels`` (on a CPU device): give both models' float32 linear layers row-count plans
+    (:mod:`speckv_env.cpu_linear`; timed once per host, a few seconds, then cached). Default:
+    on, unless the environment variable ``SPECKV_CPU_LINEAR=0``.
     """
     comp = check_compression(compression)
     dev = resolve_device(device)
@@ -126,6 +133,13 @@ def load_pair(
         raise ModelLoadError(
             f"draft vocabulary size {d_vocab} differs from the target's {tgt.config.vocab_size}: their logits cannot be compared"
         )
+    if cpu_kernels is None:
+        cpu_kernels = os.environ.get("SPECKV_CPU_LINEAR", "1") != "0"
+    planned = False
+    if cpu_kernels and dev.type == "cpu":
+        from . import cpu_linear
+
+        planned = (cpu_linear.install(tgt) + cpu_linear.install(drf)) > 0
     return ModelPair(
         target=tgt,
         draft=drf,
@@ -134,4 +148,5 @@ def load_pair(
         draft_name=drf_name,
         compression=comp,
         device=dev,
+        cpu_kernels=planned,
     )

@@ -1,0 +1,215 @@
+"""Row-count-aware matrix products for decoding on CPU.
+
+Speculative decoding rests on one assumption: a target forward over ``gamma + 1`` tokens costs
+about as much as a forward over one, because decoding is memory-bound (every weight is read
+once either way). PyTorch's CPU ``nn.Linear`` (``x @ W.T`` through MKL) breaks that assumption
+for the handful of rows decoding uses. Measured on a 2-core AMD EPYC (Zen 4) host, SmolLM2-135M's
+weights streamed from memory, 2 threads (``python -m speckv_env.cpu_linear`` prints the table):
+
+* one row goes through a matrix-vector kernel that reaches ~11 GB/s: the 576 x 1536 MLP
+  projection takes 0.33 ms, the 576 x 49152 output head 9.6 ms;
+* 2 to 9 rows go through a general product that re-packs the weight: 0.35-0.48 ms and
+  16-22 ms, so verifying 5 tokens cost 1.4-1.7x a 1-token step, which leaves speculation
+  nothing to gain;
+* the same product written ``W @ x.T`` (the weight as the left, "tall" operand) streams the
+  weight at ~34 GB/s for 2 columns: 0.11 ms and 3.5 ms, but is poor for some column counts
+  (5 is slower than 8 for the head).
+
+:func:`install` gives each ``nn.Linear`` of a model a plan: for each row count up to
+``max_rows`` the fastest of ``x @ W.T`` and ``W @ x'.T`` with ``x'`` padded with copies of its
+last row to 2..``max_rows + 3`` columns, timed on this host on the model's own weights by
+:func:`tune` (a few seconds; cached per host, thread count and shape). Rows beyond ``max_rows``
+(prefill) keep PyTorch's own path. Results are the same products summed in a different order:
+equal up to float rounding, like any change of BLAS kernel (PyTorch's own path already gives a
+row different bits when it shares a forward with other rows). The engine therefore stays
+lossless in the sense every speculative decoder is: it emits the target's argmax (or sample) as
+computed by the verifying forward.
+
+Only float32 weights on CPU are planned; quantised (bitsandbytes) layers and GPU models are left
+alone. :func:`uninstall` restores the stock path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: row counts planned per call; more rows (prefill) use PyTorch's own path
+MAX_ROWS = 10
+_ATTR = "_speckv_plan"
+PLAN_VERSION = 1
+
+
+def _wx(x2: torch.Tensor, w: torch.Tensor, cols: int) -> torch.Tensor:
+    # both operands and the result row-major: the BLAS kernel MKL picks depends on the layout
+    # (a column-major x runs the 576 x 1536 product 3x slower), so never pass views on
+    n = x2.shape[0]
+    if cols > n:
+        x2 = torch.cat([x2, x2[-1:].expand(cols - n, -1)])
+    else:
+        x2 = x2.contiguous()
+    return (w @ x2.t())[:, :n].t().contiguous()
+
+
+def _make_forward(mod: nn.Linear):
+    plan: dict[int, int] = getattr(mod, _ATTR)
+    w, b = mod.weight, mod.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        cols = plan.get(n, 0)
+        if cols == 0 or x.dtype != w.dtype or torch.is_grad_enabled():
+            return nn.functional.linear(x, w, b)
+        y = _wx(x.reshape(n, x.shape[-1]), w, cols)
+        if b is not None:
+            y = y + b
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    return forward
+
+
+def _eligible(m: nn.Module) -> bool:
+    return (
+        type(m) is nn.Linear
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype == torch.float32
+        and m.weight.dim() == 2
+    )
+
+
+def _host_key() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def _cache_file() -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "cpu_linear_plans.json"
+
+
+def _time_variant(weights: list[torch.Tensor], x: torch.Tensor, cols: int, reps: int) -> float:
+    """Seconds per product, min over ``reps`` passes over ``weights`` (cycled so they stream from memory)."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for w in weights:
+            if cols == 0:
+                nn.functional.linear(x, w)
+            else:
+                _wx(x, w, cols)
+        best = min(best, (time.perf_counter() - t0) / len(weights))
+    return best
+
+
+@torch.inference_mode()
+def tune(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, reps: int = 2) -> dict[int, int]:
+    """Plan for one weight shape: rows -> columns of the ``W @ x.T`` product (0 = ``x @ W.T``).
+
+    ``weights`` are the model's weights of that shape; timing cycles through them (repeated to
+    at least 64 MB, so they stream from memory as in decoding). Candidates for ``n`` rows: the
+    stock path and ``W @ x.T`` padded to ``n .. n + 3`` or 2, 4, 8 columns; one must beat the
+    stock path by 3% to be chosen.
+    """
+    out_f, in_f = weights[0].shape
+    g = torch.Generator().manual_seed(0)
+    per = out_f * in_f * weights[0].element_size()
+    cycle = list(weights) * max(1, -(-(64 << 20) // (per * len(weights))))
+    cycle = cycle[: max(len(weights), min(len(cycle), 64))]
+    plan: dict[int, int] = {}
+    for n in range(1, max_rows + 1):
+        x = torch.randn(n, in_f, generator=g, dtype=weights[0].dtype)
+        best_cols, best_t = 0, _time_variant(cycle, x, 0, reps) / 1.03
+        for cols in sorted({*range(max(n, 2), n + 4), *(c for c in (2, 4, 8) if c >= n)}):
+            t = _time_variant(cycle, x, cols, reps)
+            if t < best_t:
+                best_cols, best_t = cols, t
+        plan[n] = best_cols
+    return plan
+
+
+def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True) -> dict[tuple[int, int], dict[int, int]]:
+    """Plans for every planned weight shape of ``model``, from the per-host cache or timed now."""
+    shapes: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for m in model.modules():
+        if _eligible(m):
+            shapes.setdefault(tuple(m.weight.shape), []).append(m.weight)
+    host = _host_key()
+    cache: dict = {}
+    path = _cache_file()
+    if use_cache and path.exists():
+        try:
+            cache = json.loads(path.read_text())
+            if cache.get("version") != PLAN_VERSION:
+                cache = {}
+        except (OSError, ValueError):
+            cache = {}
+    entries = cache.setdefault("plans", {})
+    out: dict[tuple[int, int], dict[int, int]] = {}
+    changed = False
+    for shape, ws in shapes.items():
+        key = f"{host}|{shape[0]}x{shape[1]}|rows={max_rows}"
+        got = entries.get(key)
+        if got is None:
+            got = {str(k): v for k, v in tune(ws, max_rows).items()}
+            entries[key] = got
+            changed = True
+        out[shape] = {int(k): int(v) for k, v in got.items()}
+    if use_cache and changed:
+        cache["version"] = PLAN_VERSION
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return out
+
+
+def install(model: nn.Module, plans: dict[tuple[int, int], dict[int, int]] | None = None, max_rows: int = MAX_ROWS) -> int:
+    """Give every float32 CPU ``nn.Linear`` of ``model`` its row-count plan; returns how many."""
+    if plans is None:
+        plans = plans_for(model, max_rows)
+    count = 0
+    for m in model.modules():
+        if _eligible(m) and tuple(m.weight.shape) in plans:
+            setattr(m, _ATTR, dict(plans[tuple(m.weight.shape)]))
+            m.forward = _make_forward(m)
+            count += 1
+    model._speckv_cpu_linear = count > 0  # type: ignore[attr-defined]
+    return count
+
+
+def uninstall(model: nn.Module) -> None:
+    """Restore PyTorch's own ``nn.Linear`` path on every layer :func:`install` touched."""
+    for m in model.modules():
+        if hasattr(m, _ATTR):
+            delattr(m, _ATTR)
+            if "forward" in m.__dict__:
+                del m.forward
+    model._speckv_cpu_linear = False  # type: ignore[attr-defined]
+
+
+def installed(model: nn.Module) -> bool:
+    return bool(getattr(model, "_speckv_cpu_linear", False))
+
+
+def describe(plans: dict[tuple[int, int], dict[int, int]]) -> Iterable[str]:
+    for (o, i), p in sorted(plans.items()):
+        yield f"{o}x{i}: " + " ".join(f"{n}:{'x@W.T' if c == 0 else f'W@x.T/{c}'}" for n, c in sorted(p.items()))

@@ -1,0 +1,102 @@
+"""Row-count plans for CPU linear layers: same products as nn.Linear (up to rounding), every
+padding, layout and fallback path; the engine stays lossless with them; plans are cached."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from speckv_env import cpu_linear
+from speckv_env.engine import SpeculativeEngine
+
+from tiny_models import make_tiny_pair
+
+ALL_WX = {n: max(n, 2) + (n % 3) for n in range(1, cpu_linear.MAX_ROWS + 1)}  # padded, some by 1-2 rows
+
+
+def _layer(bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(48, 80, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_planned_products_equal_nn_linear(bias):
+    lin = _layer(bias)
+    w, b = lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone()
+    assert cpu_linear.install(lin, {(80, 48): ALL_WX}) == 1 and cpu_linear.installed(lin)
+    with torch.inference_mode():
+        for n in range(1, cpu_linear.MAX_ROWS + 3):  # the last two rows counts fall back to the stock path
+            x = torch.randn(1, n, 48)
+            y = lin(x)
+            ref = nn.functional.linear(x, w, b)
+            assert y.shape == (1, n, 80) and y.is_contiguous()
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+            if n > cpu_linear.MAX_ROWS:
+                assert torch.equal(y, ref)
+        # a column-major (transposed) input and a 2-D input give the same products
+        xt = torch.randn(48, 4).t()
+        torch.testing.assert_close(lin(xt), nn.functional.linear(xt, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_uninstall_restores_the_stock_path_and_training_is_untouched():
+    lin = _layer()
+    cpu_linear.install(lin, {(80, 48): ALL_WX})
+    x = torch.randn(3, 48, requires_grad=True)
+    lin(x).sum().backward()  # grad mode uses nn.functional.linear: gradients flow as usual
+    assert x.grad is not None and lin.weight.grad is not None
+    cpu_linear.uninstall(lin)
+    assert "forward" not in lin.__dict__ and not cpu_linear.installed(lin)
+    with torch.inference_mode():
+        assert torch.equal(lin(x.detach()), nn.functional.linear(x.detach(), lin.weight, lin.bias))
+
+
+def test_only_float32_cpu_linear_layers_are_planned():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), nn.Embedding(10, 8))
+    n = cpu_linear.install(model, {(8, 8): ALL_WX})
+    assert n == 1 and "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+
+
+def test_tuned_plans_are_cached_per_host(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECKV_CACHE", str(tmp_path))
+    model = nn.Sequential(nn.Linear(32, 96), nn.Linear(96, 32))
+    plans = cpu_linear.plans_for(model, max_rows=4)
+    assert set(plans) == {(96, 32), (32, 96)}
+    for p in plans.values():
+        assert set(p) == {1, 2, 3, 4} and all(c == 0 or c >= n for n, c in p.items())
+    assert (tmp_path / "cpu_linear_plans.json").exists()
+
+    def boom(*a, **k):
+        raise AssertionError("plans should come from the cache")
+
+    monkeypatch.setattr(cpu_linear, "tune", boom)
+    assert cpu_linear.plans_for(model, max_rows=4) == plans
+    (tmp_path / "cpu_linear_plans.json").write_text("{not json")  # a damaged cache is re-timed
+    monkeypatch.undo()
+    monkeypatch.setenv("SPECKV_CACHE", str(tmp_path))
+    assert set(cpu_linear.plans_for(model, max_rows=4)) == set(plans)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_engine_is_lossless_with_planned_kernels(seed):
+    target, draft = make_tiny_pair(seed=seed)
+    rng = random.Random(seed)
+    prompt = [rng.randrange(4, 64) for _ in range(6)]
+    ids = torch.tensor([prompt])
+    ref = target.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=3, pad_token_id=0)[0, 6:].tolist()
+    for m in (target, draft):
+        shapes = {tuple(l.weight.shape) for l in m.modules() if type(l) is nn.Linear}
+        assert cpu_linear.install(m, {s: ALL_WX for s in shapes}) > 0
+    try:
+        eng = SpeculativeEngine(target, draft, eos_token_id=3)
+        for gamma in (0, 1, 3, 5, 8):
+            assert eng.generate(prompt, 40, gamma=gamma).tokens == ref, f"gamma {gamma}"
+        a = SpeculativeEngine(target, draft, eos_token_id=3, temperature=0.7)
+        s1 = a.generate(prompt, 40, gamma=2, seed=5).tokens
+        s2 = a.generate(prompt, 40, gamma=6, seed=5).tokens
+        assert s1 == s2  # sampling output does not depend on gamma, planned or not
+    finally:
+        cpu_linear.uninstall(target)
+        cpu_linear.uninstall(draft)
