@@ -4,7 +4,7 @@ Speculative decoding rests on one assumption: a target forward over ``gamma + 1`
 about as much as a forward over one, because decoding is memory-bound (every weight is read
 once either way). PyTorch's CPU ``nn.Linear`` (``x @ W.T`` through MKL) breaks that assumption
 for the handful of rows decoding uses. Measured on a 2-core AMD EPYC (Zen 4) host, SmolLM2-135M's
-weights streamed from memory, 2 threads (``python -m speckv_env.cpu_linear`` prints the table):
+weights streamed from memory, 2 threads (``python experiments/cpu_linear_microbench.py``):
 
 * one row goes through a matrix-vector kernel that reaches ~11 GB/s: the 576 x 1536 MLP
   projection takes 0.33 ms, the 576 x 49152 output head 9.6 ms;
