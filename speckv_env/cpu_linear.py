@@ -143,8 +143,14 @@ def tune(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, reps: int = 2) -
     return plan
 
 
-def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True) -> dict[tuple[int, int], dict[int, int]]:
-    """Plans for every planned weight shape of ``model``, from the per-host cache or timed now."""
+def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True,
+              refresh: bool = False) -> dict[tuple[int, int], dict[int, int]]:
+    """Plans for every planned weight shape of ``model``, from the per-host cache or timed now.
+
+    ``refresh`` times every shape again and overwrites the cached plans (``speckv calibrate``
+    does, since it is meant to run on a quiet machine: plans timed while other processes compete
+    for the cores, e.g. parallel ``speckv profile`` runs, can be poor).
+    """
     shapes: dict[tuple[int, int], list[torch.Tensor]] = {}
     for m in model.modules():
         if _eligible(m):
@@ -164,7 +170,7 @@ def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True
     changed = False
     for shape, ws in shapes.items():
         key = f"{host}|{shape[0]}x{shape[1]}|rows={max_rows}"
-        got = entries.get(key)
+        got = None if refresh else entries.get(key)
         if got is None:
             got = {str(k): v for k, v in tune(ws, max_rows).items()}
             entries[key] = got
@@ -182,10 +188,11 @@ def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True
     return out
 
 
-def install(model: nn.Module, plans: dict[tuple[int, int], dict[int, int]] | None = None, max_rows: int = MAX_ROWS) -> int:
+def install(model: nn.Module, plans: dict[tuple[int, int], dict[int, int]] | None = None, max_rows: int = MAX_ROWS,
+            refresh: bool = False) -> int:
     """Give every float32 CPU ``nn.Linear`` of ``model`` its row-count plan; returns how many."""
     if plans is None:
-        plans = plans_for(model, max_rows)
+        plans = plans_for(model, max_rows, refresh=refresh)
     count = 0
     for m in model.modules():
         if _eligible(m) and tuple(m.weight.shape) in plans:

@@ -100,3 +100,20 @@ def test_engine_is_lossless_with_planned_kernels(seed):
     finally:
         cpu_linear.uninstall(target)
         cpu_linear.uninstall(draft)
+
+
+def test_refresh_times_the_plans_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECKV_CACHE", str(tmp_path))
+    model = nn.Sequential(nn.Linear(32, 96))
+    cpu_linear.plans_for(model, max_rows=3)
+    calls = []
+
+    def fake_tune(weights, max_rows):
+        calls.append(tuple(weights[0].shape))
+        return {n: 0 for n in range(1, max_rows + 1)}
+
+    monkeypatch.setattr(cpu_linear, "tune", fake_tune)
+    assert cpu_linear.plans_for(model, max_rows=3, refresh=True) == {(96, 32): {1: 0, 2: 0, 3: 0}}
+    assert calls == [(96, 32)]
+    assert cpu_linear.plans_for(model, max_rows=3) == {(96, 32): {1: 0, 2: 0, 3: 0}}  # the new plans were saved
+    assert calls == [(96, 32)]
