@@ -60,12 +60,12 @@ def _wx(x2: torch.Tensor, w: torch.Tensor, cols: int) -> torch.Tensor:
 
 def _make_forward(mod: nn.Linear):
     plan: dict[int, int] = getattr(mod, _ATTR)
-    w, b = mod.weight, mod.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        w, b = mod.weight, mod.bias  # read per call: weights may be reassigned or moved after install
         n = x.numel() // x.shape[-1] if x.shape[-1] else 0
         cols = plan.get(n, 0)
-        if cols == 0 or x.dtype != w.dtype or torch.is_grad_enabled():
+        if cols == 0 or x.dtype != w.dtype or w.device.type != "cpu" or torch.is_grad_enabled():
             return nn.functional.linear(x, w, b)
         y = _wx(x.reshape(n, x.shape[-1]), w, cols)
         if b is not None:

@@ -117,3 +117,12 @@ def test_refresh_times_the_plans_again(tmp_path, monkeypatch):
     assert calls == [(96, 32)]
     assert cpu_linear.plans_for(model, max_rows=3) == {(96, 32): {1: 0, 2: 0, 3: 0}}  # the new plans were saved
     assert calls == [(96, 32)]
+
+
+def test_weights_reassigned_after_install_are_used():
+    lin = _layer()
+    cpu_linear.install(lin, {(80, 48): ALL_WX})
+    lin.weight = nn.Parameter(torch.randn(80, 48))
+    x = torch.randn(3, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
