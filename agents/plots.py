@@ -196,7 +196,7 @@ def plot_paper_tokens_vs_speed(results: Mapping[str, Any], path: Path) -> Path |
         ax.set_ylabel("tokens per step", color="#1f77b4")
         ax2 = ax.twinx()
         ax2.plot(g, [r["paper_measured_tokens_per_s"] for r in rows], "s--", color="#d62728", label="tokens/s measured (paper wall time)")
-        ax2.plot(g, [r["modelled_tokens_per_s"] for r in rows], "^:", color="#ff7f0e", label="tokens/s modelled (fitted cost)")
+        ax2.plot(g, [float("nan") if r["modelled_tokens_per_s"] is None else r["modelled_tokens_per_s"] for r in rows], "^:", color="#ff7f0e", label="tokens/s modelled (fitted cost)")
         ax2.set_ylabel("tokens per second", color="#d62728")
         ax.set_title(c, fontsize=10)
         if c == comps[0]:

@@ -215,7 +215,8 @@ def write_paper_report(results: Mapping[str, Any], path: Path) -> Path:
     ]
     for r in results["paper_table"]:
         L.append(f"| {r['compression']} | {r['gamma']} | {r['runs']} | {r['paper_tokens_per_step']:.3f} | "
-                 f"{r['paper_measured_tokens_per_s']:.2f} | {r['modelled_tokens_per_s']:.2f} |")
+                 f"{r['paper_measured_tokens_per_s']:.2f} | "
+                 f"{'—' if r['modelled_tokens_per_s'] is None else format(r['modelled_tokens_per_s'], '.2f')} |")
     L += [""] + verdict_lines(results)
     for split, s in results["splits"].items():
         L += [f"## {SPLIT_TITLES.get(split, split)}", ""]
