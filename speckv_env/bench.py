@@ -143,7 +143,7 @@ def run_engine_bench(
             elif kind == "hf_target_stock":
                 from . import cpu_linear
 
-                plans = {m: cpu_linear.plans_for(m) for m in (pair.target, pair.draft)}
+                plans = {m: cpu_linear.current_plans(m) for m in (pair.target, pair.draft)}
                 for m in plans:
                     cpu_linear.uninstall(m)
                 try:
@@ -211,6 +211,7 @@ def run_engine_bench(
         engine_speedup_vs_stock_target=(results["engine_tps"][best_engine_g] / results["hf_target_stock_tps"]
                                         if "hf_target_stock_tps" in results else None),
         cpu_kernels=bool(getattr(pair, "cpu_kernels", False)),
+        cpu_linear_plans=_plans_text(pair),
         latency_ratio=t_draft / t_target,
         draft_step_s=t_draft,
         target_step_s=t_target,
@@ -227,6 +228,15 @@ def run_engine_bench(
         machine=machine_info(),
     )
     return results
+
+
+def _plans_text(pair) -> list[str] | None:
+    """The row-count plans in use (``shape: rows:kernel ...``), or None with stock kernels."""
+    if not getattr(pair, "cpu_kernels", False):
+        return None
+    from . import cpu_linear
+
+    return list(cpu_linear.describe({**cpu_linear.current_plans(pair.target), **cpu_linear.current_plans(pair.draft)}))
 
 
 @torch.inference_mode()

@@ -8,17 +8,17 @@ weights streamed from memory, 2 threads (``python experiments/cpu_linear_microbe
 
 * one row goes through a matrix-vector kernel that reaches ~11 GB/s: the 576 x 1536 MLP
   projection takes 0.33 ms, the 576 x 49152 output head 9.6 ms;
-* 2 to 9 rows go through a general product that re-packs the weight: 0.35-0.48 ms and
-  16-22 ms, so verifying 5 tokens cost 1.4-1.7x a 1-token step, which leaves speculation
-  nothing to gain;
+* 2 to 9 rows go through a general product that is slower still: 0.35-0.48 ms and 16-22 ms,
+  so a 2-5-token verification cost 1.35-1.65x a 1-token step (calibrated), which left
+  speculation nothing to gain;
 * the same product written ``W @ x.T`` (the weight as the left, "tall" operand) streams the
   weight at ~34 GB/s for 2 columns: 0.11 ms and 3.5 ms, but is poor for some column counts
   (5 is slower than 8 for the head).
 
 :func:`install` gives each ``nn.Linear`` of a model a plan: for each row count up to
 ``max_rows`` the fastest of ``x @ W.T`` and ``W @ x'.T`` with ``x'`` padded with copies of its
-last row to 2..``max_rows + 3`` columns, timed on this host on the model's own weights by
-:func:`tune` (a few seconds; cached per host, thread count and shape). Rows beyond ``max_rows``
+last row to a few more columns (see :func:`tune`), timed on this host on the model's own weights
+(a few seconds; cached per CPU model, core count, thread count, torch version and shape). Rows beyond ``max_rows``
 (prefill) keep PyTorch's own path. Results are the same products summed in a different order:
 equal up to float rounding, like any change of BLAS kernel (PyTorch's own path already gives a
 row different bits when it shares a forward with other rows). The engine therefore stays
@@ -94,7 +94,7 @@ def _host_key() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return f"{cpu}|cpus={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
 def _cache_file() -> Path:
@@ -215,6 +215,11 @@ def uninstall(model: nn.Module) -> None:
 
 def installed(model: nn.Module) -> bool:
     return bool(getattr(model, "_speckv_cpu_linear", False))
+
+
+def current_plans(model: nn.Module) -> dict[tuple[int, int], dict[int, int]]:
+    """The plans installed on ``model`` now, by weight shape (empty with the stock path)."""
+    return {tuple(m.weight.shape): dict(getattr(m, _ATTR)) for m in model.modules() if hasattr(m, _ATTR)}
 
 
 def describe(plans: dict[tuple[int, int], dict[int, int]]) -> Iterable[str]:

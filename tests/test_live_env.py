@@ -196,3 +196,29 @@ def test_draft_fingerprint_tells_drafts_apart(tiny_smol_pair, tiny_smol_lookup_p
     assert a != b and len(a) == 12
     assert model_fingerprint(tiny_smol_pair.draft) == a  # deterministic
     assert model_fingerprint(tiny_smol_pair.target) != a
+
+
+def test_engine_bench_compares_methods_and_restores_the_plans(tiny_smol_pair):
+    import dataclasses
+
+    from speckv_env import cpu_linear
+    from speckv_env.bench import bench_prompts, format_engine_table, run_engine_bench
+
+    plan = {n: max(n, 2) + 1 for n in range(1, cpu_linear.MAX_ROWS + 1)}
+    for m in (tiny_smol_pair.target, tiny_smol_pair.draft):
+        shapes = {tuple(l.weight.shape) for l in m.modules() if type(l) is torch.nn.Linear}
+        cpu_linear.install(m, {s: plan for s in shapes})
+    pair = dataclasses.replace(tiny_smol_pair, cpu_kernels=True)
+    try:
+        r = run_engine_bench(pair, prompts=bench_prompts()[:2], max_new_tokens=8, gammas_engine=(0, 2),
+                             gammas_hf=(1,), progress=False)
+        assert r["outputs_identical"], r["output_mismatches"]  # every method, stock kernels included
+        assert r["hf_target_tps"] > 0 and r["hf_target_stock_tps"] > 0 and set(r["engine_tps"]) == {"0", "2"}
+        assert r["engine_speedup_vs_stock_target"] == pytest.approx(r["best_engine_tps"] / r["hf_target_stock_tps"])
+        assert r["cpu_kernels"] and any("W@x.T/3" in line for line in r["cpu_linear_plans"])
+        # the stock measurement took the plans off and put the same ones back
+        assert cpu_linear.current_plans(pair.target) and all(p == plan for p in cpu_linear.current_plans(pair.target).values())
+        assert "stock CPU kernels" in format_engine_table(r)
+    finally:
+        cpu_linear.uninstall(tiny_smol_pair.target)
+        cpu_linear.uninstall(tiny_smol_pair.draft)
