@@ -122,3 +122,18 @@ def test_int8_cast_warning_is_logged_once(tmp_path, caplog):
             m(ids)
     casts = [r for r in caplog.records if "will be cast" in r.getMessage()]
     assert len(casts) <= 1
+
+
+def test_load_pair_plans_cpu_linears_unless_turned_off(tmp_path, monkeypatch):
+    from speckv_env import cpu_linear
+    from speckv_env.pair import load_pair
+
+    monkeypatch.setenv("SPECKV_CACHE", str(tmp_path / "cache"))
+    t = _save_model(tmp_path, "target", WORDS)
+    d = _save_model(tmp_path, "draft", WORDS, seed=1)
+    pair = load_pair(str(t), str(d), device="cpu")
+    assert pair.cpu_kernels and cpu_linear.current_plans(pair.target) and cpu_linear.current_plans(pair.draft)
+    monkeypatch.setenv("SPECKV_CPU_LINEAR", "0")
+    stock = load_pair(str(t), str(d), device="cpu")
+    assert not stock.cpu_kernels and not cpu_linear.current_plans(stock.target)
+    assert load_pair(str(t), str(d), device="cpu", cpu_kernels=True).cpu_kernels  # the argument wins
