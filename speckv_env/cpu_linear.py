@@ -168,6 +168,10 @@ def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True
     entries = cache.setdefault("plans", {})
     out: dict[tuple[int, int], dict[int, int]] = {}
     changed = False
+    todo = [s for s in shapes if refresh or f"{host}|{s[0]}x{s[1]}|rows={max_rows}" not in entries]
+    if sum(shapes[s][0].numel() * len(shapes[s]) for s in todo) > (16 << 20):  # worth saying for a real model
+        print(f"[speckv] timing CPU matrix-product plans for {len(todo)} weight shapes on this host "
+              f"(once, ~10 s; cached in {path})", flush=True)
     for shape, ws in shapes.items():
         key = f"{host}|{shape[0]}x{shape[1]}|rows={max_rows}"
         got = None if refresh else entries.get(key)
