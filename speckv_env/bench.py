@@ -42,12 +42,10 @@ def machine_info() -> dict[str, Any]:
     try:
         import os
 
+        from .cpu_linear import cpu_model
+
         info["cpu_count"] = os.cpu_count()
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
+        info["cpu_model"] = cpu_model()
         info["loadavg_at_start"] = os.getloadavg()
         info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     except OSError:

@@ -126,12 +126,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from .pair import load_pair
 
     _threads(a.threads)
-    pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device)
-    if pair.cpu_kernels:  # calibration runs on a quiet machine: time the row-count plans again too
-        from . import cpu_linear
-
-        for m in (pair.target, pair.draft):
-            cpu_linear.install(m, refresh=True)
+    # calibration runs on a quiet machine: time the CPU row-count plans again too
+    pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device, retime_cpu_plans=True)
     cm = calibrate(pair, gamma_max=a.gamma_max, tokens_per_gamma=a.tokens_per_gamma, progress=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -84,17 +84,20 @@ def _eligible(m: nn.Module) -> bool:
     )
 
 
-def _host_key() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}|cpus={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return platform.processor() or platform.machine()
+
+
+def _host_key() -> str:
+    return f"{cpu_model()}|cpus={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
 def _cache_file() -> Path:
@@ -166,21 +169,15 @@ def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True
         except (OSError, ValueError):
             cache = {}
     entries = cache.setdefault("plans", {})
-    out: dict[tuple[int, int], dict[int, int]] = {}
-    changed = False
-    todo = [s for s in shapes if refresh or f"{host}|{s[0]}x{s[1]}|rows={max_rows}" not in entries]
+    keys = {shape: f"{host}|{shape[0]}x{shape[1]}|rows={max_rows}" for shape in shapes}
+    todo = [shape for shape in shapes if refresh or keys[shape] not in entries]
     if sum(shapes[s][0].numel() * len(shapes[s]) for s in todo) > (16 << 20):  # worth saying for a real model
         print(f"[speckv] timing CPU matrix-product plans for {len(todo)} weight shapes on this host "
               f"(once, ~10 s; cached in {path})", flush=True)
-    for shape, ws in shapes.items():
-        key = f"{host}|{shape[0]}x{shape[1]}|rows={max_rows}"
-        got = None if refresh else entries.get(key)
-        if got is None:
-            got = {str(k): v for k, v in tune(ws, max_rows).items()}
-            entries[key] = got
-            changed = True
-        out[shape] = {int(k): int(v) for k, v in got.items()}
-    if use_cache and changed:
+    for shape in todo:
+        entries[keys[shape]] = {str(k): v for k, v in tune(shapes[shape], max_rows).items()}
+    out = {shape: {int(k): int(v) for k, v in entries[key].items()} for shape, key in keys.items()}
+    if use_cache and todo:
         cache["version"] = PLAN_VERSION
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +200,6 @@ def install(model: nn.Module, plans: dict[tuple[int, int], dict[int, int]] | Non
             setattr(m, _ATTR, dict(plans[tuple(m.weight.shape)]))
             m.forward = _make_forward(m)
             count += 1
-    model._speckv_cpu_linear = count > 0  # type: ignore[attr-defined]
     return count
 
 
@@ -214,11 +210,10 @@ def uninstall(model: nn.Module) -> None:
             delattr(m, _ATTR)
             if "forward" in m.__dict__:
                 del m.forward
-    model._speckv_cpu_linear = False  # type: ignore[attr-defined]
 
 
 def installed(model: nn.Module) -> bool:
-    return bool(getattr(model, "_speckv_cpu_linear", False))
+    return bool(current_plans(model))
 
 
 def current_plans(model: nn.Module) -> dict[tuple[int, int], dict[int, int]]:

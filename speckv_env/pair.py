@@ -94,6 +94,7 @@ def load_pair(
     trust_remote_code: bool = False,
     draft_dtype: torch.dtype | None = None,
     cpu_kernels: bool | None = None,
+    retime_cpu_plans: bool = False,
 ) -> ModelPair:
     """Load a draft/target pair, checking that they share a vocabulary.
 
@@ -103,7 +104,8 @@ def load_pair(
 
     ``cpu_kernels`` (on a CPU device): give both models' float32 linear layers row-count plans
     (:mod:`speckv_env.cpu_linear`; timed once per host, a few seconds, then cached). Default:
-    on, unless the environment variable ``SPECKV_CPU_LINEAR=0``.
+    on, unless the environment variable ``SPECKV_CPU_LINEAR=0``. ``retime_cpu_plans`` times them
+    again instead of reading the cache (``speckv calibrate`` does: it runs on a quiet machine).
     """
     comp = check_compression(compression)
     dev = resolve_device(device)
@@ -139,7 +141,7 @@ def load_pair(
     if cpu_kernels and dev.type == "cpu":
         from . import cpu_linear
 
-        planned = (cpu_linear.install(tgt) + cpu_linear.install(drf)) > 0
+        planned = (cpu_linear.install(tgt, refresh=retime_cpu_plans) + cpu_linear.install(drf, refresh=retime_cpu_plans)) > 0
     return ModelPair(
         target=tgt,
         draft=drf,
