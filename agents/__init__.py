@@ -8,8 +8,8 @@ ucb1, thompson, exp3, linucb, ppo, oracle. torch and stable-baselines3 are impor
 when an MLP is trained or a PPO agent is built.
 """
 
-from .base import AGENTS, DEFAULT_VERIFY_SLOPE, Agent, AgentFormatError, GammaTable, load_agent, make_agent
 from .bandits import EXP3, UCB1, EpsilonGreedy, LinUCB, ThompsonSampling
+from .base import AGENTS, DEFAULT_VERIFY_SLOPE, Agent, AgentFormatError, GammaTable, load_agent, make_agent
 from .mlp import SpecKVMLP
 from .oracle import OracleAgent
 from .ppo import PPOAgent

@@ -26,7 +26,8 @@ saved, so a reloaded bandit makes the same draws.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,9 @@ class BanditAgent(Agent):
 
     learns = True
 
-    def __init__(self, reward_mode: str = "throughput", seed: int | None = 0, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
+    def __init__(
+        self, reward_mode: str = "throughput", seed: int | None = 0, gammas: Sequence[int] = DEFAULT_GAMMAS
+    ) -> None:
         super().__init__(gammas)
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"unknown reward_mode {reward_mode!r}: choose one of {REWARD_MODES}")
@@ -140,7 +143,13 @@ class EpsilonGreedy(BanditAgent):
 
     kind = "epsilon_greedy"
 
-    def __init__(self, epsilon: float = 0.1, reward_mode: str = "throughput", seed: int | None = 0, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
+    def __init__(
+        self,
+        epsilon: float = 0.1,
+        reward_mode: str = "throughput",
+        seed: int | None = 0,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
+    ) -> None:
         super().__init__(reward_mode, seed, gammas)
         self.epsilon = float(epsilon)
         self._greedy_src: Any = None
@@ -172,7 +181,13 @@ class UCB1(BanditAgent):
 
     kind = "ucb1"
 
-    def __init__(self, c: float = 0.5, reward_mode: str = "throughput", seed: int | None = 0, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
+    def __init__(
+        self,
+        c: float = 0.5,
+        reward_mode: str = "throughput",
+        seed: int | None = 0,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
+    ) -> None:
         super().__init__(reward_mode, seed, gammas)
         self.c = float(c)
         self._ucb_src: Any = None  # the (n, mean, var) the cached decision was computed from
@@ -241,7 +256,13 @@ class EXP3(BanditAgent):
 
     kind = "exp3"
 
-    def __init__(self, eta: float = 0.1, reward_mode: str = "throughput", seed: int | None = 0, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
+    def __init__(
+        self,
+        eta: float = 0.1,
+        reward_mode: str = "throughput",
+        seed: int | None = 0,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
+    ) -> None:
         super().__init__(reward_mode, seed, gammas)
         self.eta = float(eta)
         self.log_w = np.zeros(self.K, dtype=np.float64)
@@ -358,5 +379,7 @@ class LinUCB(BanditAgent):
         A = np.asarray(state["A_inv"], dtype=np.float64)
         b = np.asarray(state["b"], dtype=np.float64)
         if A.shape != self.A_inv.shape or b.shape != self.b.shape:
-            raise ValueError(f"LinUCB tables have shapes {A.shape}, {b.shape}; expected {self.A_inv.shape}, {self.b.shape}")
+            raise ValueError(
+                f"LinUCB tables have shapes {A.shape}, {b.shape}; expected {self.A_inv.shape}, {self.b.shape}"
+            )
         self.A_inv, self.b = A, b

@@ -30,8 +30,9 @@ import json
 import math
 import struct
 from bisect import bisect_right
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -50,10 +51,10 @@ class AgentFormatError(ValueError):
     """A saved agent file is malformed, truncated, or holds the wrong kind of agent."""
 
 
-AGENTS: dict[str, type["Agent"]] = {}
+AGENTS: dict[str, type[Agent]] = {}
 
 
-def register(cls: type["Agent"]) -> type["Agent"]:
+def register(cls: type[Agent]) -> type[Agent]:
     AGENTS[cls.kind] = cls
     return cls
 
@@ -63,7 +64,7 @@ def _ensure_registered() -> None:
     import agents  # noqa: F401
 
 
-def make_agent(name: str, **kwargs: Any) -> "Agent":
+def make_agent(name: str, **kwargs: Any) -> Agent:
     """Build an agent by registry name (see :data:`AGENTS`), e.g. ``make_agent("ucb1", seed=0)``."""
     _ensure_registered()
     try:
@@ -201,7 +202,7 @@ class Agent:
         Agents that must know the episode (the oracle) override it."""
         self.reset()
 
-    def bind(self, env: Any) -> "Agent":
+    def bind(self, env: Any) -> Agent:
         """Check the env's gamma set matches and remember nothing else (see CostModelMixin)."""
         u = getattr(env, "unwrapped", env)
         env_gammas = tuple(getattr(u, "gammas", self.gammas))
@@ -254,14 +255,14 @@ class Agent:
         return p
 
     @classmethod
-    def load(cls, path: str | Path) -> "Agent":
+    def load(cls, path: str | Path) -> Agent:
         agent = load_agent(path)
         if cls is not Agent and not isinstance(agent, cls):
             raise AgentFormatError(f"{path}: holds a {agent.kind!r} agent, not a {cls.kind!r} agent")
         return agent
 
     @classmethod
-    def from_saved(cls, config: dict[str, Any], state: dict[str, Any], tensors: dict[str, np.ndarray]) -> "Agent":
+    def from_saved(cls, config: dict[str, Any], state: dict[str, Any], tensors: dict[str, np.ndarray]) -> Agent:
         agent = cls(**config)
         agent.set_tensors(tensors)
         agent.set_state(state)
@@ -294,7 +295,9 @@ def _read_doc(p: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise AgentFormatError(f"{p}: truncated ({len(data)} bytes): neither agent JSON nor safetensors")
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8:
-        raise AgentFormatError(f"{p}: truncated or not a safetensors file (header says {n} bytes, file has {len(data) - 8})")
+        raise AgentFormatError(
+            f"{p}: truncated or not a safetensors file (header says {n} bytes, file has {len(data) - 8})"
+        )
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
         meta = header.get("__metadata__") or {}

@@ -35,7 +35,8 @@ Not thread-safe (shared buffers).
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,13 @@ class SpecKVMLP(CostModelMixin, Agent):
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float32)
         cr = obs[:, I_COST_RATIO]
-        if self.rule == "time" and self.cost_model is None and self._env is None and len(cr) and not np.all(cr == cr[0]):
+        if (
+            self.rule == "time"
+            and self.cost_model is None
+            and self._env is None
+            and len(cr)
+            and not np.all(cr == cr[0])
+        ):
             return super().act_batch(obs)
         t = self.table_for(float(cr[0]) if len(cr) else 0.0)
         return t.index_logit_batch(self.predict_logit_batch(obs))
@@ -274,7 +281,13 @@ class SpecKVMLP(CostModelMixin, Agent):
 
     # ---- persistence ----------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
-        return {"hidden": list(self.hidden), "rule": self.rule, **self._cost_config(), "seed": self.seed, "gammas": list(self.gammas)}
+        return {
+            "hidden": list(self.hidden),
+            "rule": self.rule,
+            **self._cost_config(),
+            "seed": self.seed,
+            "gammas": list(self.gammas),
+        }
 
     def get_state(self) -> dict[str, Any]:
         return {"trained": self.trained, "train_loss": self.train_loss}

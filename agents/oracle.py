@@ -17,7 +17,8 @@ DP results are cached per (trace_id, cost model).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,9 @@ class OracleAgent(Agent):
 
         cm = cost_model or self.cost_model
         if cm is None:
-            raise ValueError("OracleAgent.reset(trace=...) needs a cost model: pass cost_model= here or at construction")
+            raise ValueError(
+                "OracleAgent.reset(trace=...) needs a cost model: pass cost_model= here or at construction"
+            )
         key = (trace.trace_id, id(cm))
         res = self._cache.get(key)
         if res is None:
@@ -69,16 +72,23 @@ class OracleAgent(Agent):
         backend = getattr(getattr(env, "unwrapped", env), "backend", None)
         trace = getattr(backend, "trace", None)
         if trace is None:
-            raise RuntimeError("OracleAgent works on replayed traces only: the env's backend has no .trace "
-                               "(use gym.make('SpecKVReplay-v0', traces=...))")
+            raise RuntimeError(
+                "OracleAgent works on replayed traces only: the env's backend has no .trace "
+                "(use gym.make('SpecKVReplay-v0', traces=...))"
+            )
         self.reset(trace=trace, cost_model=backend.cost_model)
 
     def act(self, obs: np.ndarray) -> int:
         if not self._best:
-            raise RuntimeError("OracleAgent has no trace for this episode: call agent.begin_episode(env, info) "
-                               "after env.reset(), or agent.reset(trace=..., cost_model=...)")
+            raise RuntimeError(
+                "OracleAgent has no trace for this episode: call agent.begin_episode(env, info) "
+                "after env.reset(), or agent.reset(trace=..., cost_model=...)"
+            )
         t = int(float(obs[I_POSITION]) * self._scale + 0.5)
         return self._best[min(t, len(self._best) - 1)]
 
     def get_config(self) -> dict[str, Any]:
-        return {"cost_model": self.cost_model.to_dict() if self.cost_model is not None else None, "gammas": list(self.gammas)}
+        return {
+            "cost_model": self.cost_model.to_dict() if self.cost_model is not None else None,
+            "gammas": list(self.gammas),
+        }

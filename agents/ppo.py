@@ -13,7 +13,8 @@ Per-step ``learn()`` is a no-op: PPO learns from rollouts in :meth:`PPOAgent.tra
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -122,8 +123,15 @@ class PPOAgent(Agent):
             self.model.set_env(venv)
         return self.model
 
-    def train(self, venv: Any, total_timesteps: int, tb_log_dir: str | None = None, callback: Any = None,
-              progress: bool = False, tb_log_name: str = "PPO") -> "PPOAgent":
+    def train(
+        self,
+        venv: Any,
+        total_timesteps: int,
+        tb_log_dir: str | None = None,
+        callback: Any = None,
+        progress: bool = False,
+        tb_log_name: str = "PPO",
+    ) -> PPOAgent:
         import torch
 
         threads = torch.get_num_threads()
@@ -136,8 +144,13 @@ class PPOAgent(Agent):
 
     def _learn(self, venv, total_timesteps, tb_log_dir, callback, progress, tb_log_name) -> None:
         model = self.make_model(venv, tb_log_dir)
-        model.learn(total_timesteps=total_timesteps, callback=callback, progress_bar=progress,
-                    reset_num_timesteps=self.timesteps == 0, tb_log_name=tb_log_name)
+        model.learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            progress_bar=progress,
+            reset_num_timesteps=self.timesteps == 0,
+            tb_log_name=tb_log_name,
+        )
         self.timesteps = int(model.num_timesteps)
         self.policy.set_training_mode(False)
         self._export()
@@ -193,7 +206,9 @@ class PPOAgent(Agent):
         missing = set(sd) - set(tensors)
         extra = set(tensors) - set(sd)
         if missing or extra:
-            raise ValueError(f"policy weights do not match the architecture: missing {sorted(missing)}, unexpected {sorted(extra)}")
+            raise ValueError(
+                f"policy weights do not match the architecture: missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
         new = {}
         for k, v in sd.items():
             t = np.asarray(tensors[k])

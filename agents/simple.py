@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,9 @@ class HFHeuristic(Agent):
         self.gmin = min(pos) if pos else 0
         # counter value n (0 .. gmax) -> action index (nearest gamma, ties to the smaller)
         order = sorted(range(len(self.gammas)), key=lambda i: self.gammas[i])
-        self._index_of = [min(order, key=lambda i: (abs(self.gammas[i] - n), self.gammas[i])) for n in range(self.gmax + 1)]
+        self._index_of = [
+            min(order, key=lambda i: (abs(self.gammas[i] - n), self.gammas[i])) for n in range(self.gmax + 1)
+        ]
         self._next = self._transition_table()
         self._init_index = self._index_of[self.counter(self.initial)]
 
@@ -116,7 +119,12 @@ class HFHeuristic(Agent):
         return self._next[lg, full]
 
     def get_config(self) -> dict[str, Any]:
-        return {"initial": self.initial, "increase": self.increase, "decrease": self.decrease, "gammas": list(self.gammas)}
+        return {
+            "initial": self.initial,
+            "increase": self.increase,
+            "decrease": self.decrease,
+            "gammas": list(self.gammas),
+        }
 
 
 @register

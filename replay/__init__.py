@@ -9,5 +9,4 @@
 - :mod:`replay.env`: ``SpecKVReplay-v0``; :mod:`replay.vector`: its numpy-batched form.
 - :mod:`replay.oracle`: the clairvoyant minimum-time gamma sequence (dynamic programming).
 - :mod:`replay.importers`: the SpecKV paper's step logs (censored) and a fitted cost model.
-- :mod:`replay.bench`: step-throughput benchmark against CartPole-v1.
 """

@@ -9,7 +9,7 @@ cost model, chosen by the trace's compression.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from speckv_env.core import CostModel, DraftSignals, EpisodeInfo, StepOutcome, compression_level
 
@@ -40,7 +40,9 @@ class TraceBackend:
         self.traces = list(traces)
         if not self.traces:
             raise ValueError("TraceBackend needs at least one trace (the filters may have removed them all)")
-        self.cost_models = [resolve_cost_model(cost_models, t.compression, f"trace {t.trace_id!r}") for t in self.traces]
+        self.cost_models = [
+            resolve_cost_model(cost_models, t.compression, f"trace {t.trace_id!r}") for t in self.traces
+        ]
         # gammas up to the smallest recorded gamma_max are answerable for every episode
         self.gamma_max = min(t.gamma_max for t in self.traces)
         self._cache: dict[int, tuple[list[int], list[int], list[bool], list[float], list[float], list[float]]] = {}
@@ -52,8 +54,12 @@ class TraceBackend:
         if c is None:
             t = self.traces[index]
             c = (
-                t.tokens.tolist(), t.L.tolist(), t.accept.tolist(),
-                t.sig_top1.tolist(), t.sig_entropy.tolist(), t.sig_margin.tolist(),
+                t.tokens.tolist(),
+                t.L.tolist(),
+                t.accept.tolist(),
+                t.sig_top1.tolist(),
+                t.sig_entropy.tolist(),
+                t.sig_margin.tolist(),
             )
             self._cache[index] = c
         return c
@@ -81,8 +87,12 @@ class TraceBackend:
         self._load(index)
         tr = self.trace
         return EpisodeInfo(
-            prompt_id=tr.prompt_id, task=tr.task, compression=tr.compression, mode=tr.mode,
-            max_new_tokens=tr.max_new_tokens, extra={"trace_id": tr.trace_id, "split": tr.split, "n": tr.n},
+            prompt_id=tr.prompt_id,
+            task=tr.task,
+            compression=tr.compression,
+            mode=tr.mode,
+            max_new_tokens=tr.max_new_tokens,
+            extra={"trace_id": tr.trace_id, "split": tr.split, "n": tr.n},
         )
 
     def signals(self) -> DraftSignals:
@@ -108,8 +118,12 @@ class TraceBackend:
         self._pos = t + k + 1
         done = self._pos >= n
         return StepOutcome(
-            gamma=g, accepted=k, tokens=self._tokens[t : t + k + 1], done=done,
-            finish_reason=self.trace.finish_reason if done else None, events=events,
+            gamma=g,
+            accepted=k,
+            tokens=self._tokens[t : t + k + 1],
+            done=done,
+            finish_reason=self.trace.finish_reason if done else None,
+            events=events,
         )
 
     def close(self) -> None:

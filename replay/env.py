@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from speckv_env.base_env import SpecKVBaseEnv, action_to_index
 from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, StepOutcome
 
-from .backend import CostModels, TraceBackend, resolve_cost_model
+from .backend import CostModels, TraceBackend
 from .trace import PathLike, Trace, load_cost_models, read_traces
 
 DEFAULT_TRACES_DIR = Path(__file__).resolve().parent.parent / "speckv_env" / "data" / "traces"
@@ -20,7 +21,9 @@ _INT_TYPES = (int, np.int64, np.int32, np.intp)
 
 
 def _obs_table() -> str:
-    rows = [f"    | {i:<3} | {name:<17} | {lo:<4g} | {hi:<4g} | {desc} |" for i, (name, lo, hi, desc) in enumerate(OBS_SPEC)]
+    rows = [
+        f"    | {i:<3} | {name:<17} | {lo:<4g} | {hi:<4g} | {desc} |" for i, (name, lo, hi, desc) in enumerate(OBS_SPEC)
+    ]
     head = "    | Num | Observation       | Min  | Max  | Description |\n    |-----|-------------------|------|------|-------------|"
     return head + "\n" + "\n".join(rows)
 
@@ -91,7 +94,9 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
                 if len(steps) == 0:
                     raise ValueError(f"no recorded runs at gamma {keep} in the step log")
             backend = StepLogBackend(
-                steps, self._cost_models(cost_model, cost_models, cms), on_undetermined=on_undetermined,
+                steps,
+                self._cost_models(cost_model, cost_models, cms),
+                on_undetermined=on_undetermined,
                 paper_features=paper_features,
             )
         else:
@@ -162,14 +167,24 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         self._done = out.done
         obs = self._builder.observe(self.backend.signals(), self.backend.position())
         info: dict[str, Any] = {
-            "gamma": out.gamma, "requested_gamma": requested, "accepted": out.accepted, "emitted": emitted,
-            "modelled_time": t_model, "measured_time": None, "position": self.backend.position(), **out.extra,
+            "gamma": out.gamma,
+            "requested_gamma": requested,
+            "accepted": out.accepted,
+            "emitted": emitted,
+            "modelled_time": t_model,
+            "measured_time": None,
+            "position": self.backend.position(),
+            **out.extra,
         }
         if out.done:
             info["episode_summary"] = {
-                "tokens": s["tokens"], "steps": s["steps"], "modelled_s": s["modelled_s"],
+                "tokens": s["tokens"],
+                "steps": s["steps"],
+                "modelled_s": s["modelled_s"],
                 "modelled_tps": s["tokens"] / s["modelled_s"] if s["modelled_s"] > 0 else float("nan"),
-                "measured_s": None, "measured_tps": None, "target_only_tps": cm.target_only_tps,
+                "measured_s": None,
+                "measured_tps": None,
+                "target_only_tps": cm.target_only_tps,
                 "finish_reason": out.finish_reason,
             }
         return obs, reward, False, bool(out.done), info
@@ -270,7 +285,7 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         return obs, reward, terminated, truncated, info
 
 
-SpecKVReplayEnv.__doc__ = """Speculative decoding replayed from recorded logs; gamma (the number of drafted tokens) is the action.
+SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; gamma (the number of drafted tokens) is the action.
 
     ## Description
     A draft model proposes gamma tokens, the target verifies them in one forward pass and
@@ -292,7 +307,7 @@ SpecKVReplayEnv.__doc__ = """Speculative decoding replayed from recorded logs; g
     ``Box(13,)`` float32, only what a controller knows *before* choosing gamma
     (post-draft features of the same step would be leakage):
 
-{table}
+{_obs_table()}
 
     ## Rewards
     ``reward="cost"`` (default): emitted tokens - modelled step time / target-only token
@@ -351,4 +366,4 @@ SpecKVReplayEnv.__doc__ = """Speculative decoding replayed from recorded logs; g
     >>> env = gym.make("SpecKVReplay-v0", traces=synthetic_dataset(8), cost_model=CostModel.unit())
     >>> obs, info = env.reset(seed=0)
     >>> obs, reward, terminated, truncated, info = env.step(4)
-    """.format(table=_obs_table())
+    """

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,6 +62,7 @@ class UndeterminedOutcomeError(RuntimeError):
 
 # ---- import ---------------------------------------------------------------------------------
 
+
 def paper_split(prompt_index: int) -> str:
     """Split of the paper's prompts: per task, prompts 0-2 train, 3 val, 4 test."""
     return "train" if prompt_index < 3 else ("val" if prompt_index == 3 else "test")
@@ -80,8 +82,18 @@ def import_speckv_paper(
     n_steps, tokens, drafted_tokens, elapsed_sec.
     """
     step_csv, experiment_csv = Path(step_csv), Path(experiment_csv)
-    need_s = ["compression", "gamma", "task", "step", "accepted", "tokens_produced", "mean_draft_entropy",
-              "mean_draft_confidence", "max_draft_entropy", "min_draft_confidence"]
+    need_s = [
+        "compression",
+        "gamma",
+        "task",
+        "step",
+        "accepted",
+        "tokens_produced",
+        "mean_draft_entropy",
+        "mean_draft_confidence",
+        "max_draft_entropy",
+        "min_draft_confidence",
+    ]
     need_e = ["compression", "gamma", "task", "prompt", "num_tokens", "elapsed_sec", "num_steps"]
     try:
         s = pd.read_csv(step_csv)
@@ -104,14 +116,24 @@ def import_speckv_paper(
         bad = np.nonzero(first[col].to_numpy() != e[col].to_numpy())[0]
         if bad.size:
             i = int(bad[0])
-            raise TraceFormatError(f"{step_csv}: run {i} has {col} {first[col].iloc[i]!r} but {experiment_csv} row {i} has {e[col].iloc[i]!r}")
+            raise TraceFormatError(
+                f"{step_csv}: run {i} has {col} {first[col].iloc[i]!r} but {experiment_csv} row {i} has {e[col].iloc[i]!r}"
+            )
     if (sizes != e["num_steps"].to_numpy()).any():
         i = int(np.nonzero(sizes != e["num_steps"].to_numpy())[0][0])
-        raise TraceFormatError(f"{step_csv}: run {i} has {sizes[i]} steps but {experiment_csv} says num_steps = {e['num_steps'].iloc[i]}")
+        raise TraceFormatError(
+            f"{step_csv}: run {i} has {sizes[i]} steps but {experiment_csv} says num_steps = {e['num_steps'].iloc[i]}"
+        )
     steps_ok = s["step"].to_numpy() == (np.arange(len(s)) - np.repeat(np.cumsum(sizes) - sizes, sizes))
     if not steps_ok.all():
-        raise TraceFormatError(f"{step_csv}: row {int(np.nonzero(~steps_ok)[0][0]) + 2}: step indices within a run must be 0, 1, 2, ...")
-    if (s["tokens_produced"] != s["accepted"] + 1).any() or (s["accepted"] < 0).any() or (s["accepted"] > s["gamma"]).any():
+        raise TraceFormatError(
+            f"{step_csv}: row {int(np.nonzero(~steps_ok)[0][0]) + 2}: step indices within a run must be 0, 1, 2, ..."
+        )
+    if (
+        (s["tokens_produced"] != s["accepted"] + 1).any()
+        or (s["accepted"] < 0).any()
+        or (s["accepted"] > s["gamma"]).any()
+    ):
         raise TraceFormatError(f"{step_csv}: tokens_produced must be accepted + 1 with 0 <= accepted <= gamma")
 
     # prompt ids: order of first appearance within each task
@@ -134,8 +156,10 @@ def import_speckv_paper(
     accepted = s["accepted"].to_numpy().astype(np.int64)
     if (drafted < 1).any() or (accepted > drafted).any():
         i = int(np.nonzero((drafted < 1) | (accepted > drafted))[0][0])
-        raise TraceFormatError(f"{step_csv}: row {i + 2}: accepted {accepted[i]} exceeds the {drafted[i]} tokens that could be drafted at position {position[i]}")
-    rep = lambda col: np.repeat(e[col].to_numpy(), sizes)  # noqa: E731
+        raise TraceFormatError(
+            f"{step_csv}: row {i + 2}: accepted {accepted[i]} exceeds the {drafted[i]} tokens that could be drafted at position {position[i]}"
+        )
+    rep = lambda col: np.repeat(e[col].to_numpy(), sizes)
     steps = pd.DataFrame(
         {
             "schema": STEPS_SCHEMA_VERSION,
@@ -165,8 +189,13 @@ def import_speckv_paper(
     )
     runs = pd.DataFrame(
         {
-            "run_id": e["run_id"], "compression": e["compression"], "gamma": e["gamma"], "task": e["task"],
-            "prompt_id": e["prompt_id"], "split": e["split"], "n_steps": sizes,
+            "run_id": e["run_id"],
+            "compression": e["compression"],
+            "gamma": e["gamma"],
+            "task": e["task"],
+            "prompt_id": e["prompt_id"],
+            "split": e["split"],
+            "n_steps": sizes,
             "tokens": steps.groupby("run_id", sort=False)["tokens_produced"].sum().to_numpy(),
             "drafted_tokens": steps.groupby("run_id", sort=False)["drafted"].sum().to_numpy(),
             "elapsed_sec": e["elapsed_sec"].astype(float),
@@ -174,11 +203,14 @@ def import_speckv_paper(
     )
     if (runs["tokens"].to_numpy() != e["num_tokens"].to_numpy()).any():
         i = int(np.nonzero(runs["tokens"].to_numpy() != e["num_tokens"].to_numpy())[0][0])
-        raise TraceFormatError(f"{step_csv}: run {i} produces {runs['tokens'].iloc[i]} tokens but {experiment_csv} says {e['num_tokens'].iloc[i]}")
+        raise TraceFormatError(
+            f"{step_csv}: run {i} produces {runs['tokens'].iloc[i]} tokens but {experiment_csv} says {e['num_tokens'].iloc[i]}"
+        )
     return steps, runs
 
 
 # ---- cost model ------------------------------------------------------------------------------
+
 
 def _nnls2(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative least squares for two columns (exact: checks the feasible faces)."""
@@ -250,6 +282,7 @@ def fit_cost_models(runs: pd.DataFrame, gamma_max: int = 8) -> dict[str, CostMod
 
 # ---- files -----------------------------------------------------------------------------------
 
+
 def write_step_log(steps: pd.DataFrame, folder: PathLike, cost_models: Mapping[str, CostModel] | None = None) -> Path:
     """Write ``steps.parquet`` (``speckv-steps/1``) and ``cost-<compression>.json`` into ``folder``."""
     folder = Path(folder)
@@ -281,7 +314,9 @@ def read_step_log(src: PathLike | Sequence[PathLike]) -> pd.DataFrame:
             df = t.to_pandas()
             vers = set(df["schema"].unique())
             if vers != {STEPS_SCHEMA_VERSION}:
-                raise TraceFormatError(f"{f}: schema version {sorted(vers)} not supported (expected {STEPS_SCHEMA_VERSION})")
+                raise TraceFormatError(
+                    f"{f}: schema version {sorted(vers)} not supported (expected {STEPS_SCHEMA_VERSION})"
+                )
             frames.append(df)
     if not frames:
         raise FileNotFoundError(f"no step-log files under {src}")
@@ -323,6 +358,7 @@ def load_step_log(
 
 # ---- replay backend ---------------------------------------------------------------------------
 
+
 class StepLogBackend:
     """Replays censored step logs: episodes are recorded runs, positions advance as recorded.
 
@@ -331,7 +367,9 @@ class StepLogBackend:
     or ``"skip"``. Emitted token ids are not in the paper's logs: ``tokens`` holds -1s.
     """
 
-    def __init__(self, steps: pd.DataFrame, cost_models: CostModels, on_undetermined: str = "raise", paper_features: bool = False) -> None:
+    def __init__(
+        self, steps: pd.DataFrame, cost_models: CostModels, on_undetermined: str = "raise", paper_features: bool = False
+    ) -> None:
         if on_undetermined not in ("raise", "clip", "skip"):
             raise ValueError(f"on_undetermined must be 'raise', 'clip' or 'skip', got {on_undetermined!r}")
         if len(steps) == 0:
@@ -343,8 +381,10 @@ class StepLogBackend:
         order = np.lexsort((steps["step"].to_numpy(), codes))  # by run (first appearance), then step
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
         cols = {
-            "gamma": steps["gamma"].to_numpy(np.int64), "drafted": steps["drafted"].to_numpy(np.int64),
-            "accepted": steps["accepted"].to_numpy(np.int64), "position": steps["position"].to_numpy(np.int64),
+            "gamma": steps["gamma"].to_numpy(np.int64),
+            "drafted": steps["drafted"].to_numpy(np.int64),
+            "accepted": steps["accepted"].to_numpy(np.int64),
+            "position": steps["position"].to_numpy(np.int64),
             "step": steps["step"].to_numpy(np.int64),
             "conf": steps["post_mean_confidence"].to_numpy(np.float64),
             "ent": steps["post_mean_entropy_bits"].to_numpy(np.float64) * _LN2,
@@ -357,10 +397,14 @@ class StepLogBackend:
             run: dict[str, Any] = {"run_id": str(run_ids[codes[r0]]), "max_new_tokens": int(mnt[r0])}
             run.update({c: str(meta[c][r0]) for c in meta_cols})
             run.update({c: v[rows].tolist() for c, v in cols.items()})
-            if run["position"][0] != 0 or any(b != a + k + 1 for a, b, k in zip(run["position"], run["position"][1:], run["accepted"])):
+            if run["position"][0] != 0 or any(
+                b != a + k + 1 for a, b, k in zip(run["position"], run["position"][1:], run["accepted"])
+            ):
                 raise TraceFormatError(f"step log run {run['run_id']!r}: positions do not follow the recorded steps")
             self.runs.append(run)
-        self.cost_models = [resolve_cost_model(cost_models, r["compression"], f"run {r['run_id']!r}") for r in self.runs]
+        self.cost_models = [
+            resolve_cost_model(cost_models, r["compression"], f"run {r['run_id']!r}") for r in self.runs
+        ]
         self.gamma_max = max(max(r["gamma"]) for r in self.runs)
         self.sampling = False
         self._load(0)
@@ -382,8 +426,14 @@ class StepLogBackend:
             raise IndexError(f"episode {index} out of range: {len(self.runs)} runs")
         self._load(index)
         r = self.run
-        return EpisodeInfo(r["prompt_id"], r["task"], r["compression"], r["mode"], r["max_new_tokens"],
-                           extra={"run_id": r["run_id"], "split": r["split"]})
+        return EpisodeInfo(
+            r["prompt_id"],
+            r["task"],
+            r["compression"],
+            r["mode"],
+            r["max_new_tokens"],
+            extra={"run_id": r["run_id"], "split": r["split"]},
+        )
 
     def signals(self) -> DraftSignals:
         """Paper features (post-draft, leaky) of the current step if asked; else the previous
@@ -419,10 +469,21 @@ class StepLogBackend:
         done = self._i >= len(r["gamma"])
         events = acceptance_events(g, k, first_token_accepted=k_rec >= 1)
         return StepOutcome(
-            gamma=g, accepted=k, tokens=[-1] * (k + 1), done=done, finish_reason="length" if done else None,
+            gamma=g,
+            accepted=k,
+            tokens=[-1] * (k + 1),
+            done=done,
+            finish_reason="length" if done else None,
             events=events,
-            extra={"undetermined": undetermined, "skipped": skipped, "recorded_gamma": r["gamma"][i],
-                   "recorded_accepted": k_rec, "recorded_tokens": k_rec + 1, "run_id": r["run_id"], "step": r["step"][i]},
+            extra={
+                "undetermined": undetermined,
+                "skipped": skipped,
+                "recorded_gamma": r["gamma"][i],
+                "recorded_accepted": k_rec,
+                "recorded_tokens": k_rec + 1,
+                "run_id": r["run_id"],
+                "step": r["step"][i],
+            },
         )
 
     def close(self) -> None:

@@ -14,8 +14,8 @@ positions are computed with numpy; only the backward recursion is a loop over po
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -54,7 +54,9 @@ def oracle(trace: Trace, cost_model: CostModel, gammas: Sequence[int] = DEFAULT_
     if gs.size == 0 or gs[0] < 0:
         raise ValueError(f"gammas must be non-empty and non-negative, got {tuple(gammas)}")
     if gs[-1] > trace.gamma_max:
-        raise ValueError(f"gammas go up to {gs[-1]} but trace {trace.trace_id!r} records runs only up to gamma_max = {trace.gamma_max}")
+        raise ValueError(
+            f"gammas go up to {gs[-1]} but trace {trace.trace_id!r} records runs only up to gamma_max = {trace.gamma_max}"
+        )
     n = trace.n
     table = np.nan_to_num(cost_model.step_time_table(range(int(gs[-1]) + 1), trace.sampling), nan=np.inf)
     t = np.arange(n, dtype=np.int64)[:, None]
@@ -102,7 +104,9 @@ def oracle_dataset(
     gammas: Sequence[int] = DEFAULT_GAMMAS,
 ) -> tuple[list[OracleResult], float]:
     """Oracle per trace, and the aggregate tokens/s (total tokens / total modelled time)."""
-    res = [oracle(tr, resolve_cost_model(cost_models, tr.compression, f"trace {tr.trace_id!r}"), gammas) for tr in traces]
+    res = [
+        oracle(tr, resolve_cost_model(cost_models, tr.compression, f"trace {tr.trace_id!r}"), gammas) for tr in traces
+    ]
     tot_t = sum(r.total_time for r in res)
     return res, (sum(r.tokens for r in res) / tot_t if tot_t > 0 else float("nan"))
 

@@ -33,9 +33,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,8 +57,23 @@ from .schema import (
 PathLike = str | os.PathLike
 
 _SCALAR_FIELDS = (
-    "trace_id", "pair", "target", "draft", "compression", "device", "task", "split", "prompt_id",
-    "mode", "temperature", "top_p", "seed", "max_new_tokens", "gamma_max", "prompt_len", "finish_reason",
+    "trace_id",
+    "pair",
+    "target",
+    "draft",
+    "compression",
+    "device",
+    "task",
+    "split",
+    "prompt_id",
+    "mode",
+    "temperature",
+    "top_p",
+    "seed",
+    "max_new_tokens",
+    "gamma_max",
+    "prompt_len",
+    "finish_reason",
 )
 _LIST_FIELDS: dict[str, np.dtype] = {
     "tokens": np.dtype(np.int32),
@@ -173,7 +189,9 @@ class Trace:
                 raise self._err(f"{name} must be one-dimensional")
         for name in _POSITION_FIELDS[1:]:
             if getattr(self, name).shape[0] != n:
-                raise self._err(f"inconsistent lengths: len(tokens) = {n} but len({name}) = {getattr(self, name).shape[0]}")
+                raise self._err(
+                    f"inconsistent lengths: len(tokens) = {n} but len({name}) = {getattr(self, name).shape[0]}"
+                )
         if not 1 <= self.gamma_max <= 127:
             raise self._err(f"gamma_max = {self.gamma_max} out of range 1..127")
         if self.max_new_tokens < n:
@@ -199,9 +217,15 @@ class Trace:
         m = self.step_pos.shape[0]
         for name in _STEP_FIELDS[1:]:
             if getattr(self, name).shape[0] != m:
-                raise self._err(f"inconsistent lengths: len(step_pos) = {m} but len({name}) = {getattr(self, name).shape[0]}")
+                raise self._err(
+                    f"inconsistent lengths: len(step_pos) = {m} but len({name}) = {getattr(self, name).shape[0]}"
+                )
         if m:
-            pos, g, k = self.step_pos.astype(np.int64), self.step_gamma.astype(np.int64), self.step_accepted.astype(np.int64)
+            pos, g, k = (
+                self.step_pos.astype(np.int64),
+                self.step_gamma.astype(np.int64),
+                self.step_accepted.astype(np.int64),
+            )
             if pos[0] != 0:
                 raise self._err(f"recorded path starts at position {pos[0]}, not 0")
             nxt = pos + k + 1
@@ -237,7 +261,7 @@ class Trace:
         g_eff = min(gamma, self.max_new_tokens - 1 - t)
         return g_eff, min(int(self.L[t]), g_eff)
 
-    def equals(self, other: "Trace") -> bool:
+    def equals(self, other: Trace) -> bool:
         """Field-by-field equality (arrays compared exactly)."""
         for f in fields(self):
             if f.name == "source":
@@ -252,6 +276,7 @@ class Trace:
 
 
 # ---- Arrow conversion ---------------------------------------------------------------------
+
 
 def traces_to_table(traces: Sequence[Trace]) -> pa.Table:
     """Build a ``speckv-trace/1`` Arrow table (one row per trace)."""
@@ -321,6 +346,7 @@ def table_to_traces(table: pa.Table, source: str) -> list[Trace]:
 
 # ---- reading ------------------------------------------------------------------------------
 
+
 def _part_files(folder: Path) -> list[Path]:
     # tmp files of a killed writer end in .tmp and are ignored
     return sorted(p for p in folder.glob("*.parquet") if p.is_file() and not p.name.startswith("."))
@@ -377,7 +403,12 @@ def read_traces(
             if tr.trace_id in seen:
                 raise TraceFormatError(f"{f}: duplicate trace_id {tr.trace_id!r} (also in {seen[tr.trace_id]})")
             seen[tr.trace_id] = str(f)
-            if _match(tr.task, task) and _match(tr.split, split) and _match(tr.compression, compression) and _match(tr.mode, mode):
+            if (
+                _match(tr.task, task)
+                and _match(tr.split, split)
+                and _match(tr.compression, compression)
+                and _match(tr.mode, mode)
+            ):
                 out.append(tr)
     return out
 
@@ -387,7 +418,7 @@ def load_cost_models(folder: PathLike) -> dict[str, CostModel]:
     out: dict[str, CostModel] = {}
     for p in sorted(Path(folder).glob("cost-*.json")):
         cm = CostModel.load(p)
-        key = p.stem[len("cost-"):]
+        key = p.stem[len("cost-") :]
         if cm.compression != key:
             raise TraceFormatError(f"{p}: file name says compression {key!r} but the model says {cm.compression!r}")
         out[key] = cm
@@ -401,6 +432,7 @@ def make_trace_id(pair: str, compression: str, prompt_id: str, mode: str, seed: 
 
 
 # ---- writing ------------------------------------------------------------------------------
+
 
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -498,7 +530,7 @@ class TraceWriter:
     def close(self) -> None:
         self.flush()
 
-    def __enter__(self) -> "TraceWriter":
+    def __enter__(self) -> TraceWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -514,6 +546,7 @@ def write_traces(path: PathLike, traces: Sequence[Trace]) -> None:
 
 
 # ---- synthetic traces (tests, examples) ---------------------------------------------------
+
 
 def synthetic_trace(
     n: int,
@@ -621,9 +654,16 @@ def synthetic_dataset(
         fr = "eos" if i % 3 == 2 else "length"
         out.append(
             synthetic_trace(
-                n, gamma_max, p, seed=seed * 100003 + i, compression=comp, task=task, split=split, mode=mode,
-                finish_reason=fr, trace_id=f"synthetic-{seed}-{i:04d}",
+                n,
+                gamma_max,
+                p,
+                seed=seed * 100003 + i,
+                compression=comp,
+                task=task,
+                split=split,
+                mode=mode,
+                finish_reason=fr,
+                trace_id=f"synthetic-{seed}-{i:04d}",
             )
         )
     return out
-

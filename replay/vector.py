@@ -19,15 +19,27 @@ finished episode), masked by ``_episode_tps``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from speckv_env.core import DEFAULT_GAMMAS, EMA_FILL, EMA_KEEP, OBS_DIM, OBS_HIGH, OBS_LOW, CostModel, ObservationBuilder, StepOutcome, get_reward
 from speckv_env.base_env import check_gammas
+from speckv_env.core import (
+    DEFAULT_GAMMAS,
+    EMA_FILL,
+    EMA_KEEP,
+    OBS_DIM,
+    OBS_HIGH,
+    OBS_LOW,
+    CostModel,
+    ObservationBuilder,
+    StepOutcome,
+    get_reward,
+)
 
 from .backend import resolve_cost_model
 from .trace import PathLike, Trace, load_cost_models, read_traces
@@ -155,7 +167,9 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self._fresh_s = self._fresh[_NI : _NI + OBS_DIM].view(np.float64)
         for i, t in enumerate(trs):
             ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
-            self._fresh_s[:, i] = ob.observe_values(float(sig[0, base[i]]), float(sig[1, base[i]]), float(sig[2, base[i]]), 0)
+            self._fresh_s[:, i] = ob.observe_values(
+                float(sig[0, base[i]]), float(sig[1, base[i]]), float(sig[2, base[i]]), 0
+            )
         # float side state: hits + 1, tests + 2, modelled time so far, N
         self._fresh_f = self._fresh[_NI + OBS_DIM :].view(np.float64)
         self._fresh_f[0] = 1.0
@@ -228,7 +242,9 @@ class SpecKVReplayVectorEnv(VectorEnv):
         if "episodes" in options:
             eps = np.asarray(options["episodes"], dtype=np.int64).reshape(-1)
             if eps.shape != (self.num_envs,) or (eps < 0).any() or (eps >= ntr).any():
-                raise ValueError(f"options['episodes'] must be {self.num_envs} trace indices in 0..{ntr - 1}, got {options['episodes']!r}")
+                raise ValueError(
+                    f"options['episodes'] must be {self.num_envs} trace indices in 0..{ntr - 1}, got {options['episodes']!r}"
+                )
         else:
             eps = self._draw_episodes(self.num_envs).copy()
         self._start(np.arange(self.num_envs), eps)
@@ -250,7 +266,9 @@ class SpecKVReplayVectorEnv(VectorEnv):
             g = np.full(1, -1)
         if np.minimum.reduce(g) < 0:
             bad = a[(a < 0) | (a >= self._gam.shape[0])]
-            raise ValueError(f"invalid action(s) {bad.tolist()}: must be in 0..{self._gam.shape[0] - 1}, indices into gammas {self.gammas}")
+            raise ValueError(
+                f"invalid action(s) {bad.tolist()}: must be in 0..{self._gam.shape[0] - 1}, indices into gammas {self.gammas}"
+            )
         return g
 
     # ---- step ------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ The environment never knows whether a step came from models or from a log: it ta
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np

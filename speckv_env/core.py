@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -42,8 +43,18 @@ OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (
     ("draft_top1", 0.0, 1.0, "draft's top-1 probability at the current position"),
     ("draft_entropy", 0.0, ENTROPY_HIGH, "entropy (nats) of the draft's distribution at the current position"),
     ("draft_margin", 0.0, 1.0, "draft's top-1 minus top-2 probability at the current position"),
-    ("accept_ema", 0.0, 1.0, "exponential moving average (rate 0.2) of past draft-token acceptance events, starts at 0.5"),
-    ("accept_mean", 0.0, 1.0, "mean of all past acceptance events in this episode, Laplace-smoothed: (hits+1)/(tests+2)"),
+    (
+        "accept_ema",
+        0.0,
+        1.0,
+        "exponential moving average (rate 0.2) of past draft-token acceptance events, starts at 0.5",
+    ),
+    (
+        "accept_mean",
+        0.0,
+        1.0,
+        "mean of all past acceptance events in this episode, Laplace-smoothed: (hits+1)/(tests+2)",
+    ),
     ("last_gamma", 0.0, 1.0, "previous step's gamma / max gamma (0 at the first step)"),
     ("last_accepted", 0.0, 1.0, "previous step's accepted count / max gamma"),
     ("last_full_accept", 0.0, 1.0, "1 if the previous step drafted and all its tokens were accepted"),
@@ -200,7 +211,7 @@ class CostModel:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "cost model") -> "CostModel":
+    def from_dict(cls, d: dict[str, Any], where: str = "cost model") -> CostModel:
         if d.get("schema", "speckv-cost/1") != "speckv-cost/1":
             raise ValueError(f"{where}: unsupported cost model schema {d.get('schema')!r} (expected speckv-cost/1)")
         try:
@@ -221,7 +232,7 @@ class CostModel:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> "CostModel":
+    def load(cls, path: str | Path) -> CostModel:
         p = Path(path)
         try:
             d = json.loads(p.read_text())
@@ -232,7 +243,7 @@ class CostModel:
         return cls.from_dict(d, where=str(p))
 
     @classmethod
-    def unit(cls, gamma_max: int = 8, draft_ratio: float = 0.1, verify_slope: float = 0.05) -> "CostModel":
+    def unit(cls, gamma_max: int = 8, draft_ratio: float = 0.1, verify_slope: float = 0.05) -> CostModel:
         """A synthetic cost model (target step = 1 time unit), for tests and examples."""
         return cls(
             t_draft=draft_ratio,
@@ -305,8 +316,15 @@ class ObservationBuilder:
         pos = position / self.max_new_tokens
         obs = np.array(
             (
-                top1, entropy, margin, self.ema, (self.hits + 1) / (self.tests + 2),
-                lg if lg < 1.0 else 1.0, la if la < 1.0 else 1.0, self.last_full, pos if pos < 1.0 else 1.0,
+                top1,
+                entropy,
+                margin,
+                self.ema,
+                (self.hits + 1) / (self.tests + 2),
+                lg if lg < 1.0 else 1.0,
+                la if la < 1.0 else 1.0,
+                self.last_full,
+                pos if pos < 1.0 else 1.0,
                 *self._static_t,
             ),
             dtype=np.float32,

@@ -146,8 +146,9 @@ def tune(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, reps: int = 2) -
     return plan
 
 
-def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True,
-              refresh: bool = False) -> dict[tuple[int, int], dict[int, int]]:
+def plans_for(
+    model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True, refresh: bool = False
+) -> dict[tuple[int, int], dict[int, int]]:
     """Plans for every planned weight shape of ``model``, from the per-host cache or timed now.
 
     ``refresh`` times every shape again and overwrites the cached plans (``speckv calibrate``
@@ -172,8 +173,11 @@ def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True
     keys = {shape: f"{host}|{shape[0]}x{shape[1]}|rows={max_rows}" for shape in shapes}
     todo = [shape for shape in shapes if refresh or keys[shape] not in entries]
     if sum(shapes[s][0].numel() * len(shapes[s]) for s in todo) > (16 << 20):  # worth saying for a real model
-        print(f"[speckv] timing CPU matrix-product plans for {len(todo)} weight shapes on this host "
-              f"(once, ~10 s; cached in {path})", flush=True)
+        print(
+            f"[speckv] timing CPU matrix-product plans for {len(todo)} weight shapes on this host "
+            f"(once, ~10 s; cached in {path})",
+            flush=True,
+        )
     for shape in todo:
         entries[keys[shape]] = {str(k): v for k, v in tune(shapes[shape], max_rows).items()}
     out = {shape: {int(k): int(v) for k, v in entries[key].items()} for shape, key in keys.items()}
@@ -189,8 +193,12 @@ def plans_for(model: nn.Module, max_rows: int = MAX_ROWS, use_cache: bool = True
     return out
 
 
-def install(model: nn.Module, plans: dict[tuple[int, int], dict[int, int]] | None = None, max_rows: int = MAX_ROWS,
-            refresh: bool = False) -> int:
+def install(
+    model: nn.Module,
+    plans: dict[tuple[int, int], dict[int, int]] | None = None,
+    max_rows: int = MAX_ROWS,
+    refresh: bool = False,
+) -> int:
     """Give every float32 CPU ``nn.Linear`` of ``model`` its row-count plan; returns how many."""
     if plans is None:
         plans = plans_for(model, max_rows, refresh=refresh)

@@ -21,9 +21,10 @@ Public API: :func:`load_default_draft`, :func:`load_draft`, :func:`build_draft_f
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +140,9 @@ class SpecKVDraftForCausalLM(LlamaForCausalLM):
         if labels is not None:
             shift = out.logits[..., :-1, :].float()
             tgt = labels[..., 1:].to(shift.device)
-            out.loss = nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+            out.loss = nn.functional.cross_entropy(
+                shift.reshape(-1, shift.shape[-1]), tgt.reshape(-1), ignore_index=-100
+            )
         return out
 
     # -- parameters -------------------------------------------------------------------------
@@ -153,10 +156,26 @@ class SpecKVDraftForCausalLM(LlamaForCausalLM):
 
 
 def _llama_config(target_cfg: dict[str, Any], n_layers: int, meta: dict[str, Any]) -> LlamaConfig:
-    keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta",
-            "rope_scaling", "attention_bias", "mlp_bias", "vocab_size", "bos_token_id", "eos_token_id",
-            "pad_token_id", "attention_dropout")
+    keep = (
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_parameters",
+        "rope_theta",
+        "rope_scaling",
+        "attention_bias",
+        "mlp_bias",
+        "vocab_size",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "attention_dropout",
+    )
     kw = {k: target_cfg[k] for k in keep if k in target_cfg and target_cfg[k] is not None}
     cfg = LlamaConfig(**kw, num_hidden_layers=n_layers, tie_word_embeddings=False, use_cache=True)
     cfg.speckv_draft = dict(meta)
@@ -177,8 +196,12 @@ def _read_embedding(target_path: str | Path, dtype: torch.dtype = torch.float32)
         return st.get_tensor(key).to(dtype)
 
 
-def build_draft_from_target(target_path: str | Path, layers: Sequence[int], head_ids: Sequence[int] | torch.Tensor,
-                            target_name: str = "SmolLM2-135M-Instruct") -> SpecKVDraftForCausalLM:
+def build_draft_from_target(
+    target_path: str | Path,
+    layers: Sequence[int],
+    head_ids: Sequence[int] | torch.Tensor,
+    target_name: str = "SmolLM2-135M-Instruct",
+) -> SpecKVDraftForCausalLM:
     """A fresh draft (fp32) whose body copies the target's ``layers`` and final norm, whose head rows
     are the target's (tied) embedding rows of ``head_ids`` and whose input embedding is the target's."""
     from safetensors import safe_open
@@ -190,9 +213,17 @@ def build_draft_from_target(target_path: str | Path, layers: Sequence[int], head
     if missing:
         head = torch.cat([torch.tensor(missing, dtype=torch.long), head])
     layers = [int(i) for i in layers]
-    meta = {"format": DRAFT_FORMAT, "init_layers": layers, "head_size": int(head.numel()),
-            "target": {"name": target_name, "vocab_size": tcfg["vocab_size"], "hidden_size": tcfg["hidden_size"],
-                       "num_hidden_layers": tcfg["num_hidden_layers"]}}
+    meta = {
+        "format": DRAFT_FORMAT,
+        "init_layers": layers,
+        "head_size": int(head.numel()),
+        "target": {
+            "name": target_name,
+            "vocab_size": tcfg["vocab_size"],
+            "hidden_size": tcfg["hidden_size"],
+            "num_hidden_layers": tcfg["num_hidden_layers"],
+        },
+    }
     cfg = _llama_config(tcfg, len(layers), meta)
     model = SpecKVDraftForCausalLM(cfg)
     sd = {}
@@ -202,7 +233,7 @@ def build_draft_from_target(target_path: str | Path, layers: Sequence[int], head
             pre = f"model.layers.{i}."
             for k in keys:
                 if k.startswith(pre):
-                    sd[f"model.layers.{j}." + k[len(pre):]] = st.get_tensor(k).float()
+                    sd[f"model.layers.{j}." + k[len(pre) :]] = st.get_tensor(k).float()
         sd["model.norm.weight"] = st.get_tensor("model.norm.weight").float()
         emb = st.get_tensor(EMBED_KEY if EMBED_KEY in keys else "lm_head.weight").float()
         out_w = st.get_tensor("lm_head.weight").float() if "lm_head.weight" in keys else emb
@@ -217,8 +248,12 @@ def build_draft_from_target(target_path: str | Path, layers: Sequence[int], head
     return model
 
 
-def save_draft(model: SpecKVDraftForCausalLM, folder: str | Path, dtype: torch.dtype = torch.float16,
-               extra_config: dict[str, Any] | None = None) -> Path:
+def save_draft(
+    model: SpecKVDraftForCausalLM,
+    folder: str | Path,
+    dtype: torch.dtype = torch.float16,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model.safetensors`` (float weights as ``dtype``, head ids int32, no embedding) and
     ``config.json`` (the Llama config plus the draft's metadata) into ``folder``."""
     from safetensors.torch import save_file
@@ -248,8 +283,12 @@ def save_draft(model: SpecKVDraftForCausalLM, folder: str | Path, dtype: torch.d
     return folder / WEIGHTS_NAME
 
 
-def load_draft(folder: str | Path, target_path: str | Path | None = None, device: str | torch.device = "auto",
-               dtype: torch.dtype | None = None) -> SpecKVDraftForCausalLM:
+def load_draft(
+    folder: str | Path,
+    target_path: str | Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+) -> SpecKVDraftForCausalLM:
     """Load a draft saved by :func:`save_draft`; the input embedding comes from ``target_path``
     (default: the embedded default target)."""
     from safetensors import SafetensorError, safe_open
@@ -286,8 +325,10 @@ def load_draft(folder: str | Path, target_path: str | Path | None = None, device
         target_path = default_target_path()
     emb = _read_embedding(target_path)
     if tuple(emb.shape) != (cfg.vocab_size, cfg.hidden_size):
-        raise DraftLoadError(f"target embedding in {target_path} has shape {tuple(emb.shape)}, the draft in {folder} "
-                             f"expects {(cfg.vocab_size, cfg.hidden_size)}")
+        raise DraftLoadError(
+            f"target embedding in {target_path} has shape {tuple(emb.shape)}, the draft in {folder} "
+            f"expects {(cfg.vocab_size, cfg.hidden_size)}"
+        )
     sd = {k: (v.long() if k == HEAD_IDS_KEY else v.float()) for k, v in sd.items()}
     sd[EMBED_KEY] = emb
     if HEAD_IDS_KEY not in sd or sd[HEAD_IDS_KEY].numel() != model.head_size:
@@ -298,7 +339,9 @@ def load_draft(folder: str | Path, target_path: str | Path | None = None, device
         raise DraftLoadError(f"draft weights {w_file} do not match {cfg_file}: {e}") from None
     missing = [k for k in missing if "rotary" not in k]
     if missing or unexpected:
-        raise DraftLoadError(f"draft weights {w_file} do not match {cfg_file}: missing {missing}, unexpected {unexpected}")
+        raise DraftLoadError(
+            f"draft weights {w_file} do not match {cfg_file}: missing {missing}, unexpected {unexpected}"
+        )
     model.model.embed_tokens.weight.requires_grad_(False)
     model.to(device=dev, dtype=dtype)
     model.eval()
@@ -310,5 +353,12 @@ def load_default_draft(device: str | torch.device = "auto", dtype: torch.dtype |
     return load_draft(default_draft_path(), None, device=device, dtype=dtype)
 
 
-__all__ = ["SpecKVDraftForCausalLM", "DraftLoadError", "build_draft_from_target", "save_draft", "load_draft",
-           "load_default_draft", "default_draft_path"]
+__all__ = [
+    "SpecKVDraftForCausalLM",
+    "DraftLoadError",
+    "build_draft_from_target",
+    "save_draft",
+    "load_draft",
+    "load_default_draft",
+    "default_draft_path",
+]

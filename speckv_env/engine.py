@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -182,7 +182,9 @@ class SpeculativeEngine:
         self.top_p = float(top_p)
         self.sampling = self.temperature > 0
         if eos_token_id is None:
-            eos_token_id = getattr(target.generation_config, "eos_token_id", None) or getattr(target.config, "eos_token_id", None)
+            eos_token_id = getattr(target.generation_config, "eos_token_id", None) or getattr(
+                target.config, "eos_token_id", None
+            )
         if eos_token_id is None:
             self.eos: frozenset[int] = frozenset()
         elif isinstance(eos_token_id, int):
@@ -235,7 +237,9 @@ class SpeculativeEngine:
         self._d_cache = DynamicCache(config=self.draft.config)
         t0 = self._now()
         if len(ids) > 1:
-            self.target(input_ids=torch.tensor([ids[:-1]], device=self.device), use_cache=True, **{self._t_kv: self._t_cache})
+            self.target(
+                input_ids=torch.tensor([ids[:-1]], device=self.device), use_cache=True, **{self._t_kv: self._t_cache}
+            )
         self._t_pending = ids[-1]
         t1 = self._now()
         self._d_pending = list(ids)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .base_env import SpecKVBaseEnv
 from .core import DEFAULT_GAMMAS, CostModel, DraftSignals, EpisodeInfo, StepOutcome
@@ -36,7 +37,12 @@ class LiveBackend:
         self.cost_model = cost_model
         self.gamma_max = int(gamma_max)
         self.engine = SpeculativeEngine(
-            pair.target, pair.draft, temperature=temperature, top_p=top_p, eos_token_id=pair.eos_token_id, max_gamma=self.gamma_max
+            pair.target,
+            pair.draft,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=pair.eos_token_id,
+            max_gamma=self.gamma_max,
         )
         self._encoded: dict[int, list[int]] = {}
         self._last = DraftSignals(0.0, 0.0, 0.0)
@@ -53,8 +59,11 @@ class LiveBackend:
         p = self.prompts[index]
         self.engine.start(self.prompt_ids(index), self.max_new_tokens, seed=seed or 0)
         return EpisodeInfo(
-            prompt_id=p.id, task=p.task, compression=self.compression,
-            mode="sample" if self.sampling else "greedy", max_new_tokens=self.max_new_tokens,
+            prompt_id=p.id,
+            task=p.task,
+            compression=self.compression,
+            mode="sample" if self.sampling else "greedy",
+            max_new_tokens=self.max_new_tokens,
         )
 
     def signals(self) -> DraftSignals:
@@ -68,8 +77,14 @@ class LiveBackend:
     def step(self, gamma: int) -> StepOutcome:
         r = self.engine.step(gamma)
         return StepOutcome(
-            gamma=r.gamma, accepted=r.accepted, tokens=r.tokens, done=r.done, finish_reason=r.finish_reason,
-            events=r.events, draft_s=r.draft_s, verify_s=r.verify_s,
+            gamma=r.gamma,
+            accepted=r.accepted,
+            tokens=r.tokens,
+            done=r.done,
+            finish_reason=r.finish_reason,
+            events=r.events,
+            draft_s=r.draft_s,
+            verify_s=r.verify_s,
             extra={"draft_signals": r.draft_signals, "draft_forwards": r.draft_forwards},
         )
 
@@ -92,7 +107,9 @@ def select_prompts(task=None, split=None, prompts=None) -> list:
         if isinstance(p, Prompt):
             out.append(p)
         elif isinstance(p, str):
-            out.append(Prompt(id=f"custom-{i:03d}", task="custom", split="custom", text=p, source="user", license="unknown"))
+            out.append(
+                Prompt(id=f"custom-{i:03d}", task="custom", split="custom", text=p, source="user", license="unknown")
+            )
         else:
             raise TypeError(f"prompts[{i}] must be a string or a speckv_env.prompts.Prompt, got {type(p).__name__}")
     return out
@@ -197,8 +214,13 @@ class SpecKVEnv(SpecKVBaseEnv):
             cost_model = CostModel.load(cost_model)
         self.pair = pair
         backend = LiveBackend(
-            pair, selected, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            cost_model=cost_model, gamma_max=gamma_max,
+            pair,
+            selected,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            cost_model=cost_model,
+            gamma_max=gamma_max,
         )
         super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode)
 

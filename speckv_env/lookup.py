@@ -21,7 +21,7 @@ the shipped draft's TRAINING.md.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -44,13 +44,13 @@ def lookup_table(ids: Sequence[int] | np.ndarray, start: int, max_ngram: int) ->
     for i in range(1, L + 1):
         if i >= start:
             for n in range(min(max_ngram, i), 0, -1):
-                j = last[n].get(tuple(ids[i - n:i]))
+                j = last[n].get(tuple(ids[i - n : i]))
                 if j is not None:
                     props[i - start], ns[i - start] = ids[j], n
                     break
         if i < L:
             for n in range(1, min(max_ngram, i) + 1):
-                last[n][tuple(ids[i - n:i])] = i
+                last[n][tuple(ids[i - n : i])] = i
     return props, ns
 
 
@@ -58,11 +58,11 @@ def _lookup_one(a: np.ndarray, max_ngram: int) -> tuple[int, int]:
     """Copy proposal for the position right after ``a`` (vectorised search, for a few positions)."""
     L = a.shape[0]
     for n in range(min(max_ngram, L - 1), 0, -1):
-        suf = a[L - n:]
+        suf = a[L - n :]
         # windows a[j:j+n] with j + n <= L - 1, so that a[j + n] exists and lies before the suffix
         m = a[: L - n] == suf[0]
         for k in range(1, n):
-            m &= a[k: L - n + k] == suf[k]
+            m &= a[k : L - n + k] == suf[k]
         hits = np.flatnonzero(m)
         if hits.size:
             return int(a[hits[-1] + n]), n

@@ -65,9 +65,7 @@ def check_compression(compression: str) -> str:
     aliases = {"none": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "4bit": "nf4", "8bit": "int8"}
     c = aliases.get(c, c)
     if c not in COMPRESSIONS:
-        raise UnknownCompressionError(
-            f"unknown compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}"
-        )
+        raise UnknownCompressionError(f"unknown compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
     return c
 
 
@@ -241,7 +239,10 @@ def quantization_config(compression: str):
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     if c == "nf4":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=False
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=False,
         )
     return None
 
@@ -291,7 +292,9 @@ def load_model(
                 if qcfg is not None:
                     # GGUF loads dequantised; convert once to a folder and quantise that.
                     model, tok = _load_gguf(Path(src.path) / src.gguf_file, dtype=torch.float32)
-                    folder = cache_dir() / ("gguf-" + hashlib.sha1(str(Path(src.path) / src.gguf_file).encode()).hexdigest()[:10])
+                    folder = cache_dir() / (
+                        "gguf-" + hashlib.sha1(str(Path(src.path) / src.gguf_file).encode()).hexdigest()[:10]
+                    )
                     if not (folder / "config.json").exists():
                         model.save_pretrained(folder)
                         tok.save_pretrained(folder)

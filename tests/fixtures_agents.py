@@ -11,7 +11,7 @@ future (as in full-information replay).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -89,7 +89,10 @@ class ToyBackend:
         self.pos = t + k + 1
         done = self.pos >= self.length
         return StepOutcome(
-            gamma=g, accepted=k, tokens=list(range(t, t + k + 1)), done=done,
+            gamma=g,
+            accepted=k,
+            tokens=list(range(t, t + k + 1)),
+            done=done,
             finish_reason="length" if done else None,
             events=acceptance_events(g, k, bool(self.L[t] >= 1) if g == 0 else None),
         )

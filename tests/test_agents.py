@@ -14,7 +14,7 @@ from fixtures_agents import toy_env
 import speckv_env  # noqa: F401  (registers the envs)
 from agents import (
     AGENTS,
-    Agent,
+    UCB1,
     AgentFormatError,
     CostAwareAnalytic,
     FixedGamma,
@@ -23,15 +23,14 @@ from agents import (
     OracleAgent,
     PPOAgent,
     SpecKVMLP,
-    UCB1,
     evaluate_agent,
     load_agent,
     make_agent,
     summarize,
     train_agent,
 )
-from agents.bench import bench_agents
 from agents.training import collect_rollouts, run_online
+from speckv_env.app.bench_agents import bench_agents
 from speckv_env.core import OBS_DIM, OBS_INDEX, CostModel
 
 GAMMAS = tuple(range(9))
@@ -61,8 +60,17 @@ def rollout_obs(env, n: int = 300, seed: int = 0) -> np.ndarray:
 
 def test_registry_has_every_kind():
     assert set(AGENTS) == {
-        "fixed", "hf_heuristic", "cost_aware", "speckv_mlp", "epsilon_greedy", "ucb1", "thompson", "exp3",
-        "linucb", "ppo", "oracle",
+        "fixed",
+        "hf_heuristic",
+        "cost_aware",
+        "speckv_mlp",
+        "epsilon_greedy",
+        "ucb1",
+        "thompson",
+        "exp3",
+        "linucb",
+        "ppo",
+        "oracle",
     }
     with pytest.raises(ValueError, match="unknown agent"):
         make_agent("nope")
@@ -266,7 +274,9 @@ def test_mlp_fast_path_matches_torch(trained_mlp):
 
 def test_mlp_on_replay_predicts_acceptance():
     env = replay_env(20, seed=3)
-    agent = train_agent("speckv_mlp", env_factory=lambda: env, steps=4000, seed=0, progress=False, fit_kwargs={"epochs": 30})
+    agent = train_agent(
+        "speckv_mlp", env_factory=lambda: env, steps=4000, seed=0, progress=False, fit_kwargs={"epochs": 30}
+    )
     # predicted alpha vs the trace's actual first-token acceptance at that position
     obs, _ = env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -286,10 +296,10 @@ def test_mlp_on_replay_predicts_acceptance():
 
 
 def test_replay_vec_env_adapter_is_an_sb3_vecenv():
-    from replay.trace import synthetic_dataset
     from stable_baselines3.common.vec_env import VecEnv
 
     from agents.training import make_vec_env
+    from replay.trace import synthetic_dataset
 
     v = make_vec_env(n_envs=3, traces=synthetic_dataset(3), env_kwargs={"cost_model": CostModel.unit()})
     assert isinstance(v, VecEnv)
@@ -309,8 +319,15 @@ def test_replay_vec_env_adapter_is_an_sb3_vecenv():
 def test_ppo_tiny_budget_learn_save_load(tmp_path):
     tb = tmp_path / "tb"
     agent = train_agent(
-        "ppo", traces=__import__("replay.trace", fromlist=["x"]).synthetic_dataset(4), env_kwargs={"cost_model": CostModel.unit()},
-        steps=256, seed=0, tb_log_dir=tb, progress=False, n_envs=2, agent_kwargs={"n_steps": 64, "batch_size": 32, "n_epochs": 2},
+        "ppo",
+        traces=__import__("replay.trace", fromlist=["x"]).synthetic_dataset(4),
+        env_kwargs={"cost_model": CostModel.unit()},
+        steps=256,
+        seed=0,
+        tb_log_dir=tb,
+        progress=False,
+        n_envs=2,
+        agent_kwargs={"n_steps": 64, "batch_size": 32, "n_epochs": 2},
     )
     assert agent.timesteps >= 256
     assert list(tb.rglob("events.out.tfevents*"))
@@ -401,8 +418,12 @@ def test_malformed_agent_files_raise_agent_format_error(tmp_path):
         "list.json": b"[1, 2]",
         "wrongformat.json": json.dumps({"format": "other/1", "kind": "ucb1"}).encode(),
         "unknownkind.json": json.dumps({"format": "speckv-agent/1", "kind": "nope", "config": {}}).encode(),
-        "badconfig.json": json.dumps({"format": "speckv-agent/1", "kind": "ucb1", "config": {"c": "x", "bogus": 1}}).encode(),
-        "badstate.json": json.dumps({"format": "speckv-agent/1", "kind": "ucb1", "config": {}, "state": {"stats": [[1]]}}).encode(),
+        "badconfig.json": json.dumps(
+            {"format": "speckv-agent/1", "kind": "ucb1", "config": {"c": "x", "bogus": 1}}
+        ).encode(),
+        "badstate.json": json.dumps(
+            {"format": "speckv-agent/1", "kind": "ucb1", "config": {}, "state": {"stats": [[1]]}}
+        ).encode(),
     }
     for fname, data in cases.items():
         p = _write(tmp_path, fname, data)
@@ -428,8 +449,14 @@ def test_malformed_agent_files_raise_agent_format_error(tmp_path):
 
 
 def test_train_agent_records_learning_curve(tmp_path):
-    agent = train_agent("thompson", env_factory=lambda: toy_env(alpha=0.8, n_episodes=4), steps=1500, seed=0,
-                        tb_log_dir=tmp_path, progress=False)
+    agent = train_agent(
+        "thompson",
+        env_factory=lambda: toy_env(alpha=0.8, n_episodes=4),
+        steps=1500,
+        seed=0,
+        tb_log_dir=tmp_path,
+        progress=False,
+    )
     assert len(agent.train_log) >= 5
     assert {"global_step", "episodic_return", "tokens_per_second", "mean_gamma"} <= set(agent.train_log[0])
     ev = list(tmp_path.rglob("events.out.tfevents*"))
@@ -448,7 +475,9 @@ def test_train_agent_records_learning_curve(tmp_path):
 
 
 def test_bench_agents_writes_json(tmp_path):
-    res = bench_agents(tmp_path / "bench.json", n=300, warmup=50, agents=("fixed", "speckv_mlp", "ucb1"), include_torch=False)
+    res = bench_agents(
+        tmp_path / "bench.json", n=300, warmup=50, agents=("fixed", "speckv_mlp", "ucb1"), include_torch=False
+    )
     assert set(res["agents"]) == {"fixed", "speckv_mlp", "ucb1"}
     assert json.loads((tmp_path / "bench.json").read_text())["agents"]["speckv_mlp"]["median_us"] > 0
     assert all(v["median_us"] <= v["p99_us"] for v in res["agents"].values())

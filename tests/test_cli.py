@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-
 from dataclasses import replace
 
 import pytest
-
 from conftest import requires_default
+
 from replay.trace import synthetic_dataset, write_traces
 from speckv_env.core import CostModel
 
 
 def speckv(*args, timeout=600, env=None):
-    r = subprocess.run([sys.executable, "-m", "speckv_env.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "speckv_env.app.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -41,7 +42,9 @@ def test_train_saves_a_loadable_agent(trace_folder, tmp_path):
 
 
 def test_compare_quick_writes_report(trace_folder, tmp_path):
-    speckv("compare", "--logs", str(trace_folder), "--out", str(tmp_path / "cmp"), "--quick", "--set", "splits=[\"heldout\"]")
+    speckv(
+        "compare", "--logs", str(trace_folder), "--out", str(tmp_path / "cmp"), "--quick", "--set", 'splits=["heldout"]'
+    )
     rep = (tmp_path / "cmp" / "report.md").read_text()
     assert "best fixed" in rep.lower()
     res = json.loads((tmp_path / "cmp" / "results.json").read_text())
@@ -55,17 +58,21 @@ def test_bench_agents_writes_json(tmp_path):
 
 
 def test_unknown_compression_is_a_clear_cli_error():
-    r = subprocess.run([sys.executable, "-m", "speckv_env.cli", "generate", "--compression", "int3"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "speckv_env.app.cli", "generate", "--compression", "int3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and "unknown compression 'int3'" in r.stderr
 
 
 @requires_default
 def test_generate_on_a_tiny_pair(tmp_path):
-    import torch
+
+    from tiny_models import make_tiny_pair
 
     from speckv_env.models import load_tokenizer
-    from tiny_models import make_tiny_pair
 
     tok = load_tokenizer(None)
     t, d = make_tiny_pair(vocab=49152, hidden=32, seed=2)
@@ -74,7 +81,19 @@ def test_generate_on_a_tiny_pair(tmp_path):
         m.generation_config.eos_token_id = tok.eos_token_id
         m.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
-    out = speckv("generate", "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "d"), "--device", "cpu",
-                 "--max-new-tokens", "12", "--gamma", "3", "--json")
-    r = json.loads(out[out.index("{"):])
+    out = speckv(
+        "generate",
+        "--target",
+        str(tmp_path / "t"),
+        "--draft",
+        str(tmp_path / "d"),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "12",
+        "--gamma",
+        "3",
+        "--json",
+    )
+    r = json.loads(out[out.index("{") :])
     assert r["new_tokens"] <= 12 and r["steps"] >= 1 and "text" in r and r["tokens_per_s"] > 0

@@ -1,4 +1,4 @@
-"""agents.compare / agents.stats: the comparison pipeline on SYNTHETIC traces."""
+"""speckv_env.app.compare / agents.stats: the comparison pipeline on SYNTHETIC traces."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from agents import make_agent
-from agents import stats
-from agents.compare import _Data, eval_online, eval_vector, make_folds, oracle_result, run_comparison
+from agents import make_agent, stats
 from replay.oracle import fixed_gamma_time
 from replay.trace import synthetic_dataset
+from speckv_env.app.compare import _Data, eval_online, eval_vector, make_folds, oracle_result, run_comparison
 from speckv_env.core import DEFAULT_GAMMAS, CostModel
 
 TASKS = ("code", "chat", "math")
@@ -31,7 +30,9 @@ def _cost_models() -> dict[str, CostModel]:
 def _traces(n: int = 60, seed: int = 0):
     # synthetic_dataset cycles task = tasks[i % 3], compression = compressions[(i // 3) % 2],
     # mode = modes[i % 2], split = train/val/test by i % 5: every combination occurs
-    return synthetic_dataset(n, n_range=(30, 70), seed=seed, compressions=COMPRESSIONS, tasks=TASKS, modes=("greedy", "sample"))
+    return synthetic_dataset(
+        n, n_range=(30, 70), seed=seed, compressions=COMPRESSIONS, tasks=TASKS, modes=("greedy", "sample")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +40,29 @@ def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     trs = _traces()
     res = run_comparison(
-        traces=trs, cost_models=_cost_models(), out_dir=out, quick=True, progress=False,
+        traces=trs,
+        cost_models=_cost_models(),
+        out_dir=out,
+        quick=True,
+        progress=False,
         policies=("fixed", "hf_heuristic", "cost_aware", "speckv_mlp", "ucb1", "linucb", "ppo", "oracle"),
-        bandit_steps=600, mlp_rollout_steps=800, ppo_steps=512,
+        bandit_steps=600,
+        mlp_rollout_steps=800,
+        ppo_steps=512,
     )
     return out, trs, res
 
 
 def test_outputs_written(comparison):
     out, _, res = comparison
-    for f in ("report.md", "results.json", "throughput.png", "gamma_choices.png", "learning_curves.png", "regret_curves.png"):
+    for f in (
+        "report.md",
+        "results.json",
+        "throughput.png",
+        "gamma_choices.png",
+        "learning_curves.png",
+        "regret_curves.png",
+    ):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["splits"]) == {"heldout", "loto", "loco"}
@@ -76,7 +90,10 @@ def test_oracle_never_beaten_per_episode():
     data = _Data(trs, _cost_models(), DEFAULT_GAMMAS)
     idx = np.arange(len(trs))
     o = oracle_result(data, idx, {}).time[0]
-    for agent in [make_agent("fixed", g=g) for g in DEFAULT_GAMMAS] + [make_agent("hf_heuristic"), make_agent("cost_aware")]:
+    for agent in [make_agent("fixed", g=g) for g in DEFAULT_GAMMAS] + [
+        make_agent("hf_heuristic"),
+        make_agent("cost_aware"),
+    ]:
         t = eval_vector(agent, data, idx, "all").time[0]
         assert (o <= t + 1e-9).all(), agent.name
 
@@ -154,6 +171,7 @@ def test_folds_skip_single_valued_attribute():
 
 # ---- statistics --------------------------------------------------------------------------------
 
+
 def test_bootstrap_ci_contains_point_and_shrinks():
     rng = np.random.default_rng(0)
     small = rng.exponential(2.0, 40)
@@ -190,10 +208,19 @@ def test_paired_test_detects_known_difference_and_not_zero():
 
 # ---- the SpecKV paper's step logs and the CLI entry points -------------------------------------
 
+
 def test_paper_comparison(tmp_path):
-    res = run_comparison(source="speckv-paper", out_dir=tmp_path, quick=True, progress=False, seeds=1,
-                         splits=("heldout",), policies=("fixed", "hf_heuristic", "speckv_mlp", "ucb1"),
-                         bandit_steps=300, mlp_rollout_steps=300)
+    res = run_comparison(
+        source="speckv-paper",
+        out_dir=tmp_path,
+        quick=True,
+        progress=False,
+        seeds=1,
+        splits=("heldout",),
+        policies=("fixed", "hf_heuristic", "speckv_mlp", "ucb1"),
+        bandit_steps=300,
+        mlp_rollout_steps=300,
+    )
     assert (tmp_path / "report.md").is_file() and (tmp_path / "paper_tokens_vs_speed.png").is_file()
     report = (tmp_path / "report.md").read_text()
     assert "Tokens per step is not tokens per second" in report
@@ -214,8 +241,8 @@ def test_paper_comparison(tmp_path):
 
 def test_train_main_and_compare_main(tmp_path):
     from agents import load_agent
-    from agents.compare import compare_main, train_main
     from replay.trace import TraceWriter
+    from speckv_env.app.compare import compare_main, train_main
 
     with TraceWriter(tmp_path / "logs", batch_size=100) as w:
         for t in _traces(40, seed=9):
@@ -224,7 +251,14 @@ def test_train_main_and_compare_main(tmp_path):
             w.save_cost_model(cm)
     r = train_main("ucb1", tmp_path / "logs", tmp_path / "agents", steps=300, progress=False)
     assert load_agent(r["path"]).kind == "ucb1" and r["test"]["episodes"] == 8
-    res = compare_main(tmp_path / "logs", tmp_path / "cmp", quick=True, progress=False, seeds=1, splits=["heldout"],
-                       policies=["fixed", "cost_aware", "oracle"])
+    res = compare_main(
+        tmp_path / "logs",
+        tmp_path / "cmp",
+        quick=True,
+        progress=False,
+        seeds=1,
+        splits=["heldout"],
+        policies=["fixed", "cost_aware", "oracle"],
+    )
     assert (tmp_path / "cmp" / "report.md").is_file()
     assert res["splits"]["heldout"]["verdict"]["best_learned"] is None

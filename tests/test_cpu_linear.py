@@ -7,12 +7,11 @@ import random
 
 import pytest
 import torch
+from tiny_models import make_tiny_pair
 from torch import nn
 
 from speckv_env import cpu_linear
 from speckv_env.engine import SpeculativeEngine
-
-from tiny_models import make_tiny_pair
 
 ALL_WX = {n: max(n, 2) + (n % 3) for n in range(1, cpu_linear.MAX_ROWS + 1)}  # padded, some by 1-2 rows
 
@@ -88,7 +87,7 @@ def test_engine_is_lossless_with_planned_kernels(seed):
     ref = target.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=3, pad_token_id=0)[0, 6:].tolist()
     for m in (target, draft):
         shapes = {tuple(l.weight.shape) for l in m.modules() if type(l) is nn.Linear}
-        assert cpu_linear.install(m, {s: ALL_WX for s in shapes}) > 0
+        assert cpu_linear.install(m, dict.fromkeys(shapes, ALL_WX)) > 0
     try:
         eng = SpeculativeEngine(target, draft, eos_token_id=3)
         for gamma in (0, 1, 3, 5, 8):
@@ -110,7 +109,7 @@ def test_refresh_times_the_plans_again(tmp_path, monkeypatch):
 
     def fake_tune(weights, max_rows):
         calls.append(tuple(weights[0].shape))
-        return {n: 0 for n in range(1, max_rows + 1)}
+        return dict.fromkeys(range(1, max_rows + 1), 0)
 
     monkeypatch.setattr(cpu_linear, "tune", fake_tune)
     assert cpu_linear.plans_for(model, max_rows=3, refresh=True) == {(96, 32): {1: 0, 2: 0, 3: 0}}

@@ -18,8 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_tiny_pipeline_trains_a_loadable_draft(tmp_path):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    r = subprocess.run([sys.executable, str(REPO / "experiments" / "train_draft.py"), "--budget", "tiny",
-                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "train_draft.py"), "--budget", "tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "tiny_result.json").read_text())
     assert res["last_loss"] < res["first_loss"]
@@ -47,8 +52,9 @@ def test_default_draft_loads_and_gives_full_vocab_logits(shipped):
     assert shipped.config.eos_token_id == tok.eos_token_id
     assert int(shipped.head_ids.max()) < len(tok)
     assert {0, 1, 2} <= set(shipped.head_ids.tolist())
-    text = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], add_generation_prompt=True, tokenize=False
+    )
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = shipped(input_ids=ids).logits

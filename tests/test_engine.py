@@ -9,17 +9,16 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_tiny_pair
 
 from speckv_env.engine import SpeculativeEngine
-
-from tiny_models import make_tiny_pair
 
 SCHEDULES = [*range(9), "random"]
 
 
 def hf_greedy(model, prompt, n, eos=3):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def schedule(kind, rng):

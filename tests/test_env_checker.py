@@ -18,7 +18,12 @@ from speckv_env.core import CostModel
 
 
 def _make_replay(**kw) -> gym.Env:
-    return gym.make("SpecKVReplay-v0", traces=synthetic_dataset(6, compressions=("fp16", "int8"), modes=("greedy", "sample")), cost_models={"fp16": CostModel.unit(), "int8": CostModel.unit(draft_ratio=0.3)}, **kw)
+    return gym.make(
+        "SpecKVReplay-v0",
+        traces=synthetic_dataset(6, compressions=("fp16", "int8"), modes=("greedy", "sample")),
+        cost_models={"fp16": CostModel.unit(), "int8": CostModel.unit(draft_ratio=0.3)},
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("kw", [{}, {"reward": "tokens", "gammas": (0, 2, 4)}, {"render_mode": "ansi"}])
@@ -51,9 +56,16 @@ def test_replay_paper_source_checkers_no_warnings() -> None:
 def test_replay_invalid_actions() -> None:
     env = _make_replay()
     env.reset(seed=0)
-    for bad, msg in [(9, r"invalid action 9: must be in 0\.\.8"), (-1, r"invalid action -1"), (np.int64(12), "invalid action 12"),
-                     ("2", "expected an integer index"), (2.5, "expected an integer index"), (None, "expected an integer index"),
-                     (True, "expected an integer index"), (np.array([1, 2]), "expected one index")]:
+    for bad, msg in [
+        (9, r"invalid action 9: must be in 0\.\.8"),
+        (-1, r"invalid action -1"),
+        (np.int64(12), "invalid action 12"),
+        ("2", "expected an integer index"),
+        (2.5, "expected an integer index"),
+        (None, "expected an integer index"),
+        (True, "expected an integer index"),
+        (np.array([1, 2]), "expected one index"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             env.unwrapped.step(bad)
     # accepted forms: python int, numpy integer, size-1 array, integral float

@@ -129,7 +129,10 @@ def test_cost_model_fit(paper) -> None:
         f = fit_cost_model(runs, c)
         assert f.c_step > 0 and f.c_draft >= 0 and f.r2 > 0.9 and f.n_runs == 80
         assert f.cost_model.meta["no_kv_cache"] is True and f.cost_model.compression == c
-        pred = runs[runs.compression == c]["n_steps"] * f.c_step + runs[runs.compression == c]["drafted_tokens"] * f.c_draft
+        pred = (
+            runs[runs.compression == c]["n_steps"] * f.c_step
+            + runs[runs.compression == c]["drafted_tokens"] * f.c_draft
+        )
         assert np.allclose(pred.sum(), runs[runs.compression == c]["elapsed_sec"].sum(), rtol=0.05)
 
 

@@ -15,11 +15,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import requires_default
+from tiny_models import make_tiny_pair
 
 import speckv_env  # noqa: F401
-from conftest import requires_default
 from speckv_env.core import CostModel
-from tiny_models import make_tiny_pair
 
 pytestmark = requires_default
 
@@ -93,8 +93,9 @@ def test_invalid_actions_and_info(tiny_smol_pair):
 @pytest.fixture(scope="module")
 def tiny_smol_lookup_pair(tiny_smol_pair):
     """The same target with a draft that mixes in context lookup (speckv_env/lookup.py)."""
-    from speckv_env.pair import ModelPair
     from tiny_models import make_tiny_lookup_draft
+
+    from speckv_env.pair import ModelPair
 
     p = tiny_smol_pair
     draft = make_tiny_lookup_draft(p.target, noise=0.03)
@@ -109,8 +110,8 @@ def test_record_then_replay_counterfactual_is_exact(tiny_smol_pair, tiny_smol_lo
     live episodes' random gamma choices gives identical accepted counts and tokens, step by step.
     Holds for a draft with context lookup too (its proposal depends on the prefix only)."""
     from replay.env import SpecKVReplayEnv
+    from speckv_env.app.profile import record_episode
     from speckv_env.engine import SpeculativeEngine
-    from speckv_env.profile import record_episode
 
     pair = tiny_smol_pair if draft_kind == "plain" else tiny_smol_lookup_pair
     env = _env(pair, temperature=temperature)
@@ -131,7 +132,11 @@ def test_record_then_replay_counterfactual_is_exact(tiny_smol_pair, tiny_smol_lo
             a = rng.randint(0, 8)
             o_live, r_live, te, tr_, i_live = env.step(a)
             o_rep, r_rep, te2, tr2, i_rep = renv.step(a)
-            assert (i_live["gamma"], i_live["accepted"], i_live["tokens"]) == (i_rep["gamma"], i_rep["accepted"], list(i_rep["tokens"]))
+            assert (i_live["gamma"], i_live["accepted"], i_live["tokens"]) == (
+                i_rep["gamma"],
+                i_rep["accepted"],
+                list(i_rep["tokens"]),
+            )
             assert r_live == pytest.approx(r_rep) and (te, tr_) == (te2, tr2)
             np.testing.assert_allclose(o_live, o_rep, atol=1e-5)
             done = te or tr_
@@ -139,7 +144,7 @@ def test_record_then_replay_counterfactual_is_exact(tiny_smol_pair, tiny_smol_lo
 
 def test_record_steps_wrapper_writes_a_censored_step_log(tiny_smol_pair, tmp_path):
     from replay.importers import read_step_log
-    from speckv_env.recorder import RecordSteps
+    from replay.recorder import RecordSteps
 
     env = RecordSteps(_env(tiny_smol_pair), tmp_path / "log")
     for ep in range(2):
@@ -168,9 +173,32 @@ def test_profile_is_crash_safe_and_resumes_without_duplicates_or_gaps(tiny_smol_
     t, d = _save_tiny(tiny_smol_pair, tmp_path)
     out = tmp_path / "traces"
     env = dict(os.environ, SPECKV_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "speckv_env.cli", "profile", "--target", t, "--draft", d, "--device", "cpu",
-           "--compressions", "fp32", "--tasks", "math,code", "--splits", "test", "--modes", "greedy,sample",
-           "--max-new-tokens", "24", "--out", str(out), "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "speckv_env.app.cli",
+        "profile",
+        "--target",
+        t,
+        "--draft",
+        d,
+        "--device",
+        "cpu",
+        "--compressions",
+        "fp32",
+        "--tasks",
+        "math,code",
+        "--splits",
+        "test",
+        "--modes",
+        "greedy,sample",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3:
@@ -179,7 +207,9 @@ def test_profile_is_crash_safe_and_resumes_without_duplicates_or_gaps(tiny_smol_
     proc.wait()
     before = read_traces(out)
     assert 3 <= len(before) < 64
-    subprocess.run(cmd + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    subprocess.run(
+        cmd + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600
+    )
     after = read_traces(out)
     ids = [tr.trace_id for tr in after]
     assert len(ids) == len(set(ids)) == 2 * 2 * 16  # 2 tasks x 16 test prompts x 2 modes
@@ -202,22 +232,25 @@ def test_engine_bench_compares_methods_and_restores_the_plans(tiny_smol_pair):
     import dataclasses
 
     from speckv_env import cpu_linear
-    from speckv_env.bench import bench_prompts, format_engine_table, run_engine_bench
+    from speckv_env.app.bench_engine import bench_prompts, format_engine_table, run_engine_bench
 
     plan = {n: max(n, 2) + 1 for n in range(1, cpu_linear.MAX_ROWS + 1)}
     for m in (tiny_smol_pair.target, tiny_smol_pair.draft):
         shapes = {tuple(l.weight.shape) for l in m.modules() if type(l) is torch.nn.Linear}
-        cpu_linear.install(m, {s: plan for s in shapes})
+        cpu_linear.install(m, dict.fromkeys(shapes, plan))
     pair = dataclasses.replace(tiny_smol_pair, cpu_kernels=True)
     try:
-        r = run_engine_bench(pair, prompts=bench_prompts()[:2], max_new_tokens=8, gammas_engine=(0, 2),
-                             gammas_hf=(1,), progress=False)
+        r = run_engine_bench(
+            pair, prompts=bench_prompts()[:2], max_new_tokens=8, gammas_engine=(0, 2), gammas_hf=(1,), progress=False
+        )
         assert r["outputs_identical"], r["output_mismatches"]  # every method, stock kernels included
         assert r["hf_target_tps"] > 0 and r["hf_target_stock_tps"] > 0 and set(r["engine_tps"]) == {"0", "2"}
         assert r["engine_speedup_vs_stock_target"] == pytest.approx(r["best_engine_tps"] / r["hf_target_stock_tps"])
         assert r["cpu_kernels"] and any("W@x.T/3" in line for line in r["cpu_linear_plans"])
         # the stock measurement took the plans off and put the same ones back
-        assert cpu_linear.current_plans(pair.target) and all(p == plan for p in cpu_linear.current_plans(pair.target).values())
+        assert cpu_linear.current_plans(pair.target) and all(
+            p == plan for p in cpu_linear.current_plans(pair.target).values()
+        )
         assert "stock CPU kernels" in format_engine_table(r)
     finally:
         cpu_linear.uninstall(tiny_smol_pair.target)

@@ -8,19 +8,18 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_tiny_lookup_draft
 
 from speckv_env.engine import SpeculativeEngine
 from speckv_env.lookup import ContextLookup, _lookup_one, lookup_table
-
-from tiny_models import make_tiny_lookup_draft, make_tiny_pair
 
 
 def brute(ids, i, nmax):
     """Copy proposal for the token after ids[:i]: longest suffix (<= nmax) seen earlier, most recent."""
     for n in range(min(nmax, i), 0, -1):
-        suf = ids[i - n:i]
+        suf = ids[i - n : i]
         for j in range(i - n - 1, -1, -1):
-            if ids[j:j + n] == suf:
+            if ids[j : j + n] == suf:
                 return ids[j + n], n
     return -1, 0
 
@@ -70,8 +69,8 @@ def test_cached_and_cropped_forward_equals_full_forward(tiny_pair):
             # feed a few true tokens plus junk, then crop the junk away (as after a rejection)
             k = min(rng.randint(1, 4), len(seq) - pos)
             junk = [rng.randrange(4, 12) for _ in range(rng.randint(0, 3))]
-            out = draft(input_ids=torch.tensor([seq[pos:pos + k] + junk]), cache=cache, use_cache=True).logits[0]
-            assert torch.allclose(out[:k], full[pos:pos + k], atol=1e-4)
+            out = draft(input_ids=torch.tensor([seq[pos : pos + k] + junk]), cache=cache, use_cache=True).logits[0]
+            assert torch.allclose(out[:k], full[pos : pos + k], atol=1e-4)
             if junk:
                 cache.crop(-len(junk))
             pos += k
@@ -95,8 +94,9 @@ def test_engine_with_lookup_is_lossless_and_gamma_independent(tiny_pair, seed):
     draft = make_tiny_lookup_draft(target)
     rng = random.Random(seed)
     prompt = [rng.randrange(4, 16) for _ in range(rng.randint(3, 20))]
-    ref = target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=3,
-                          pad_token_id=0)[0, len(prompt):].tolist()
+    ref = target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=3, pad_token_id=0)[
+        0, len(prompt) :
+    ].tolist()
     eng = SpeculativeEngine(target, draft, eos_token_id=3)
     for g in [0, 1, 3, 8, [1, 5, 2, 0, 7]]:
         res = eng.generate(prompt, 40, g)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from tiny_models import make_tiny_llama
 
 from speckv_env.models import (
     ModelLoadError,
@@ -20,7 +21,6 @@ from speckv_env.models import (
     load_model,
     resolve_source,
 )
-from tiny_models import make_tiny_llama
 
 
 def _word_tokenizer(words):

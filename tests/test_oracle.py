@@ -31,8 +31,15 @@ def _brute(tr, cm, gammas) -> float:
 def test_dp_equals_brute_force(seed: int) -> None:
     rng = np.random.default_rng(seed)
     mode = "sample" if seed % 2 else "greedy"
-    tr = synthetic_trace(int(rng.integers(1, 10)), gamma_max=4, p_accept=float(rng.uniform(0.3, 0.95)), seed=seed, mode=mode)
-    cm = CostModel(t_draft=float(rng.uniform(0.01, 0.5)), t_verify=[1.0 + float(rng.uniform(0, 0.3)) * g for g in range(5)], t_target=1.0, t_overhead=0.05)
+    tr = synthetic_trace(
+        int(rng.integers(1, 10)), gamma_max=4, p_accept=float(rng.uniform(0.3, 0.95)), seed=seed, mode=mode
+    )
+    cm = CostModel(
+        t_draft=float(rng.uniform(0.01, 0.5)),
+        t_verify=[1.0 + float(rng.uniform(0, 0.3)) * g for g in range(5)],
+        t_target=1.0,
+        t_overhead=0.05,
+    )
     gammas = (0, 1, 2, 3, 4) if seed % 3 else (0, 2, 3)
     res = oracle(tr, cm, gammas)
     assert res.total_time == pytest.approx(_brute(tr, cm, gammas), rel=1e-12)

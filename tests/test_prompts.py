@@ -74,7 +74,7 @@ def test_humaneval_split_is_by_problem():
 def test_suites_and_pool_disjoint():
     pool = _pool()
     assert len(pool) == 2400
-    assert Counter(r["task"] for r in pool) == {t: 600 for t in TASKS}
+    assert Counter(r["task"] for r in pool) == dict.fromkeys(TASKS, 600)
     for r in pool:
         assert set(r) == {"id", "task", "split", "text", "source", "license"}
         assert r["split"] == "distill" and r["text"].strip() and r["source"] and r["license"]

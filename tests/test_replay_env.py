@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import speckv_env  # noqa: F401  (registers the environments)
-from replay.backend import TraceBackend
 from replay.env import SpecKVReplayEnv
 from replay.trace import synthetic_dataset, synthetic_trace
 from speckv_env.base_env import SpecKVBaseEnv

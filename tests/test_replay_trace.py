@@ -140,7 +140,10 @@ def test_schema_mismatch_errors(tmp_path: Path) -> None:
     acc = table.column("accept").to_pylist()
     acc[0] = acc[0][:-1]
     i = table.column_names.index("accept")
-    pq.write_table(table.set_column(i, table.schema.field("accept"), pa.array(acc, type=pa.list_(pa.bool_()))), tmp_path / "len.parquet")
+    pq.write_table(
+        table.set_column(i, table.schema.field("accept"), pa.array(acc, type=pa.list_(pa.bool_()))),
+        tmp_path / "len.parquet",
+    )
     with pytest.raises(TraceFormatError, match=r"len\.parquet.*inconsistent lengths.*accept"):
         read_traces(tmp_path / "len.parquet")
     i = table.column_names.index("tokens")
@@ -174,9 +177,23 @@ def test_validation_of_values_and_recorded_path() -> None:
     k2 = k.copy()
     k2[j] += 1
     with pytest.raises(TraceFormatError, match=f"recorded step {j}|starts at"):
-        Trace(**kw, step_pos=pos, step_gamma=g, step_accepted=k2, step_draft_s=t.step_draft_s, step_verify_s=t.step_verify_s)
+        Trace(
+            **kw,
+            step_pos=pos,
+            step_gamma=g,
+            step_accepted=k2,
+            step_draft_s=t.step_draft_s,
+            step_verify_s=t.step_verify_s,
+        )
     with pytest.raises(TraceFormatError, match="inconsistent lengths"):
-        Trace(**kw, step_pos=pos, step_gamma=g[:-1], step_accepted=k, step_draft_s=t.step_draft_s, step_verify_s=t.step_verify_s)
+        Trace(
+            **kw,
+            step_pos=pos,
+            step_gamma=g[:-1],
+            step_accepted=k,
+            step_draft_s=t.step_draft_s,
+            step_verify_s=t.step_verify_s,
+        )
 
 
 def test_meta_roundtrip(tmp_path: Path) -> None:
@@ -199,4 +216,6 @@ def test_make_trace_id_is_stable() -> None:
     from replay.trace import make_trace_id
 
     a = make_trace_id("smol", "int8", "code-3", "sample", 7)
-    assert a == make_trace_id("smol", "int8", "code-3", "sample", 7) and a != make_trace_id("smol", "int8", "code-3", "sample", 8)
+    assert a == make_trace_id("smol", "int8", "code-3", "sample", 7) and a != make_trace_id(
+        "smol", "int8", "code-3", "sample", 8
+    )

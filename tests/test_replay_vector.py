@@ -5,7 +5,6 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-from gymnasium.vector import AutoresetMode
 
 import speckv_env  # noqa: F401
 from replay.env import SpecKVReplayEnv
@@ -81,7 +80,9 @@ def test_same_step_autoreset() -> None:
 
 
 def test_make_vec_and_invalid_actions() -> None:
-    vec = gym.make_vec("SpecKVReplay-v0", num_envs=3, vectorization_mode="vector_entry_point", traces=_ds(), cost_models=CMS)
+    vec = gym.make_vec(
+        "SpecKVReplay-v0", num_envs=3, vectorization_mode="vector_entry_point", traces=_ds(), cost_models=CMS
+    )
     vec.reset(seed=0)
     obs, *_ = vec.step(np.array([0, 4, 8]))
     assert obs.shape == (3, 13)

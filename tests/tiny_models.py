@@ -12,9 +12,18 @@ def make_tiny_llama(vocab: int = 64, hidden: int = 64, layers: int = 2, seed: in
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        eos_token_id=eos, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False, initializer_range=std,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=eos,
+        bos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        initializer_range=std,
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -10,8 +10,9 @@ tokens/s), both with 95% bootstrap intervals over prompts.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,9 +67,8 @@ def live_check(
     from agents.training import train_agent
     from replay.oracle import fixed_gamma_time
     from replay.trace import load_cost_models, read_traces
-
-    from .pair import load_pair
-    from .prompts import load_prompts
+    from speckv_env.pair import load_pair
+    from speckv_env.prompts import load_prompts
 
     gammas = tuple(range(9))
     comp, mode = "fp32", "greedy"
@@ -76,18 +76,23 @@ def live_check(
     test = read_traces(traces_dir, split="test", compression=comp, mode=mode)
     cms = load_cost_models(traces_dir)
     if not train or not test:
-        raise ValueError(f"{traces_dir}: needs {comp} {mode} traces of both the train and the test split for the live check")
+        raise ValueError(
+            f"{traces_dir}: needs {comp} {mode} traces of both the train and the test split for the live check"
+        )
     # best fixed gamma, chosen on the training split only
     best_g = min(gammas, key=lambda g: sum(fixed_gamma_time(t, cms[comp], g) for t in train))
-    agents: dict[str, Any] = {f"fixed-{best_g} (best fixed on train)": make_agent("fixed", g=best_g, gammas=gammas),
-                              "hf_heuristic": make_agent("hf_heuristic", gammas=gammas)}
+    agents: dict[str, Any] = {
+        f"fixed-{best_g} (best fixed on train)": make_agent("fixed", g=best_g, gammas=gammas),
+        "hf_heuristic": make_agent("hf_heuristic", gammas=gammas),
+    }
     import torch
 
     threads = torch.get_num_threads()
     for name in learned:
         torch.set_num_threads(1)  # small MLP fits are fastest single-threaded
-        agents[name] = train_agent(name, traces=train, steps=train_steps, seed=0, progress=progress,
-                                   env_kwargs={"cost_models": cms})
+        agents[name] = train_agent(
+            name, traces=train, steps=train_steps, seed=0, progress=progress, env_kwargs={"cost_models": cms}
+        )
     torch.set_num_threads(threads)
     # held-out prompts that have a test trace; live episodes use the traces' token budget so
     # that live and replayed episodes are the same episodes
@@ -107,8 +112,11 @@ def live_check(
         raise ValueError(
             f"{traces_dir}: the test traces were recorded with draft {sorted(recorded)}, but the loaded draft is "
             f"{pair.draft_fingerprint}; a trace replays exactly only for its own draft (re-record them with "
-            "experiments/make_shipped_dataset.sh)")
-    env = gym.make("SpecKV-v0", pair=pair, prompts=chosen, max_new_tokens=max_new_tokens, gammas=gammas, cost_model=cms[comp])
+            "experiments/make_shipped_dataset.sh)"
+        )
+    env = gym.make(
+        "SpecKV-v0", pair=pair, prompts=chosen, max_new_tokens=max_new_tokens, gammas=gammas, cost_model=cms[comp]
+    )
     from replay.env import SpecKVReplayEnv
 
     replay_env = SpecKVReplayEnv(traces=[by_id[p.id] for p in chosen], cost_models=cms, gammas=gammas)
@@ -120,16 +128,27 @@ def live_check(
         m, ml, mh = _boot_ratio(live["tokens"], live["measured_s"])
         lm, lml, lmh = _boot_ratio(live["tokens"], live["modelled_s"])
         r, rl, rh = _boot_ratio(rep["tokens"], rep["modelled_s"])
-        rows.append({
-            "policy": name, "measured_tps": m, "measured_ci": [ml, mh], "replay_tps": r, "replay_ci": [rl, rh],
-            "live_modelled_tps": lm, "live_modelled_ci": [lml, lmh],
-            "same_tokens": live["ids"] == rep["ids"],
-            "agree": bool(ml <= rh and rl <= mh),
-        })
+        rows.append(
+            {
+                "policy": name,
+                "measured_tps": m,
+                "measured_ci": [ml, mh],
+                "replay_tps": r,
+                "replay_ci": [rl, rh],
+                "live_modelled_tps": lm,
+                "live_modelled_ci": [lml, lmh],
+                "same_tokens": live["ids"] == rep["ids"],
+                "agree": bool(ml <= rh and rl <= mh),
+            }
+        )
     target_only = 1.0 / cms[comp].t_target
     return {
-        "prompts": [p.id for p in chosen], "max_new_tokens": max_new_tokens, "rows": rows,
-        "best_fixed_gamma": best_g, "target_only_tps_model": target_only, "seconds": time.time() - t0,
+        "prompts": [p.id for p in chosen],
+        "max_new_tokens": max_new_tokens,
+        "rows": rows,
+        "best_fixed_gamma": best_g,
+        "target_only_tps_model": target_only,
+        "seconds": time.time() - t0,
         "cost_model": cms[comp].to_dict(),
     }
 

@@ -60,25 +60,43 @@ import copy
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from agents import stats
 from speckv_env.core import DEFAULT_GAMMAS, CostModel
 
-from . import stats
+from .results import EvalResult, align, concat_folds, select, stack_seeds
 
 POLICY_GROUPS = (
-    "fixed", "hf_heuristic", "cost_aware", "speckv_mlp",
-    "epsilon_greedy", "ucb1", "thompson", "exp3", "linucb", "ppo", "oracle",
+    "fixed",
+    "hf_heuristic",
+    "cost_aware",
+    "speckv_mlp",
+    "epsilon_greedy",
+    "ucb1",
+    "thompson",
+    "exp3",
+    "linucb",
+    "ppo",
+    "oracle",
 )
 BANDITS = ("epsilon_greedy", "ucb1", "thompson", "exp3", "linucb")
 DISPLAY = {
-    "hf_heuristic": "hf-heuristic", "cost_aware": "cost-aware", "epsilon_greedy": "epsilon-greedy",
-    "ucb1": "ucb1", "thompson": "thompson", "exp3": "exp3", "linucb": "linucb", "ppo": "ppo", "oracle": "oracle",
+    "hf_heuristic": "hf-heuristic",
+    "cost_aware": "cost-aware",
+    "epsilon_greedy": "epsilon-greedy",
+    "ucb1": "ucb1",
+    "thompson": "thompson",
+    "exp3": "exp3",
+    "linucb": "linucb",
+    "ppo": "ppo",
+    "oracle": "oracle",
 }
 BEST_FIXED = "best-fixed(train)"
 LEARNED = ("mlp-time", "mlp-tokens", "epsilon-greedy", "ucb1", "thompson", "exp3", "linucb", "ppo")
@@ -132,18 +150,35 @@ class CompareConfig:
     """seed of the bootstrap resamples"""
 
     @classmethod
-    def quick(cls, **kw: Any) -> "CompareConfig":
+    def quick(cls, **kw: Any) -> CompareConfig:
         """Few seeds and steps, fewer bandits: seconds, for demos and tests."""
         base = dict(
-            seeds=2, bandit_steps=1500, mlp_rollout_steps=1500, mlp_epochs=4, ppo_steps=1024, ppo_n_envs=4,
-            ppo_kwargs={"n_steps": 128, "batch_size": 128, "n_epochs": 2}, n_boot=1000,
-            policies=("fixed", "hf_heuristic", "cost_aware", "speckv_mlp", "ucb1", "thompson", "linucb", "ppo", "oracle"),
+            seeds=2,
+            bandit_steps=1500,
+            mlp_rollout_steps=1500,
+            mlp_epochs=4,
+            ppo_steps=1024,
+            ppo_n_envs=4,
+            ppo_kwargs={"n_steps": 128, "batch_size": 128, "n_epochs": 2},
+            n_boot=1000,
+            policies=(
+                "fixed",
+                "hf_heuristic",
+                "cost_aware",
+                "speckv_mlp",
+                "ucb1",
+                "thompson",
+                "linucb",
+                "ppo",
+                "oracle",
+            ),
         )
         base.update(kw)
         return cls(**base)
 
 
 # ---- data --------------------------------------------------------------------------------------
+
 
 class _Ctx:
     """What CostModelMixin.bind() needs of an env: gammas, the cost model, the sampling mode."""
@@ -197,43 +232,8 @@ class _Data:
         return v
 
 
-@dataclass
-class EvalResult:
-    """Per-episode results of one policy on a set of episodes (``idx`` into the data set);
-    arrays have shape (seeds, episodes)."""
-
-    idx: np.ndarray
-    time: np.ndarray
-    steps: np.ndarray
-    gsum: np.ndarray
-    hist: np.ndarray  # (episodes, len(gammas)) chosen-gamma counts, summed over seeds
-    clipped: np.ndarray | None = None  # step logs: steps whose requested gamma was undetermined
-    tokens: np.ndarray | None = None  # step logs: emitted tokens (they depend on the policy there)
-
-
-def _stack(results: Sequence[EvalResult]) -> EvalResult:
-    """Seeds of one policy on the same episodes -> one EvalResult with a seed axis."""
-    r0 = results[0]
-    return EvalResult(
-        r0.idx, np.concatenate([r.time for r in results]), np.concatenate([r.steps for r in results]),
-        np.concatenate([r.gsum for r in results]), sum(r.hist for r in results),
-        None if r0.clipped is None else np.concatenate([r.clipped for r in results]),
-        None if r0.tokens is None else np.concatenate([r.tokens for r in results]),
-    )
-
-
-def _concat_folds(results: Sequence[EvalResult]) -> EvalResult:
-    """Folds of one policy (disjoint episodes, same seeds) -> one EvalResult."""
-    return EvalResult(
-        np.concatenate([r.idx for r in results]), np.concatenate([r.time for r in results], axis=1),
-        np.concatenate([r.steps for r in results], axis=1), np.concatenate([r.gsum for r in results], axis=1),
-        np.concatenate([r.hist for r in results], axis=0),
-        None if results[0].clipped is None else np.concatenate([r.clipped for r in results], axis=1),
-        None if results[0].tokens is None else np.concatenate([r.tokens for r in results], axis=1),
-    )
-
-
 # ---- evaluation --------------------------------------------------------------------------------
+
 
 def eval_vector(agent: Any, data: _Data, idx: np.ndarray, key: Any) -> EvalResult:
     """Evaluate a policy whose decisions depend only on the observation (and on state that
@@ -273,13 +273,20 @@ def eval_vector(agent: Any, data: _Data, idx: np.ndarray, key: Any) -> EvalResul
     return EvalResult(idx, T[None], S[None], Gs[None], hist)
 
 
-def eval_online(agent: Any, env: Any, idx: np.ndarray, seed: int, learn: bool = True,
-                desc: str | None = None, progress: bool = False) -> EvalResult:
+def eval_online(
+    agent: Any,
+    env: Any,
+    idx: np.ndarray,
+    seed: int,
+    learn: bool = True,
+    desc: str | None = None,
+    progress: bool = False,
+) -> EvalResult:
     """Evaluate an online learner episode by episode on ``env`` (episode j = ``idx[j]``'s
     position in the env's trace list is j): each episode starts from a copy of ``agent``'s
     trained state, with its own random stream seeded by (seed, j), and keeps learning within
     the episode ("continue-per-episode", see the module docs)."""
-    from .training import begin_episode
+    from agents.training import begin_episode
 
     G = len(agent.gammas)
     n = len(idx)
@@ -343,14 +350,8 @@ def oracle_result(data: _Data, idx: np.ndarray, cache: dict[int, tuple[float, in
     return EvalResult(np.asarray(idx), T[None], S[None], Gs[None], hist)
 
 
-def _select(res: EvalResult, idx: np.ndarray) -> EvalResult:
-    pos = {int(i): j for j, i in enumerate(res.idx)}
-    j = np.array([pos[int(i)] for i in idx], dtype=np.int64)
-    return EvalResult(np.asarray(idx), res.time[:, j], res.steps[:, j], res.gsum[:, j], res.hist[j],
-                      None if res.clipped is None else res.clipped[:, j], None if res.tokens is None else res.tokens[:, j])
-
-
 # ---- splits ------------------------------------------------------------------------------------
+
 
 @dataclass
 class Fold:
@@ -382,25 +383,33 @@ def make_folds(data: _Data, split: str) -> list[Fold]:
 
 # ---- training ------------------------------------------------------------------------------------
 
+
 def _env_kwargs(data: _Data) -> dict[str, Any]:
     return {"cost_models": data.cms, "gammas": data.gammas}
 
 
 def _train(name: str, data: _Data, idx: np.ndarray, cfg: CompareConfig, seed: int, tb: Path | None, run: str) -> Any:
-    from .training import train_agent
+    from agents.training import train_agent
 
     trs = [data.traces[i] for i in idx]
     common = dict(traces=trs, seed=seed, tb_log_dir=tb, progress=False, env_kwargs=_env_kwargs(data), run_name=run)
     if name == "speckv_mlp":
-        return train_agent("speckv_mlp", steps=cfg.mlp_rollout_steps, agent_kwargs={"rule": "time"},
-                           fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size}, **common)
+        return train_agent(
+            "speckv_mlp",
+            steps=cfg.mlp_rollout_steps,
+            agent_kwargs={"rule": "time"},
+            fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size},
+            **common,
+        )
     if name == "ppo":
-        return train_agent("ppo", steps=cfg.ppo_steps, n_envs=cfg.ppo_n_envs, agent_kwargs=dict(cfg.ppo_kwargs), **common)
+        return train_agent(
+            "ppo", steps=cfg.ppo_steps, n_envs=cfg.ppo_n_envs, agent_kwargs=dict(cfg.ppo_kwargs), **common
+        )
     return train_agent(name, steps=cfg.bandit_steps, **common)
 
 
 def _mlp_tokens_twin(mlp: Any) -> Any:
-    from .base import make_agent
+    from agents.base import make_agent
 
     twin = make_agent("speckv_mlp", rule="tokens", seed=mlp.seed, hidden=mlp.hidden, gammas=mlp.gammas)
     twin.set_tensors(mlp.get_tensors())
@@ -424,8 +433,19 @@ def best_fixed_choice(fixed: Mapping[int, EvalResult], data: _Data, train: np.nd
 
 # ---- metrics -----------------------------------------------------------------------------------
 
-def policy_metrics(N: np.ndarray, T: np.ndarray, S: np.ndarray, Gs: np.ndarray, tt: np.ndarray,
-                   O: np.ndarray, F: np.ndarray, W: np.ndarray, level: float, T_seeds: np.ndarray | None = None) -> dict[str, Any]:
+
+def policy_metrics(
+    N: np.ndarray,
+    T: np.ndarray,
+    S: np.ndarray,
+    Gs: np.ndarray,
+    tt: np.ndarray,
+    O: np.ndarray,
+    F: np.ndarray,
+    W: np.ndarray,
+    level: float,
+    T_seeds: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Metrics of one policy on one set of episodes (per-episode arrays; W: resamples)."""
     m: dict[str, Any] = {}
     m["tokens_per_s"] = stats.ratio_ci(N, T, W, level)
@@ -457,6 +477,7 @@ def policy_metrics(N: np.ndarray, T: np.ndarray, S: np.ndarray, Gs: np.ndarray, 
 
 
 # ---- the engine --------------------------------------------------------------------------------
+
 
 def _load(logs: Any, traces: Any, cost_models: Any) -> tuple[list[Any], dict[str, CostModel]]:
     from replay.trace import load_cost_models, read_traces
@@ -522,7 +543,7 @@ def run_comparison(
     from tqdm.auto import tqdm
 
     # ---- fold-independent policies: evaluated once on every episode ----
-    from .base import make_agent
+    from agents.base import make_agent
 
     fixed: dict[int, EvalResult] = {}
     for g in cfg.gammas:  # always computed: best-fixed(train) and gap captured need them
@@ -541,39 +562,60 @@ def run_comparison(
     for split in cfg.splits:
         folds = make_folds(data, split)
         if not folds:
-            splits_out[split] = {"skipped": f"split {split!r} does not apply to this data (one value, or no train/test)"}
+            splits_out[split] = {
+                "skipped": f"split {split!r} does not apply to this data (one value, or no train/test)"
+            }
             continue
         per_policy: dict[str, list[EvalResult]] = {}
         fold_info = []
         for fold in folds:
             choice = best_fixed_choice(fixed, data, fold.train)
             # best-fixed(train): per test episode, the gamma chosen for its compression
-            bf_t = np.array([fixed[choice.get(c, choice["*"])].time[0, i] for i, c in zip(fold.test, data.compression[fold.test])])
-            bf_s = np.array([fixed[choice.get(c, choice["*"])].steps[0, i] for i, c in zip(fold.test, data.compression[fold.test])])
-            bf_g = np.array([fixed[choice.get(c, choice["*"])].gsum[0, i] for i, c in zip(fold.test, data.compression[fold.test])])
+            bf_t = np.array(
+                [fixed[choice.get(c, choice["*"])].time[0, i] for i, c in zip(fold.test, data.compression[fold.test])]
+            )
+            bf_s = np.array(
+                [fixed[choice.get(c, choice["*"])].steps[0, i] for i, c in zip(fold.test, data.compression[fold.test])]
+            )
+            bf_g = np.array(
+                [fixed[choice.get(c, choice["*"])].gsum[0, i] for i, c in zip(fold.test, data.compression[fold.test])]
+            )
             h = np.zeros((fold.test.size, len(cfg.gammas)))
             for j, c in enumerate(data.compression[fold.test]):
                 h[j, cfg.gammas.index(choice.get(c, choice["*"]))] = bf_s[j]
             per_policy.setdefault(BEST_FIXED, []).append(EvalResult(fold.test, bf_t[None], bf_s[None], bf_g[None], h))
             for g in cfg.gammas:
                 if "fixed" in pol:
-                    per_policy.setdefault(f"fixed-{g}", []).append(_select(fixed[g], fold.test))
+                    per_policy.setdefault(f"fixed-{g}", []).append(select(fixed[g], fold.test))
             for name, r in static.items():
-                per_policy.setdefault(name, []).append(_select(r, fold.test))
-            per_policy.setdefault("oracle", []).append(_select(oracle_all, fold.test))
-            fold_info.append({
-                "fold": fold.name, "held_out": fold.held_out, "n_train": int(fold.train.size), "n_test": int(fold.test.size),
-                "train_tasks": sorted(set(data.task[fold.train])), "test_tasks": sorted(set(data.task[fold.test])),
-                "train_compressions": sorted(set(data.compression[fold.train])),
-                "test_compressions": sorted(set(data.compression[fold.test])),
-                "train_splits": sorted(set(data.split[fold.train])), "test_splits": sorted(set(data.split[fold.test])),
-                "train_trace_ids": data.trace_id[fold.train].tolist(), "test_trace_ids": data.trace_id[fold.test].tolist(),
-                "best_fixed_gamma": choice,
-            })
+                per_policy.setdefault(name, []).append(select(r, fold.test))
+            per_policy.setdefault("oracle", []).append(select(oracle_all, fold.test))
+            fold_info.append(
+                {
+                    "fold": fold.name,
+                    "held_out": fold.held_out,
+                    "n_train": int(fold.train.size),
+                    "n_test": int(fold.test.size),
+                    "train_tasks": sorted(set(data.task[fold.train])),
+                    "test_tasks": sorted(set(data.task[fold.test])),
+                    "train_compressions": sorted(set(data.compression[fold.train])),
+                    "test_compressions": sorted(set(data.compression[fold.test])),
+                    "train_splits": sorted(set(data.split[fold.train])),
+                    "test_splits": sorted(set(data.split[fold.test])),
+                    "train_trace_ids": data.trace_id[fold.train].tolist(),
+                    "test_trace_ids": data.trace_id[fold.test].tolist(),
+                    "best_fixed_gamma": choice,
+                }
+            )
             # ---- learned policies ----
             env = None
-            jobs = [(p, s) for p in learners for s in seeds
-                    if not (p == "ppo" and split not in cfg.ppo_splits) and not (p in BANDITS and split not in cfg.bandit_splits)]
+            jobs = [
+                (p, s)
+                for p in learners
+                for s in seeds
+                if not (p == "ppo" and split not in cfg.ppo_splits)
+                and not (p in BANDITS and split not in cfg.bandit_splits)
+            ]
             bar = tqdm(jobs, desc=f"{fold.name}", leave=False, disable=not cfg.progress)
             got: dict[str, list[EvalResult]] = {}
             for p, s in bar:
@@ -582,10 +624,14 @@ def run_comparison(
                 agent = _train(p, data, fold.train, cfg, s, tb, run)
                 log = getattr(agent, "train_log", [])
                 if split == "heldout" or len(folds) == 1:
-                    curves.setdefault(p if p == "speckv_mlp" else DISPLAY[p], []).append({"seed": s, "fold": fold.name, "log": _thin(log)})
+                    curves.setdefault(p if p == "speckv_mlp" else DISPLAY[p], []).append(
+                        {"seed": s, "fold": fold.name, "log": _thin(log)}
+                    )
                 if p == "speckv_mlp":
                     got.setdefault("mlp-time", []).append(eval_vector(agent, data, fold.test, fold.name))
-                    got.setdefault("mlp-tokens", []).append(eval_vector(_mlp_tokens_twin(agent), data, fold.test, fold.name))
+                    got.setdefault("mlp-tokens", []).append(
+                        eval_vector(_mlp_tokens_twin(agent), data, fold.test, fold.name)
+                    )
                 elif p == "ppo":
                     got.setdefault("ppo", []).append(eval_vector(agent, data, fold.test, fold.name))
                 else:
@@ -595,8 +641,8 @@ def run_comparison(
                         env = SpecKVReplayEnv(traces=[data.traces[i] for i in fold.test], **_env_kwargs(data))
                     got.setdefault(DISPLAY[p], []).append(eval_online(agent, env, fold.test, s))
             for name, rs in got.items():
-                per_policy.setdefault(name, []).append(_stack(rs))
-        pooled = {name: _concat_folds(rs) for name, rs in per_policy.items() if len(rs) == len(folds)}
+                per_policy.setdefault(name, []).append(stack_seeds(rs))
+        pooled = {name: concat_folds(rs) for name, rs in per_policy.items() if len(rs) == len(folds)}
         splits_out[split] = {"folds": fold_info, "policies": _split_metrics(data, pooled, cfg), "_pooled": pooled}
 
     results = _assemble(data, cfg, splits_out, curves, time.time() - t0, logs)
@@ -633,26 +679,29 @@ def _split_metrics(data: _Data, pooled: Mapping[str, EvalResult], cfg: CompareCo
     out: dict[str, Any] = {name: {"subsets": {}} for name in pooled}
     rng = np.random.default_rng(cfg.boot_seed)
     N_all, tt_all = data.N[idx], data.t_target[idx]
-    O_all = _align(pooled["oracle"], idx).time.mean(0)
+    O_all = align(pooled["oracle"], idx).time.mean(0)
     F_all = ref.time.mean(0)
     for sub, mask in subsets.items():
         W = stats.resample_weights(int(mask.sum()), cfg.n_boot, rng)
         for name, r in pooled.items():
-            r = _align(r, idx)
-            m = policy_metrics(N_all[mask], r.time.mean(0)[mask], r.steps.mean(0)[mask], r.gsum.mean(0)[mask],
-                               tt_all[mask], O_all[mask], F_all[mask], W, cfg.level,
-                               r.time[:, mask] if r.time.shape[0] > 1 else None)
+            r = align(r, idx)
+            m = policy_metrics(
+                N_all[mask],
+                r.time.mean(0)[mask],
+                r.steps.mean(0)[mask],
+                r.gsum.mean(0)[mask],
+                tt_all[mask],
+                O_all[mask],
+                F_all[mask],
+                W,
+                cfg.level,
+                r.time[:, mask] if r.time.shape[0] > 1 else None,
+            )
             hh = r.hist[mask].sum(0)
             m["gamma_hist"] = (hh / max(hh.sum(), 1)).tolist()
             m["seeds"] = int(r.time.shape[0])
             out[name]["subsets"][sub] = m
     return out
-
-
-def _align(r: EvalResult, idx: np.ndarray) -> EvalResult:
-    if r.idx.shape == idx.shape and np.array_equal(r.idx, idx):
-        return r
-    return _select(r, idx)
 
 
 def _verdict(policies: Mapping[str, Any]) -> dict[str, Any]:
@@ -664,24 +713,32 @@ def _verdict(policies: Mapping[str, Any]) -> dict[str, Any]:
     tp = policies[best]["subsets"]["all"]["tokens_per_s"]["value"]
     bf = policies[BEST_FIXED]["subsets"]["all"]["tokens_per_s"]["value"]
     if t["lo"] > 0:
-        s = (f"The best learned controller, {best} ({tp:.4g} tokens/s), BEATS the best fixed gamma chosen on "
-             f"training data ({bf:.4g} tokens/s): +{t['diff']:.4g} tokens/s ({100 * t['rel']:+.2f}%), "
-             f"95% CI [{t['lo']:+.4g}, {t['hi']:+.4g}] excludes zero, paired bootstrap p = {t['p']:.3g}.")
+        s = (
+            f"The best learned controller, {best} ({tp:.4g} tokens/s), BEATS the best fixed gamma chosen on "
+            f"training data ({bf:.4g} tokens/s): +{t['diff']:.4g} tokens/s ({100 * t['rel']:+.2f}%), "
+            f"95% CI [{t['lo']:+.4g}, {t['hi']:+.4g}] excludes zero, paired bootstrap p = {t['p']:.3g}."
+        )
         outcome = "beats"
     elif t["hi"] < 0:
-        s = (f"The best learned controller, {best} ({tp:.4g} tokens/s), is SLOWER than the best fixed gamma "
-             f"chosen on training data ({bf:.4g} tokens/s): {t['diff']:+.4g} tokens/s ({100 * t['rel']:+.2f}%), "
-             f"95% CI [{t['lo']:+.4g}, {t['hi']:+.4g}], p = {t['p']:.3g}.")
+        s = (
+            f"The best learned controller, {best} ({tp:.4g} tokens/s), is SLOWER than the best fixed gamma "
+            f"chosen on training data ({bf:.4g} tokens/s): {t['diff']:+.4g} tokens/s ({100 * t['rel']:+.2f}%), "
+            f"95% CI [{t['lo']:+.4g}, {t['hi']:+.4g}], p = {t['p']:.3g}."
+        )
         outcome = "worse"
     else:
-        s = (f"The best learned controller, {best} ({tp:.4g} tokens/s), does NOT beat the best fixed gamma "
-             f"chosen on training data ({bf:.4g} tokens/s) with confidence: difference {t['diff']:+.4g} tokens/s "
-             f"({100 * t['rel']:+.2f}%), 95% CI [{t['lo']:+.4g}, {t['hi']:+.4g}] includes zero, p = {t['p']:.3g}.")
+        s = (
+            f"The best learned controller, {best} ({tp:.4g} tokens/s), does NOT beat the best fixed gamma "
+            f"chosen on training data ({bf:.4g} tokens/s) with confidence: difference {t['diff']:+.4g} tokens/s "
+            f"({100 * t['rel']:+.2f}%), 95% CI [{t['lo']:+.4g}, {t['hi']:+.4g}] includes zero, p = {t['p']:.3g}."
+        )
         outcome = "inconclusive"
     return {"sentence": s, "best_learned": best, "outcome": outcome, **t}
 
 
-def _assemble(data: _Data, cfg: CompareConfig, splits_out: Mapping[str, Any], curves: Any, runtime: float, logs: Any) -> dict[str, Any]:
+def _assemble(
+    data: _Data, cfg: CompareConfig, splits_out: Mapping[str, Any], curves: Any, runtime: float, logs: Any
+) -> dict[str, Any]:
     for name, s in splits_out.items():
         if "policies" in s:
             s["verdict"] = _verdict(s["policies"])
@@ -703,10 +760,10 @@ def _assemble(data: _Data, cfg: CompareConfig, splits_out: Mapping[str, Any], cu
             "cost_models": {k: v.to_dict() for k, v in data.cms.items()},
         },
         "bandit_evaluation": "continue-per-episode: each test episode starts from the state learned on the "
-                             "training episodes and keeps learning within the episode; nothing carries across "
-                             "test episodes",
+        "training episodes and keeps learning within the episode; nothing carries across "
+        "test episodes",
         "best_fixed_rule": "per compression, least total modelled time on the fold's training episodes; "
-                           "global training-best for a compression absent from training",
+        "global training-best for a compression absent from training",
         "splits": splits_out,
         "learning_curves": curves,
         "runtime_s": runtime,
@@ -740,20 +797,34 @@ PAPER_POLICIES = ("fixed", "hf_heuristic", "cost_aware", "speckv_mlp", *BANDITS)
 def _paper_env(filters: Mapping[str, Any], gammas: Sequence[int], recorded: Sequence[int] = ()):
     from replay.env import SpecKVReplayEnv
 
-    return SpecKVReplayEnv(source="speckv-paper", on_undetermined="clip", gammas=gammas,
-                           recorded_gamma=list(recorded) or None, **filters)
+    return SpecKVReplayEnv(
+        source="speckv-paper", on_undetermined="clip", gammas=gammas, recorded_gamma=list(recorded) or None, **filters
+    )
 
 
 def _paper_folds(runs: Any, split: str) -> list[dict[str, Any]]:
     if split == "heldout":
-        return [{"name": "heldout", "held_out": "split=test (prompt 4 of each task)",
-                 "train": {"split": ["train", "val"]}, "test": {"split": "test"}}]
+        return [
+            {
+                "name": "heldout",
+                "held_out": "split=test (prompt 4 of each task)",
+                "train": {"split": ["train", "val"]},
+                "test": {"split": "test"},
+            }
+        ]
     col = {"loto": "task", "loco": "compression"}[split]
     vals = sorted(set(runs[col]))
     if len(vals) < 2:
         return []
-    return [{"name": f"{split}:{v}", "held_out": f"{col}={v}", "train": {col: [x for x in vals if x != v]}, "test": {col: v}}
-            for v in vals]
+    return [
+        {
+            "name": f"{split}:{v}",
+            "held_out": f"{col}={v}",
+            "train": {col: [x for x in vals if x != v]},
+            "test": {col: v},
+        }
+        for v in vals
+    ]
 
 
 def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, Any]:
@@ -772,10 +843,9 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
     import torch
     from tqdm.auto import tqdm
 
+    from agents.base import make_agent
+    from agents.training import train_agent
     from replay.importers import import_speckv_paper, load_step_log
-
-    from .base import make_agent
-    from .training import train_agent
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -818,40 +888,73 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
             choice: dict[str, int] = {}
 
             def best(sel: np.ndarray) -> int:
-                return int(max(gammas, key=lambda g: (fixed_tr[g].tokens[0][sel].sum() / fixed_tr[g].time[0][sel].sum(), -g)))
+                return int(
+                    max(gammas, key=lambda g: (fixed_tr[g].tokens[0][sel].sum() / fixed_tr[g].time[0][sel].sum(), -g))
+                )
 
             choice["*"] = best(np.ones(tr_ids.size, dtype=bool))
             for c in sorted(set(meta["compression"][tr_ids])):
                 choice[c] = best(meta["compression"][tr_ids] == c)
             rows = [fixed_te[choice.get(c, choice["*"])] for c in meta["compression"][te_ids]]
-            bf = EvalResult(te_ids, *(np.array([[getattr(r, k)[0, j] for j, r in enumerate(rows)]]) for k in ("time", "steps", "gsum")),
-                            np.array([r.hist[j] for j, r in enumerate(rows)]), np.array([[r.clipped[0, j] for j, r in enumerate(rows)]]),
-                            np.array([[r.tokens[0, j] for j, r in enumerate(rows)]]))
+            bf = EvalResult(
+                te_ids,
+                *(np.array([[getattr(r, k)[0, j] for j, r in enumerate(rows)]]) for k in ("time", "steps", "gsum")),
+                np.array([r.hist[j] for j, r in enumerate(rows)]),
+                np.array([[r.clipped[0, j] for j, r in enumerate(rows)]]),
+                np.array([[r.tokens[0, j] for j, r in enumerate(rows)]]),
+            )
             per_policy.setdefault(BEST_FIXED, []).append(bf)
             if "fixed" in pol:
                 for g in gammas:
                     per_policy.setdefault(f"fixed-{g}", []).append(fixed_te[g])
             for name in ("hf_heuristic", "cost_aware"):
                 if name in pol:
-                    per_policy.setdefault(DISPLAY[name], []).append(evaluate(make_agent(name, gammas=gammas), env_te, 0, False))
-            fold_info.append({
-                "fold": f["name"], "held_out": f["held_out"], "n_train": int(tr_ids.size), "n_test": int(te_ids.size),
-                "train_tasks": sorted(set(meta["task"][tr_ids])), "test_tasks": sorted(set(meta["task"][te_ids])),
-                "train_compressions": sorted(set(meta["compression"][tr_ids])),
-                "test_compressions": sorted(set(meta["compression"][te_ids])),
-                "train_splits": sorted(set(meta["split"][tr_ids])), "test_splits": sorted(set(meta["split"][te_ids])),
-                "train_trace_ids": meta["run_id"][tr_ids].tolist(), "test_trace_ids": meta["run_id"][te_ids].tolist(),
-                "best_fixed_gamma": choice,
-            })
-            learners = [p for p in ("speckv_mlp", *BANDITS) if p in pol and (p == "speckv_mlp" or split in cfg.bandit_splits)]
+                    per_policy.setdefault(DISPLAY[name], []).append(
+                        evaluate(make_agent(name, gammas=gammas), env_te, 0, False)
+                    )
+            fold_info.append(
+                {
+                    "fold": f["name"],
+                    "held_out": f["held_out"],
+                    "n_train": int(tr_ids.size),
+                    "n_test": int(te_ids.size),
+                    "train_tasks": sorted(set(meta["task"][tr_ids])),
+                    "test_tasks": sorted(set(meta["task"][te_ids])),
+                    "train_compressions": sorted(set(meta["compression"][tr_ids])),
+                    "test_compressions": sorted(set(meta["compression"][te_ids])),
+                    "train_splits": sorted(set(meta["split"][tr_ids])),
+                    "test_splits": sorted(set(meta["split"][te_ids])),
+                    "train_trace_ids": meta["run_id"][tr_ids].tolist(),
+                    "test_trace_ids": meta["run_id"][te_ids].tolist(),
+                    "best_fixed_gamma": choice,
+                }
+            )
+            learners = [
+                p for p in ("speckv_mlp", *BANDITS) if p in pol and (p == "speckv_mlp" or split in cfg.bandit_splits)
+            ]
             got: dict[str, list[EvalResult]] = {}
-            for p, s in tqdm([(p, s) for p in learners for s in seeds], desc=f"paper {f['name']}", leave=False, disable=not cfg.progress):
+            for p, s in tqdm(
+                [(p, s) for p in learners for s in seeds],
+                desc=f"paper {f['name']}",
+                leave=False,
+                disable=not cfg.progress,
+            ):
                 run = f"SpecKVReplay-v0-paper__{f['name'].replace(':', '-')}__{p}__{s}"
-                kw: dict[str, Any] = dict(env_factory=lambda: _paper_env(f["train"], gammas, cfg.paper_recorded_gammas), seed=s, tb_log_dir=tb,
-                                          progress=False, run_name=run)
+                kw: dict[str, Any] = dict(
+                    env_factory=lambda: _paper_env(f["train"], gammas, cfg.paper_recorded_gammas),
+                    seed=s,
+                    tb_log_dir=tb,
+                    progress=False,
+                    run_name=run,
+                )
                 if p == "speckv_mlp":
-                    agent = train_agent("speckv_mlp", steps=cfg.mlp_rollout_steps, agent_kwargs={"rule": "time", "gammas": gammas},
-                                        fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size}, **kw)
+                    agent = train_agent(
+                        "speckv_mlp",
+                        steps=cfg.mlp_rollout_steps,
+                        agent_kwargs={"rule": "time", "gammas": gammas},
+                        fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size},
+                        **kw,
+                    )
                     got.setdefault("mlp-time", []).append(evaluate(agent, env_te, s, False))
                     got.setdefault("mlp-tokens", []).append(evaluate(_mlp_tokens_twin(agent), env_te, s, False))
                 else:
@@ -859,11 +962,16 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
                     got.setdefault(DISPLAY[p], []).append(evaluate(agent, env_te, s, True))
                 if split == "heldout":
                     curves.setdefault(p if p == "speckv_mlp" else DISPLAY[p], []).append(
-                        {"seed": s, "fold": f["name"], "log": _thin(getattr(agent, "train_log", []))})
+                        {"seed": s, "fold": f["name"], "log": _thin(getattr(agent, "train_log", []))}
+                    )
             for name, rs in got.items():
-                per_policy.setdefault(name, []).append(_stack(rs))
-        pooled = {n: _concat_folds(rs) for n, rs in per_policy.items() if len(rs) == len(folds)}
-        splits_out[split] = {"folds": fold_info, "policies": _paper_metrics(pooled, meta, t_target, cfg), "_pooled": pooled}
+                per_policy.setdefault(name, []).append(stack_seeds(rs))
+        pooled = {n: concat_folds(rs) for n, rs in per_policy.items() if len(rs) == len(folds)}
+        splits_out[split] = {
+            "folds": fold_info,
+            "policies": _paper_metrics(pooled, meta, t_target, cfg),
+            "_pooled": pooled,
+        }
 
     # the paper's own numbers: recorded tokens/step and measured tokens/s per (compression, gamma)
     paper_table = []
@@ -873,13 +981,17 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
         st = steps_df[steps_df["run_id"].isin(set(grp["run_id"]))]
         cm = cms[c]
         mt = float(sum(cm.step_time(int(d), int(k)) for d, k in zip(st["drafted"], st["accepted"])))
-        paper_table.append({
-            "compression": c, "gamma": int(g), "runs": int(len(grp)),
-            "paper_tokens_per_step": float(grp["tokens"].sum() / grp["n_steps"].sum()),
-            "paper_measured_tokens_per_s": float(grp["tokens"].sum() / grp["elapsed_sec"].sum()),
-            # None where the logs hold no steps of that run (a trimmed or partial data set)
-            "modelled_tokens_per_s": float(st["tokens_produced"].sum() / mt) if mt > 0 else None,
-        })
+        paper_table.append(
+            {
+                "compression": c,
+                "gamma": int(g),
+                "runs": int(len(grp)),
+                "paper_tokens_per_step": float(grp["tokens"].sum() / grp["n_steps"].sum()),
+                "paper_measured_tokens_per_s": float(grp["tokens"].sum() / grp["elapsed_sec"].sum()),
+                # None where the logs hold no steps of that run (a trimmed or partial data set)
+                "modelled_tokens_per_s": float(st["tokens_produced"].sum() / mt) if mt > 0 else None,
+            }
+        )
     for s in splits_out.values():
         if "policies" in s:
             s["verdict"] = _verdict(s["policies"])
@@ -889,21 +1001,26 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
         "logs": "speckv-paper (replay/data/speckv_paper)",
         "config": asdict(cfg),
         "data": {
-            "episodes": len(brs), "tokens": float(runs["tokens"].sum()), "tasks": sorted(set(meta["task"])),
-            "compressions": sorted(set(meta["compression"])), "modes": ["greedy"],
+            "episodes": len(brs),
+            "tokens": float(runs["tokens"].sum()),
+            "tasks": sorted(set(meta["task"])),
+            "compressions": sorted(set(meta["compression"])),
+            "modes": ["greedy"],
             "splits": {s: int((meta["split"] == s).sum()) for s in sorted(set(meta["split"]))},
-            "pairs": sorted(set(steps_df["pair"])), "devices": sorted(set(steps_df["device"])), "synthetic": False,
+            "pairs": sorted(set(steps_df["pair"])),
+            "devices": sorted(set(steps_df["device"])),
+            "synthetic": False,
             "cost_models": {k: v.to_dict() for k, v in cms.items()},
             "recorded_gammas": sorted(int(g) for g in set(rec_gamma)),
             "censored_step_fraction": float(steps_df["censored"].mean()),
         },
         "evaluation": "per recorded step (the paper's methodology), on the runs recorded at gamma "
-                      f"{list(cfg.paper_recorded_gammas) or 'any'}; undetermined outcomes (none when only the largest "
-                      "recorded gamma is used) answered at the largest determined gamma (clip) and counted",
+        f"{list(cfg.paper_recorded_gammas) or 'any'}; undetermined outcomes (none when only the largest "
+        "recorded gamma is used) answered at the largest determined gamma (clip) and counted",
         "bandit_evaluation": "continue-per-episode: each test run starts from the state learned on the training runs "
-                             "and keeps learning within the run; nothing carries across test runs",
+        "and keeps learning within the run; nothing carries across test runs",
         "best_fixed_rule": "per compression, highest modelled tokens/s on the fold's training runs (per recorded step); "
-                           "global training-best for a compression absent from training",
+        "global training-best for a compression absent from training",
         "paper_table": paper_table,
         "splits": splits_out,
         "learning_curves": curves,
@@ -921,8 +1038,9 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
     return results
 
 
-def _paper_metrics(pooled: Mapping[str, EvalResult], meta: Mapping[str, np.ndarray], t_target: np.ndarray,
-                   cfg: CompareConfig) -> dict[str, Any]:
+def _paper_metrics(
+    pooled: Mapping[str, EvalResult], meta: Mapping[str, np.ndarray], t_target: np.ndarray, cfg: CompareConfig
+) -> dict[str, Any]:
     ref = pooled[BEST_FIXED]
     idx = ref.idx
     subsets: dict[str, np.ndarray] = {"all": np.ones(idx.size, dtype=bool)}
@@ -937,7 +1055,7 @@ def _paper_metrics(pooled: Mapping[str, EvalResult], meta: Mapping[str, np.ndarr
     for sub, mask in subsets.items():
         W = stats.resample_weights(int(mask.sum()), cfg.n_boot, rng)
         for name, r in pooled.items():
-            r = _align(r, idx) if not np.array_equal(r.idx, idx) else r
+            r = align(r, idx) if not np.array_equal(r.idx, idx) else r
             T, N, S = r.time.mean(0)[mask], r.tokens.mean(0)[mask], r.steps.mean(0)[mask]
             m: dict[str, Any] = {
                 "tokens_per_s": stats.ratio_ci(N, T, W, cfg.level),
@@ -963,6 +1081,7 @@ def _paper_metrics(pooled: Mapping[str, EvalResult], meta: Mapping[str, np.ndarr
 
 # ---- plain-argument entry points for the CLI ------------------------------------------------------
 
+
 def compare_main(
     logs: str | Path | Sequence[str | Path] | None,
     out_dir: str | Path,
@@ -982,8 +1101,14 @@ def compare_main(
     ``logs``: trace folder/file(s) (None: the shipped data set), or ``source="speckv-paper"``.
     Other arguments override :class:`CompareConfig` fields (None = default)."""
     kw: dict[str, Any] = {"progress": progress, "tensorboard": tensorboard}
-    for k, v in (("seeds", seeds), ("splits", splits), ("policies", policies), ("ppo_steps", ppo_steps),
-                 ("bandit_steps", bandit_steps), ("n_boot", n_boot)):
+    for k, v in (
+        ("seeds", seeds),
+        ("splits", splits),
+        ("policies", policies),
+        ("ppo_steps", ppo_steps),
+        ("bandit_steps", bandit_steps),
+        ("n_boot", n_boot),
+    ):
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, (list, tuple)) else v
     res = run_comparison(logs=logs, out_dir=out_dir, source=source, quick=quick, **kw)
@@ -1017,8 +1142,8 @@ def train_main(
     """
     import torch
 
-    from .base import make_agent
-    from .training import evaluate_agent, summarize, train_agent
+    from agents.base import make_agent
+    from agents.training import evaluate_agent, summarize, train_agent
 
     torch.set_num_threads(1)
     cfg = CompareConfig()
@@ -1035,10 +1160,18 @@ def train_main(
             raise ValueError("PPO trains on full-information traces (vectorised replay), not on the paper's step logs")
         gam = tuple(g for g in gammas if g <= 8)
         kw["gammas"] = gam
-        train_env = lambda: _paper_env({"split": ["train", "val"]}, gam, (8,))  # noqa: E731
+        train_env = lambda: _paper_env({"split": ["train", "val"]}, gam, (8,))
         test_env = _paper_env({"split": "test"}, gam, (8,))
-        trained = train_agent(agent, env_factory=train_env, steps=steps, seed=seed, tb_log_dir=tb, progress=progress,
-                              agent_kwargs=kw, run_name=run)
+        trained = train_agent(
+            agent,
+            env_factory=train_env,
+            steps=steps,
+            seed=seed,
+            tb_log_dir=tb,
+            progress=progress,
+            agent_kwargs=kw,
+            run_name=run,
+        )
         train_e = train_env()
     else:
         from replay.env import SpecKVReplayEnv
@@ -1049,9 +1182,18 @@ def train_main(
         if not train or not test:
             raise ValueError("the data needs episodes in split train (or val) and in split test")
         ek = {"cost_models": cms, "gammas": kw["gammas"]}
-        trained = train_agent(agent, traces=train, steps=steps, seed=seed, tb_log_dir=tb, progress=progress,
-                              agent_kwargs=kw, env_kwargs=ek, run_name=run,
-                              **({"n_envs": cfg.ppo_n_envs} if agent == "ppo" else {}))
+        trained = train_agent(
+            agent,
+            traces=train,
+            steps=steps,
+            seed=seed,
+            tb_log_dir=tb,
+            progress=progress,
+            agent_kwargs=kw,
+            env_kwargs=ek,
+            run_name=run,
+            **({"n_envs": cfg.ppo_n_envs} if agent == "ppo" else {}),
+        )
         test_env = SpecKVReplayEnv(traces=test, **ek)
         train_e = SpecKVReplayEnv(traces=train, **ek)
     ext = ".safetensors" if trained.get_tensors() else ".json"
@@ -1066,6 +1208,13 @@ def train_main(
         if s["tokens_per_second"] > best_tps:
             best_g, best_tps = g, s["tokens_per_second"]
     bf = summarize(evaluate_agent(make_agent("fixed", g=best_g, gammas=kw["gammas"]), test_env))
-    print(f"saved {path}; test: {test_sum['tokens_per_second']:.4g} modelled tokens/s over {test_sum['episodes']} "
-          f"episodes (best fixed gamma on train = {best_g}: {bf['tokens_per_second']:.4g} tokens/s on test)")
-    return {"path": str(path), "test": test_sum, "best_fixed": {"gamma": best_g, **bf}, "train_log": getattr(trained, "train_log", [])}
+    print(
+        f"saved {path}; test: {test_sum['tokens_per_second']:.4g} modelled tokens/s over {test_sum['episodes']} "
+        f"episodes (best fixed gamma on train = {best_g}: {bf['tokens_per_second']:.4g} tokens/s on test)"
+    )
+    return {
+        "path": str(path),
+        "test": test_sum,
+        "best_fixed": {"gamma": best_g, **bf},
+        "train_log": getattr(trained, "train_log", []),
+    }

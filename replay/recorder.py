@@ -43,16 +43,25 @@ class RecordSteps(gym.Wrapper):
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         u = self.env.unwrapped
-        sigs = (info.get("draft_signals") or [])
+        sigs = info.get("draft_signals") or []
         ents = [s.entropy / math.log(2) for s in sigs] or [0.0]
         confs = [s.top1 for s in sigs] or [0.0]
         g, k = int(info["gamma"]), int(info["accepted"])
-        self._rows.append({
-            "step": len(self._rows), "position": self._pos, "gamma": int(info["requested_gamma"]), "drafted": g,
-            "accepted": k, "tokens_produced": int(info["emitted"]), "censored": bool(k >= g),
-            "post_mean_entropy_bits": sum(ents) / len(ents), "post_mean_confidence": sum(confs) / len(confs),
-            "post_max_entropy_bits": max(ents), "post_min_confidence": min(confs),
-        })
+        self._rows.append(
+            {
+                "step": len(self._rows),
+                "position": self._pos,
+                "gamma": int(info["requested_gamma"]),
+                "drafted": g,
+                "accepted": k,
+                "tokens_produced": int(info["emitted"]),
+                "censored": bool(k >= g),
+                "post_mean_entropy_bits": sum(ents) / len(ents),
+                "post_mean_confidence": sum(confs) / len(confs),
+                "post_max_entropy_bits": max(ents),
+                "post_min_confidence": min(confs),
+            }
+        )
         self._pos += int(info["emitted"])
         if terminated or truncated:
             self._flush(u)
@@ -67,12 +76,22 @@ class RecordSteps(gym.Wrapper):
         run_id = f"{ep.get('prompt_id')}|{comp}|{ep.get('mode')}|{ep.get('episode_seed')}|{self._episodes}"
         pair = getattr(getattr(u, "pair", None), "name", "")
         const = {
-            "schema": STEPS_SCHEMA_VERSION, "source": self.source, "run_id": run_id, "pair": pair, "compression": comp,
-            "device": str(getattr(getattr(u, "pair", None), "device", "cpu")), "task": ep.get("task", ""),
-            "split": getattr(u.backend.prompts[ep["episode_index"]], "split", "") if hasattr(u.backend, "prompts") else "",
+            "schema": STEPS_SCHEMA_VERSION,
+            "source": self.source,
+            "run_id": run_id,
+            "pair": pair,
+            "compression": comp,
+            "device": str(getattr(getattr(u, "pair", None), "device", "cpu")),
+            "task": ep.get("task", ""),
+            "split": getattr(u.backend.prompts[ep["episode_index"]], "split", "")
+            if hasattr(u.backend, "prompts")
+            else "",
             "prompt_id": ep.get("prompt_id", ""),
-            "prompt": getattr(u.backend.prompts[ep["episode_index"]], "text", "") if hasattr(u.backend, "prompts") else "",
-            "mode": ep.get("mode", "greedy"), "max_new_tokens": int(u.backend.max_new_tokens),
+            "prompt": getattr(u.backend.prompts[ep["episode_index"]], "text", "")
+            if hasattr(u.backend, "prompts")
+            else "",
+            "mode": ep.get("mode", "greedy"),
+            "max_new_tokens": int(u.backend.max_new_tokens),
         }
         cols = {c: [] for c in STEPS_COLUMNS}
         for r in self._rows:

@@ -35,17 +35,18 @@ def _print_head_of_report(report: Path, max_lines: int = 40) -> None:
 def run_demo(out: str = "out/demo", quick: bool = True, live: bool = True, threads: int | None = None) -> int:
     import torch
 
-    from agents.compare import compare_main
+    from replay.env import default_logs
+    from speckv_env.models import default_target_path
 
-    from .cli import shipped_traces_path
-    from .models import default_target_path
+    from .compare import compare_main
 
     t0 = time.time()
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
-    traces = shipped_traces_path()
-    if not any(traces.glob("*.parquet")):
-        raise SystemExit(f"no shipped traces in {traces}")
+    try:
+        traces = default_logs()
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from e
     torch.set_num_threads(threads or 1)
     print(f"[demo] 1/2 comparing controllers on the shipped traces ({traces})", flush=True)
     compare_main(str(traces), str(outp / "compare"), quick=quick)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,9 +47,19 @@ def parse_behaviour(spec: str, gamma_max: int) -> tuple[int, int]:
     return lo, hi
 
 
-def record_episode(engine, pair, prompt, *, max_new_tokens: int, gamma_max: int, mode: str, seed: int,
-                   policy: Callable[[int, Any], int] | None = None, split: str | None = None,
-                   behaviour: str = "uniform"):
+def record_episode(
+    engine,
+    pair,
+    prompt,
+    *,
+    max_new_tokens: int,
+    gamma_max: int,
+    mode: str,
+    seed: int,
+    policy: Callable[[int, Any], int] | None = None,
+    split: str | None = None,
+    behaviour: str = "uniform",
+):
     """Decode one prompt with ``engine`` and return its :class:`replay.trace.Trace`.
 
     The behaviour policy only changes the recorded path's measured times: the per-position
@@ -97,18 +108,21 @@ def record_episode(engine, pair, prompt, *, max_new_tokens: int, gamma_max: int,
         step_accepted=np.asarray([s.accepted for s in res.steps], dtype=np.int16),
         step_draft_s=np.asarray([s.draft_s for s in res.steps], dtype=np.float64),
         step_verify_s=np.asarray([s.verify_s for s in res.steps], dtype=np.float64),
-        meta={"behaviour_policy": f"uniform random gamma in {lo}..{hi}" if policy is None else "custom",
-              "draft_fingerprint": pair.draft_fingerprint,
-              "prefill_s": engine.prefill_s},
+        meta={
+            "behaviour_policy": f"uniform random gamma in {lo}..{hi}" if policy is None else "custom",
+            "draft_fingerprint": pair.draft_fingerprint,
+            "prefill_s": engine.prefill_s,
+        },
     )
 
 
-def select_profile_prompts(tasks: Sequence[str], splits: Sequence[str], n_train: int | None,
-                           per_task: int | None = None) -> list:
+def select_profile_prompts(
+    tasks: Sequence[str], splits: Sequence[str], n_train: int | None, per_task: int | None = None
+) -> list:
     """Prompts in recording order, interleaved round-robin over splits and tasks, so that a
     recording stopped early (time budget) stays balanced over splits and tasks.
     ``n_train`` caps training prompts per task, ``per_task`` caps every split's prompts per task."""
-    from .prompts import load_prompts
+    from speckv_env.prompts import load_prompts
 
     lists = []
     for split in splits:
@@ -150,10 +164,9 @@ def profile(
     from tqdm import tqdm
 
     from replay.trace import TraceWriter, make_trace_id
-
-    from .calibrate import cached_calibration
-    from .engine import SpeculativeEngine
-    from .pair import load_pair
+    from speckv_env.calibrate import cached_calibration
+    from speckv_env.engine import SpeculativeEngine
+    from speckv_env.pair import load_pair
 
     outp = Path(out)
     if outp.exists() and any(outp.glob("*.parquet")) and not resume:
@@ -173,7 +186,9 @@ def profile(
         for comp in compressions:
             pair = load_pair(target, draft, compression=comp, device=device)
             todo = [
-                (mode, p) for p in sel for mode in modes
+                (mode, p)
+                for p in sel
+                for mode in modes
                 if make_trace_id(pair.name, pair.compression, p.id, mode, episode_seed(p.id, mode)) not in done_keys
             ]
             skipped += len(sel) * len(modes) - len(todo)
@@ -182,7 +197,9 @@ def profile(
                 cm = cached_calibration(pair, gamma_max=gamma_max, progress=progress)
                 writer.save_cost_model(cm)
             engines = {
-                m: SpeculativeEngine(pair.target, pair.draft, temperature=MODES[m], eos_token_id=pair.eos_token_id, max_gamma=gamma_max)
+                m: SpeculativeEngine(
+                    pair.target, pair.draft, temperature=MODES[m], eos_token_id=pair.eos_token_id, max_gamma=gamma_max
+                )
                 for m in modes
             }
             bar = tqdm(todo, desc=f"profile {comp}", unit="ep", disable=not progress)
@@ -191,12 +208,26 @@ def profile(
                     stopped_early = True
                     break
                 seed = episode_seed(p.id, mode)
-                tr = record_episode(engines[mode], pair, p, max_new_tokens=max_new_tokens, gamma_max=gamma_max, mode=mode,
-                                    seed=seed, behaviour=behaviour)
+                tr = record_episode(
+                    engines[mode],
+                    pair,
+                    p,
+                    max_new_tokens=max_new_tokens,
+                    gamma_max=gamma_max,
+                    mode=mode,
+                    seed=seed,
+                    behaviour=behaviour,
+                )
                 writer.write(tr)
                 written += 1
                 bar.set_postfix_str(f"{p.id} {mode} {tr.n} tok")
             del pair, engines
             if stopped_early:
                 break
-    return {"written": written, "skipped": skipped, "seconds": time.time() - t_start, "stopped_early": stopped_early, "out": str(outp)}
+    return {
+        "written": written,
+        "skipped": skipped,
+        "seconds": time.time() - t_start,
+        "stopped_early": stopped_early,
+        "out": str(outp),
+    }

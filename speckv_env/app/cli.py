@@ -1,11 +1,11 @@
 """The ``speckv`` command line.
 
-    speckv generate   speculative decoding of one prompt; prints the text and its statistics
-    speckv profile    record full-information traces of a pair (tasks x compressions x prompts)
-    speckv train      train one gamma controller on recorded traces
-    speckv compare    train and compare every controller; report.md, results.json, plots
-    speckv bench      engine | env | agents: speed figures as JSON
-    speckv demo       the main job on the embedded default pair (compare + live check)
+speckv generate   speculative decoding of one prompt; prints the text and its statistics
+speckv profile    record full-information traces of a pair (tasks x compressions x prompts)
+speckv train      train one gamma controller on recorded traces
+speckv compare    train and compare every controller; report.md, results.json, plots
+speckv bench      engine | env | agents: speed figures as JSON
+speckv demo       the main job on the embedded default pair (compare + live check)
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DEFAULT_TRACES = "speckv_env/data/traces"
 
@@ -29,33 +30,36 @@ def _threads(n: int | None) -> None:
 
 
 def _add_pair_args(p: argparse.ArgumentParser, compression_default: str = "fp32") -> None:
-    p.add_argument("--target", default=None, help="target model: hub id, folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--draft", default=None, help="draft model: hub id, folder or .gguf (default: the draft shipped for the default target)")
+    p.add_argument(
+        "--target", default=None, help="target model: hub id, folder or .gguf (default: embedded SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--draft",
+        default=None,
+        help="draft model: hub id, folder or .gguf (default: the draft shipped for the default target)",
+    )
     p.add_argument("--compression", default=compression_default, help="target compression: fp32, bf16, fp16, int8, nf4")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def shipped_traces_path() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("speckv_env") / "data" / "traces"))
-
-
 # ---- generate ---------------------------------------------------------------------------
 
+
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .engine import SpeculativeEngine
-    from .pair import load_pair
+    from speckv_env.engine import SpeculativeEngine
+    from speckv_env.pair import load_pair
 
     _threads(a.threads)
     t0 = time.perf_counter()
     pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device)
     load_s = time.perf_counter() - t0
-    eng = SpeculativeEngine(pair.target, pair.draft, temperature=a.temperature, top_p=a.top_p, eos_token_id=pair.eos_token_id)
+    eng = SpeculativeEngine(
+        pair.target, pair.draft, temperature=a.temperature, top_p=a.top_p, eos_token_id=pair.eos_token_id
+    )
     ids = pair.encode_chat(a.prompt)
     if a.gamma == "auto":
-        from .calibrate import cached_calibration
+        from speckv_env.calibrate import cached_calibration
 
         cm = cached_calibration(pair, progress=True)
 
@@ -89,11 +93,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
     for s in steps:
         hist[s.accepted] = hist.get(s.accepted, 0) + 1
     stats = {
-        "target": pair.target_name, "draft": pair.draft_name, "compression": pair.compression, "device": str(pair.device),
-        "gamma": gamma_desc, "temperature": a.temperature, "new_tokens": len(tokens), "steps": len(steps),
-        "tokens_per_step": len(tokens) / max(len(steps), 1), "acceptance_rate": acc / drafted if drafted else None,
-        "accepted_histogram": dict(sorted(hist.items())), "wall_s": wall, "tokens_per_s": len(tokens) / wall if wall else None,
-        "draft_s": sum(s.draft_s for s in steps), "verify_s": sum(s.verify_s for s in steps), "load_s": load_s,
+        "target": pair.target_name,
+        "draft": pair.draft_name,
+        "compression": pair.compression,
+        "device": str(pair.device),
+        "gamma": gamma_desc,
+        "temperature": a.temperature,
+        "new_tokens": len(tokens),
+        "steps": len(steps),
+        "tokens_per_step": len(tokens) / max(len(steps), 1),
+        "acceptance_rate": acc / drafted if drafted else None,
+        "accepted_histogram": dict(sorted(hist.items())),
+        "wall_s": wall,
+        "tokens_per_s": len(tokens) / wall if wall else None,
+        "draft_s": sum(s.draft_s for s in steps),
+        "verify_s": sum(s.verify_s for s in steps),
+        "load_s": load_s,
     }
     if a.json:
         print(json.dumps({"text": text, **stats}, indent=2))
@@ -107,23 +122,36 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 # ---- profile --------------------------------------------------------------------------
 
+
 def cmd_profile(a: argparse.Namespace) -> int:
     from .profile import profile
 
     _threads(a.threads)
     summary = profile(
-        a.out, target=a.target, draft=a.draft, compressions=a.compressions.split(","), tasks=a.tasks.split(","),
-        splits=a.splits.split(","), n_train=a.n_train, modes=a.modes.split(","), max_new_tokens=a.max_new_tokens,
-        gamma_max=a.gamma_max, device=a.device, resume=a.resume, time_budget_s=a.time_budget, behaviour=a.behaviour,
-        calibrate=not a.no_calibrate, per_task=a.per_task,
+        a.out,
+        target=a.target,
+        draft=a.draft,
+        compressions=a.compressions.split(","),
+        tasks=a.tasks.split(","),
+        splits=a.splits.split(","),
+        n_train=a.n_train,
+        modes=a.modes.split(","),
+        max_new_tokens=a.max_new_tokens,
+        gamma_max=a.gamma_max,
+        device=a.device,
+        resume=a.resume,
+        time_budget_s=a.time_budget,
+        behaviour=a.behaviour,
+        calibrate=not a.no_calibrate,
+        per_task=a.per_task,
     )
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    from .calibrate import calibrate
-    from .pair import load_pair
+    from speckv_env.calibrate import calibrate
+    from speckv_env.pair import load_pair
 
     _threads(a.threads)
     # calibration runs on a quiet machine: time the CPU row-count plans again too
@@ -140,17 +168,20 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 # ---- train / compare ----------------------------------------------------------------------
 
+
 def _logs_arg(logs: str | None) -> str:
     if logs in (None, "default"):
-        p = shipped_traces_path()
-        if not any(p.glob("*.parquet")):
-            raise SystemExit(f"no shipped traces in {p}: pass --logs FOLDER (record one with `speckv profile`)")
-        return str(p)
+        from replay.env import default_logs
+
+        try:
+            return str(default_logs())
+        except FileNotFoundError as e:
+            raise SystemExit(f"{e}; record traces with `speckv profile` and pass --logs FOLDER") from e
     return logs
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from agents.compare import train_main
+    from .compare import train_main
 
     _threads(a.threads or 1)
     train_main(a.agent, _logs_arg(a.logs), a.out, **_kv(a.set))
@@ -158,7 +189,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from agents.compare import compare_main
+    from .compare import compare_main
 
     _threads(a.threads or 1)
     if a.logs == "speckv-paper":
@@ -184,19 +215,23 @@ def _kv(items: Sequence[str] | None) -> dict[str, Any]:
 
 # ---- bench ------------------------------------------------------------------------------
 
+
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import write_json
+    from .bench_engine import write_json
 
     if a.what == "engine":
-        from .bench import bench_prompts, format_engine_table, run_engine_bench
-        from .pair import load_pair
+        from speckv_env.pair import load_pair
+
+        from .bench_engine import bench_prompts, format_engine_table, run_engine_bench
 
         _threads(a.threads)
         pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device)
-        r = run_engine_bench(pair, bench_prompts(a.prompts_per_task), max_new_tokens=a.max_new_tokens, repeats=a.repeats)
+        r = run_engine_bench(
+            pair, bench_prompts(a.prompts_per_task), max_new_tokens=a.max_new_tokens, repeats=a.repeats
+        )
         print(format_engine_table(r))
     elif a.what == "env":
-        from replay.bench import bench_env
+        from .bench_env import bench_env
 
         r = bench_env(None, seconds=a.seconds)
         if not a.skip_live:
@@ -206,7 +241,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
             r["live"] = bench_live_overhead(max_new_tokens=a.max_new_tokens)
         print(json.dumps(r, indent=2, default=str))
     elif a.what == "agents":
-        from agents.bench import bench_agents
+        from .bench_agents import bench_agents
 
         r = bench_agents(None)
         print(json.dumps(r, indent=2, default=str))
@@ -220,6 +255,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---- demo -----------------------------------------------------------------------------
 
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -227,7 +263,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="speckv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="speckv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="speculative decoding of one prompt")
@@ -254,10 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma-max", type=int, default=8)
     p.add_argument("--resume", action="store_true", help="continue an interrupted recording")
     p.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
-    p.add_argument("--behaviour", default="uniform",
-                   help="gamma policy of the recorded path: uniform (0..gamma-max), uniform:A-B or fixed:G")
-    p.add_argument("--no-calibrate", action="store_true",
-                   help="do not measure the cost model here (write it later with `speckv calibrate --out` on a quiet machine)")
+    p.add_argument(
+        "--behaviour",
+        default="uniform",
+        help="gamma policy of the recorded path: uniform (0..gamma-max), uniform:A-B or fixed:G",
+    )
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="do not measure the cost model here (write it later with `speckv calibrate --out` on a quiet machine)",
+    )
     p.set_defaults(fn=cmd_profile)
 
     cal = sub.add_parser("calibrate", help="measure a pair's cost model (draft/verify/target step times)")

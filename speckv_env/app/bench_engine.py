@@ -22,12 +22,13 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .engine import SpeculativeEngine
+from speckv_env.engine import SpeculativeEngine
 
 
 def machine_info() -> dict[str, Any]:
@@ -42,7 +43,7 @@ def machine_info() -> dict[str, Any]:
     try:
         import os
 
-        from .cpu_linear import cpu_model
+        from speckv_env.cpu_linear import cpu_model
 
         info["cpu_count"] = os.cpu_count()
         info["cpu_model"] = cpu_model()
@@ -60,7 +61,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def bench_prompts(per_task: int = 1, split: str = "test") -> list:
-    from .prompts import TASKS, load_prompts
+    from speckv_env.prompts import TASKS, load_prompts
 
     out = []
     for task in TASKS:
@@ -76,10 +77,15 @@ def _sync(dev: torch.device) -> None:
 def _hf_generate(pair, ids: list[int], max_new_tokens: int, **kw) -> list[int]:
     x = torch.tensor([ids], device=pair.device)
     out = pair.target.generate(
-        x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=pair.eos_token_id, pad_token_id=pair.eos_token_id[0], **kw,
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=pair.eos_token_id,
+        pad_token_id=pair.eos_token_id[0],
+        **kw,
     )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def run_engine_bench(
@@ -124,8 +130,15 @@ def run_engine_bench(
     # warm-up: one short run of each code path
     with torch.inference_mode():
         _hf_generate(pair, encoded[0], 4)
-        _hf_generate(pair, encoded[0], 4, assistant_model=pair.draft, num_assistant_tokens=2,
-                     num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+        _hf_generate(
+            pair,
+            encoded[0],
+            4,
+            assistant_model=pair.draft,
+            num_assistant_tokens=2,
+            num_assistant_tokens_schedule="constant",
+            assistant_confidence_threshold=0.0,
+        )
         eng.generate(encoded[0], 4, gamma=2)
 
     results: dict[str, Any] = {"hf_assisted_tps": {}, "engine_tps": {}, "acceptance": {}, "engine_tokens_per_step": {}}
@@ -139,7 +152,7 @@ def run_engine_bench(
             if kind == "hf_target":
                 el, outs = timed(lambda ids: _hf_generate(pair, ids, max_new_tokens))
             elif kind == "hf_target_stock":
-                from . import cpu_linear
+                from speckv_env import cpu_linear
 
                 plans = {m: cpu_linear.current_plans(m) for m in (pair.target, pair.draft)}
                 for m in plans:
@@ -151,12 +164,23 @@ def run_engine_bench(
                     for m, p in plans.items():
                         cpu_linear.install(m, p)
             elif kind == "hf_assisted":
-                el, outs = timed(lambda ids: _hf_generate(
-                    pair, ids, max_new_tokens, assistant_model=pair.draft, num_assistant_tokens=g,
-                    num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0))
+                el, outs = timed(
+                    lambda ids: _hf_generate(
+                        pair,
+                        ids,
+                        max_new_tokens,
+                        assistant_model=pair.draft,
+                        num_assistant_tokens=g,
+                        num_assistant_tokens_schedule="constant",
+                        assistant_confidence_threshold=0.0,
+                    )
+                )
             elif kind == "hf_heuristic":
-                el, outs = timed(lambda ids: _hf_generate(
-                    pair, ids, max_new_tokens, assistant_model=pair.draft, num_assistant_tokens_schedule="heuristic"))
+                el, outs = timed(
+                    lambda ids: _hf_generate(
+                        pair, ids, max_new_tokens, assistant_model=pair.draft, num_assistant_tokens_schedule="heuristic"
+                    )
+                )
             elif kind == "hf_default":
                 el, outs = timed(lambda ids: _hf_generate(pair, ids, max_new_tokens, assistant_model=pair.draft))
             else:
@@ -195,7 +219,7 @@ def run_engine_bench(
     hf_all["default"] = results["hf_default_tps"]
     best_hf = max(hf_all, key=hf_all.get)
     # latency ratio: one draft forward vs one target forward (medians, KV cache, 1 token)
-    from .calibrate import measure_target_only
+    from speckv_env.calibrate import measure_target_only
 
     t_target = statistics.median(measure_target_only(pair, ids, n_tokens=16) for ids in encoded[:2])
     t_draft = _measure_draft_step(pair, encoded[0])
@@ -206,8 +230,11 @@ def run_engine_bench(
         best_hf_tps=hf_all[best_hf],
         engine_vs_best_hf=results["engine_tps"][best_engine_g] / hf_all[best_hf],
         engine_speedup_vs_target=results["engine_tps"][best_engine_g] / results["hf_target_tps"],
-        engine_speedup_vs_stock_target=(results["engine_tps"][best_engine_g] / results["hf_target_stock_tps"]
-                                        if "hf_target_stock_tps" in results else None),
+        engine_speedup_vs_stock_target=(
+            results["engine_tps"][best_engine_g] / results["hf_target_stock_tps"]
+            if "hf_target_stock_tps" in results
+            else None
+        ),
         cpu_kernels=bool(getattr(pair, "cpu_kernels", False)),
         cpu_linear_plans=_plans_text(pair),
         latency_ratio=t_draft / t_target,
@@ -232,7 +259,7 @@ def _plans_text(pair) -> list[str] | None:
     """The row-count plans in use (``shape: rows:kernel ...``), or None with stock kernels."""
     if not getattr(pair, "cpu_kernels", False):
         return None
-    from . import cpu_linear
+    from speckv_env import cpu_linear
 
     return list(cpu_linear.describe({**cpu_linear.current_plans(pair.target), **cpu_linear.current_plans(pair.draft)}))
 
@@ -241,7 +268,7 @@ def _plans_text(pair) -> list[str] | None:
 def _measure_draft_step(pair, ids: list[int], n: int = 32) -> float:
     from transformers import DynamicCache
 
-    from .engine import cache_kwarg
+    from speckv_env.engine import cache_kwarg
 
     d = pair.draft
     kv = cache_kwarg(d)
@@ -274,13 +301,19 @@ def format_engine_table(r: dict[str, Any]) -> str:
     lines.append(f"{'HF assisted defaults':<28}{r['hf_default_tps']:>10.2f}")
     for g, v in r["engine_tps"].items():
         a = r["acceptance"].get(g)
-        lines.append(f"{'this engine gamma=' + g:<28}{v:>10.2f}{'' if a is None else f'{a:>9.3f}'}"
-                     f"{'' if a is not None else ' ' * 9}{r['engine_tokens_per_step'][g]:>10.2f}")
+        lines.append(
+            f"{'this engine gamma=' + g:<28}{v:>10.2f}{'' if a is None else f'{a:>9.3f}'}"
+            f"{'' if a is not None else ' ' * 9}{r['engine_tokens_per_step'][g]:>10.2f}"
+        )
     lines.append(
         f"best engine gamma={r['best_engine_gamma']}: {r['best_engine_tps']:.2f} tok/s = "
         f"{r['engine_vs_best_hf']:.3f}x best HF ({r['best_hf_setting']}), "
         f"{r['engine_speedup_vs_target']:.3f}x target-only"
-        + (f" ({r['engine_speedup_vs_stock_target']:.3f}x with stock kernels)" if r.get("engine_speedup_vs_stock_target") else "")
+        + (
+            f" ({r['engine_speedup_vs_stock_target']:.3f}x with stock kernels)"
+            if r.get("engine_speedup_vs_stock_target")
+            else ""
+        )
         + f"; draft/target step latency {r['latency_ratio']:.3f}; "
         f"outputs identical across methods: {r['outputs_identical']}"
     )

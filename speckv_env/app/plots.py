@@ -1,12 +1,15 @@
 """Plots of a comparison (matplotlib, Agg backend): throughput with intervals, gamma choices,
-learning curves, regret curves. Called by :func:`agents.compare.run_comparison`."""
+learning curves, regret curves. Called by :func:`speckv_env.app.compare.run_comparison`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
+
+from .results import align
 
 
 def _plt():
@@ -35,8 +38,16 @@ def plot_throughput(results: Mapping[str, Any], path: Path) -> Path | None:
         vals = np.array([pol[p]["subsets"]["all"]["tokens_per_s"]["value"] for p in names])
         lo = np.array([pol[p]["subsets"]["all"]["tokens_per_s"]["lo"] for p in names])
         hi = np.array([pol[p]["subsets"]["all"]["tokens_per_s"]["hi"] for p in names])
-        colors = ["#888888" if p.startswith("fixed-") else "#d62728" if p == "oracle" else "#2ca02c" if p == "best-fixed(train)"
-                  else "#1f77b4" for p in names]
+        colors = [
+            "#888888"
+            if p.startswith("fixed-")
+            else "#d62728"
+            if p == "oracle"
+            else "#2ca02c"
+            if p == "best-fixed(train)"
+            else "#1f77b4"
+            for p in names
+        ]
         y = np.arange(len(names))
         ax.barh(y, vals, xerr=[vals - lo, hi - vals], color=colors, capsize=2)
         ax.set_yticks(y, names, fontsize=8)
@@ -68,7 +79,9 @@ def plot_gamma_choices(results: Mapping[str, Any], gammas: Any, path: Path) -> P
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
             if M[i, j] >= 0.05:
-                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if M[i, j] < 0.6 else "k")
+                ax.text(
+                    j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if M[i, j] < 0.6 else "k"
+                )
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -76,7 +89,9 @@ def plot_gamma_choices(results: Mapping[str, Any], gammas: Any, path: Path) -> P
     return path
 
 
-def _binned(logs: list[list[dict[str, Any]]], xkey: str, ykey: str, bins: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _binned(
+    logs: list[list[dict[str, Any]]], xkey: str, ykey: str, bins: int = 30
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     pts = [(r[xkey], r[ykey]) for log in logs for r in log if r.get(ykey) is not None and r.get(xkey) is not None]
     if len(pts) < 2:
         return None
@@ -115,8 +130,13 @@ def plot_learning_curves(results: Mapping[str, Any], path: Path) -> Path | None:
         for ref, st in (("best-fixed(train)", "--"), ("oracle", ":")):
             if ref not in split["policies"]:
                 continue
-            ax.axhline(split["policies"][ref]["subsets"]["all"]["tokens_per_s"]["value"], color="k", ls=st, lw=1,
-                       label=f"{ref} (test set)")
+            ax.axhline(
+                split["policies"][ref]["subsets"]["all"]["tokens_per_s"]["value"],
+                color="k",
+                ls=st,
+                lw=1,
+                label=f"{ref} (test set)",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("training steps (log scale)")
     ax.set_ylabel("episode modelled tokens/s (training episodes)")
@@ -152,9 +172,7 @@ def plot_regret_curves(splits_out: Mapping[str, Any], data: Any, path: Path) -> 
     for name, r in pooled.items():
         if name.startswith("fixed-") or name == "oracle":
             continue
-        from .compare import _align
-
-        T = _align(r, ref.idx).time.mean(0)
+        T = align(r, ref.idx).time.mean(0)
         ls = "--" if name == "best-fixed(train)" else "-"
         axes[0].plot(np.cumsum(tok), np.cumsum(T - O), ls=ls, label=name)
         axes[1].plot(np.cumsum(tok), np.cumsum(T - O) / np.cumsum(O), ls=ls, label=name)
@@ -195,8 +213,20 @@ def plot_paper_tokens_vs_speed(results: Mapping[str, Any], path: Path) -> Path |
         ax.set_xlabel("gamma (recorded runs)")
         ax.set_ylabel("tokens per step", color="#1f77b4")
         ax2 = ax.twinx()
-        ax2.plot(g, [r["paper_measured_tokens_per_s"] for r in rows], "s--", color="#d62728", label="tokens/s measured (paper wall time)")
-        ax2.plot(g, [float("nan") if r["modelled_tokens_per_s"] is None else r["modelled_tokens_per_s"] for r in rows], "^:", color="#ff7f0e", label="tokens/s modelled (fitted cost)")
+        ax2.plot(
+            g,
+            [r["paper_measured_tokens_per_s"] for r in rows],
+            "s--",
+            color="#d62728",
+            label="tokens/s measured (paper wall time)",
+        )
+        ax2.plot(
+            g,
+            [float("nan") if r["modelled_tokens_per_s"] is None else r["modelled_tokens_per_s"] for r in rows],
+            "^:",
+            color="#ff7f0e",
+            label="tokens/s modelled (fitted cost)",
+        )
         ax2.set_ylabel("tokens per second", color="#d62728")
         ax.set_title(c, fontsize=10)
         if c == comps[0]:

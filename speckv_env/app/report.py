@@ -4,8 +4,9 @@ splits and what was held out, seeds, how bandits were evaluated, and the verdict
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SPLIT_TITLES = {
     "heldout": "Held-out prompts (train on split train+val, test on split test)",
@@ -28,7 +29,11 @@ def _f(x: Any, nd: int = 4) -> str:
 
 def _ci(m: Mapping[str, Any], nd: int = 4, pct: bool = False) -> str:
     if pct:
-        return f"{100 * m['value']:.1f}% [{100 * m['lo']:.1f}, {100 * m['hi']:.1f}]" if m["value"] is not None and math.isfinite(m["value"]) else "n/a"
+        return (
+            f"{100 * m['value']:.1f}% [{100 * m['lo']:.1f}, {100 * m['hi']:.1f}]"
+            if m["value"] is not None and math.isfinite(m["value"])
+            else "n/a"
+        )
     return f"{_f(m['value'], nd)} [{_f(m['lo'], nd)}, {_f(m['hi'], nd)}]"
 
 
@@ -94,8 +99,11 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
     cfg = results["config"]
     L: list[str] = ["# SpecKV gym: gamma controller comparison", ""]
     if d.get("synthetic"):
-        L += ["> **SYNTHETIC DATA**: these traces are random (replay.trace.synthetic_trace), not from any model. "
-              "The numbers exercise the pipeline; they say nothing about real speculative decoding.", ""]
+        L += [
+            "> **SYNTHETIC DATA**: these traces are random (replay.trace.synthetic_trace), not from any model. "
+            "The numbers exercise the pipeline; they say nothing about real speculative decoding.",
+            "",
+        ]
     L += [
         f"Data: {d['episodes']} episodes ({int(d['tokens'])} tokens); tasks {', '.join(d['tasks'])}; "
         f"compressions {', '.join(d['compressions'])}; modes {', '.join(d['modes'])}; pair(s) {', '.join(d['pairs'])}; "
@@ -121,16 +129,21 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
         L.append("")
         for f in s["folds"]:
             bf = ", ".join(f"{k}: {v}" for k, v in f["best_fixed_gamma"].items() if k != "*")
-            L.append(f"- `{f['fold']}`: held out {f['held_out']}; train {f['n_train']} episodes "
-                     f"(tasks {', '.join(f['train_tasks'])}; compressions {', '.join(f['train_compressions'])}; "
-                     f"splits {', '.join(f['train_splits'])}), test {f['n_test']} episodes "
-                     f"(tasks {', '.join(f['test_tasks'])}; compressions {', '.join(f['test_compressions'])}). "
-                     f"Best fixed gamma on training episodes: {bf} (global {f['best_fixed_gamma']['*']}).")
+            L.append(
+                f"- `{f['fold']}`: held out {f['held_out']}; train {f['n_train']} episodes "
+                f"(tasks {', '.join(f['train_tasks'])}; compressions {', '.join(f['train_compressions'])}; "
+                f"splits {', '.join(f['train_splits'])}), test {f['n_test']} episodes "
+                f"(tasks {', '.join(f['test_tasks'])}; compressions {', '.join(f['test_compressions'])}). "
+                f"Best fixed gamma on training episodes: {bf} (global {f['best_fixed_gamma']['*']})."
+            )
         L.append("")
         for prefix, title in (("task=", "Per task"), ("compression=", "Per compression")):
             rows = subset_table(pol, prefix)
             if rows:
-                L += [f"**{title}** (tokens/s; in brackets the difference vs best-fixed(train), * = 95% CI excludes zero):", ""]
+                L += [
+                    f"**{title}** (tokens/s; in brackets the difference vs best-fixed(train), * = 95% CI excludes zero):",
+                    "",
+                ]
                 L += rows
                 L.append("")
     L += [
@@ -140,7 +153,7 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
         "In leave-one-out splits every episode of the held-out task/compression is a test episode and nothing of it "
         "is seen in training (the trace ids of each fold are in results.json).",
         f"- **Best fixed gamma.** {results['best_fixed_rule']}. It is the reference of the paired tests and of "
-        "\"gap captured\" = (T_bestfixed - T_policy) / (T_bestfixed - T_oracle), in total modelled time.",
+        '"gap captured" = (T_bestfixed - T_policy) / (T_bestfixed - T_oracle), in total modelled time.',
         f"- **Seeds.** {cfg['seeds']} seeds for every stochastic policy (bandit random streams, MLP initialisation and "
         "rollouts, PPO). The per-episode time is the mean over seeds (the prompt is the bootstrap unit); the last "
         "column gives the seeds and the sd of tokens/s across seeds.",
@@ -154,7 +167,9 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
         "- **Analytic baselines.** `hf-heuristic`: Hugging Face's +2/-1 schedule (per episode); `cost-aware`: "
         "acceptance EMA in Leviathan et al.'s expected tokens/s with the true cost model; `oracle`: the clairvoyant "
         "shortest path over positions, the ceiling for any controller (not reachable).",
-        f"- Runtime: {results.get('runtime_s', 0):.1f} s. Plots: " + ", ".join(f"`{v}`" for v in results.get("plots", {}).values()) + ".",
+        f"- Runtime: {results.get('runtime_s', 0):.1f} s. Plots: "
+        + ", ".join(f"`{v}`" for v in results.get("plots", {}).values())
+        + ".",
         "",
     ]
     path.write_text("\n".join(L))
@@ -188,7 +203,8 @@ def write_paper_report(results: Mapping[str, Any], path: Path) -> Path:
     d = results["data"]
     cfg = results["config"]
     L = [
-        "# SpecKV gym: gamma controllers on the SpecKV paper's step logs", "",
+        "# SpecKV gym: gamma controllers on the SpecKV paper's step logs",
+        "",
         f"Data: the SpecKV paper's released profiling logs ({d['episodes']} recorded runs, {int(d['tokens'])} tokens; "
         f"pair {', '.join(d['pairs'])}; {', '.join(d['devices'])}; compressions {', '.join(d['compressions'])}; tasks "
         f"{', '.join(d['tasks'])}; recorded gammas {d['recorded_gammas']}; no KV cache). "
@@ -197,7 +213,9 @@ def write_paper_report(results: Mapping[str, Any], path: Path) -> Path:
         "**Restricted to what the data determines.** These logs record only the chosen gamma's outcome, so every "
         "policy is evaluated per recorded step (the paper's methodology): each recorded run is replayed step by "
         "step, positions advance as recorded, and the chosen gamma's outcome comes from the log where it is "
-        "determined. Evaluation: " + str(results.get("evaluation", "")) + ". Where an outcome is not determined (a censored "
+        "determined. Evaluation: "
+        + str(results.get("evaluation", ""))
+        + ". Where an outcome is not determined (a censored "
         "step and a larger gamma asked for), the step is answered at the largest determined gamma and counted in "
         "*clipped steps*. There is no oracle (the log does not determine "
         "the clairvoyant path) and no PPO. Tokens/s is modelled with per-compression cost models fitted to the "
@@ -214,9 +232,11 @@ def write_paper_report(results: Mapping[str, Any], path: Path) -> Path:
         "|---|---|---|---|---|---|",
     ]
     for r in results["paper_table"]:
-        L.append(f"| {r['compression']} | {r['gamma']} | {r['runs']} | {r['paper_tokens_per_step']:.3f} | "
-                 f"{r['paper_measured_tokens_per_s']:.2f} | "
-                 f"{'—' if r['modelled_tokens_per_s'] is None else format(r['modelled_tokens_per_s'], '.2f')} |")
+        L.append(
+            f"| {r['compression']} | {r['gamma']} | {r['runs']} | {r['paper_tokens_per_step']:.3f} | "
+            f"{r['paper_measured_tokens_per_s']:.2f} | "
+            f"{'—' if r['modelled_tokens_per_s'] is None else format(r['modelled_tokens_per_s'], '.2f')} |"
+        )
     L += [""] + verdict_lines(results)
     for split, s in results["splits"].items():
         L += [f"## {SPLIT_TITLES.get(split, split)}", ""]
@@ -227,15 +247,22 @@ def write_paper_report(results: Mapping[str, Any], path: Path) -> Path:
         L += ["", "Folds:", ""]
         for f in s["folds"]:
             bf = ", ".join(f"{k}: {v}" for k, v in f["best_fixed_gamma"].items() if k != "*")
-            L.append(f"- `{f['fold']}`: held out {f['held_out']}; train {f['n_train']} runs, test {f['n_test']} runs; "
-                     f"best fixed gamma on training runs: {bf} (global {f['best_fixed_gamma']['*']}).")
+            L.append(
+                f"- `{f['fold']}`: held out {f['held_out']}; train {f['n_train']} runs, test {f['n_test']} runs; "
+                f"best fixed gamma on training runs: {bf} (global {f['best_fixed_gamma']['*']})."
+            )
         L.append("")
         for prefix, title in (("task=", "Per task"), ("compression=", "Per compression")):
             rows = subset_table(s["policies"], prefix)
             if rows:
-                L += [f"**{title}** (modelled tokens/s; vs best-fixed(train), * = 95% CI excludes zero):", ""] + rows + [""]
+                L += (
+                    [f"**{title}** (modelled tokens/s; vs best-fixed(train), * = 95% CI excludes zero):", ""]
+                    + rows
+                    + [""]
+                )
     L += [
-        "## Method", "",
+        "## Method",
+        "",
         f"- Seeds: {cfg['seeds']} for the bandits and the MLP. Bandits: {cfg['bandit_steps']} online training steps "
         f"on the training runs, then {results['bandit_evaluation']}.",
         f"- Best fixed gamma: {results['best_fixed_rule']}.",

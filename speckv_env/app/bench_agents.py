@@ -13,16 +13,26 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from .base import Agent, make_agent
+from agents.base import Agent, make_agent
 
 DEFAULT_AGENTS: tuple[str, ...] = (
-    "fixed", "hf_heuristic", "cost_aware", "speckv_mlp", "epsilon_greedy", "ucb1", "thompson", "exp3",
-    "linucb", "ppo", "oracle",
+    "fixed",
+    "hf_heuristic",
+    "cost_aware",
+    "speckv_mlp",
+    "epsilon_greedy",
+    "ucb1",
+    "thompson",
+    "exp3",
+    "linucb",
+    "ppo",
+    "oracle",
 )
 TARGET_US = {"speckv_mlp": 20.0}
 
@@ -58,11 +68,22 @@ def time_decisions(fn, pool: Sequence[np.ndarray], n: int, warmup: int) -> dict[
         fn(o)
         ns[i] = clock() - t0
     us = ns / 1000.0
-    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)), "mean_us": float(us.mean()), "n": int(n)}
+    return {
+        "median_us": float(np.median(us)),
+        "p99_us": float(np.percentile(us, 99)),
+        "mean_us": float(us.mean()),
+        "n": int(n),
+    }
 
 
-def bench_agents(json_path: str | Path | None = None, n: int = 5000, warmup: int = 500,
-                 agents: Sequence[str] = DEFAULT_AGENTS, include_torch: bool = True, seed: int = 0) -> dict[str, Any]:
+def bench_agents(
+    json_path: str | Path | None = None,
+    n: int = 5000,
+    warmup: int = 500,
+    agents: Sequence[str] = DEFAULT_AGENTS,
+    include_torch: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Median / p99 per-decision latency (us) of each agent on one observation; optional JSON."""
     env, pool = _observation_pool(seed=seed)
     results: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """Step-cost micro-benchmarks of the replay environments, against Gymnasium's CartPole-v1
 measured in the same run (so the ratios hold on a loaded or slow machine).
 
-    python -m replay.bench --json bench.json --seconds 2
+    python -m speckv_env.app.bench_env --json bench.json --seconds 2
 
 Measured: single-env steps/s of ``SpecKVReplay-v0`` through ``gym.make`` (with Gymnasium's
 default wrappers) and of ``CartPole-v1`` through ``gym.make``; env-steps/s of the vectorised
@@ -18,16 +18,16 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 import speckv_env  # noqa: F401  (registers SpecKVReplay-v0)
+from replay.trace import synthetic_dataset
 from speckv_env.core import CostModel
-
-from .trace import synthetic_dataset
 
 
 def _single_runner(env: gym.Env, n_actions: int, seed: int = 0) -> Callable[[float], float]:
@@ -92,14 +92,18 @@ def bench_env(
     }
     for e in num_envs:
         runners[f"replay_vector_{e}"] = _vector_runner(
-            gym.make_vec("SpecKVReplay-v0", num_envs=e, vectorization_mode="vector_entry_point", traces=traces, cost_model=cm), 9, e
+            gym.make_vec(
+                "SpecKVReplay-v0", num_envs=e, vectorization_mode="vector_entry_point", traces=traces, cost_model=cm
+            ),
+            9,
+            e,
         )
         runners[f"cartpole_vector_{e}"] = _vector_runner(
             gym.make_vec("CartPole-v1", num_envs=e, vectorization_mode="vector_entry_point"), 2, e
         )
     for r in runners.values():  # warm up
         r(0.05)
-    best = {k: 0.0 for k in runners}
+    best = dict.fromkeys(runners, 0.0)
     for _ in range(repeats):
         for k, r in runners.items():
             best[k] = max(best[k], r(seconds / repeats))
@@ -108,8 +112,13 @@ def bench_env(
         "seconds_per_measurement": seconds,
         "repeats": repeats,
         "data": "synthetic: 64 traces of 100-300 tokens, uniformly random actions over gammas 0..8",
-        "machine": {"python": platform.python_version(), "numpy": np.__version__, "gymnasium": gym.__version__,
-                    "cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "machine": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "gymnasium": gym.__version__,
+            "cpus": os.cpu_count(),
+            "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
         "single": {
             "replay_steps_per_s": best["replay_single"],
             "cartpole_steps_per_s": best["cartpole_single"],

@@ -9,16 +9,18 @@ from typing import Any
 import gymnasium as gym
 
 
-def bench_live_overhead(max_new_tokens: int = 48, prompts_per_task: int = 1, repeats: int = 3, pair=None) -> dict[str, Any]:
+def bench_live_overhead(
+    max_new_tokens: int = 48, prompts_per_task: int = 1, repeats: int = 3, pair=None
+) -> dict[str, Any]:
     """Wall time of SpecKV-v0 episodes (through gym.make) vs the engine driven directly.
 
     Both run the same prompts with the same per-step gamma sequence; runs are interleaved and
     the minimum over ``repeats`` is kept, so background load affects both alike.
     """
     import speckv_env  # noqa: F401  (registration)
+    from speckv_env.pair import load_pair
 
-    from .bench import bench_prompts, machine_info
-    from .pair import load_pair
+    from .bench_engine import bench_prompts, machine_info
 
     prompts = bench_prompts(prompts_per_task)
     pair = pair or load_pair(None, None, device="cpu")
@@ -58,11 +60,17 @@ def bench_live_overhead(max_new_tokens: int = 48, prompts_per_task: int = 1, rep
         v.append(through_env())
         n.append(bare(with_signals=False))
     return {
-        "bare_engine_s": min(b), "env_s": min(v), "overhead_ratio": min(v) / min(b) - 1.0,
-        "bare_engine_no_signals_s": min(n), "overhead_ratio_vs_no_signals": min(v) / min(n) - 1.0,
+        "bare_engine_s": min(b),
+        "env_s": min(v),
+        "overhead_ratio": min(v) / min(b) - 1.0,
+        "bare_engine_no_signals_s": min(n),
+        "overhead_ratio_vs_no_signals": min(v) / min(n) - 1.0,
         "note": "bare = engine.observe() + engine.step(g) per step (the observation's draft signals included); "
-                "no_signals = engine.step(g) only",
-        "all_bare_s": b, "all_env_s": v, "all_bare_no_signals_s": n, "prompts": [p.id for p in prompts],
+        "no_signals = engine.step(g) only",
+        "all_bare_s": b,
+        "all_env_s": v,
+        "all_bare_no_signals_s": n,
+        "prompts": [p.id for p in prompts],
         "max_new_tokens": max_new_tokens,
         "machine": machine_info(),
     }
