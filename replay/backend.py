@@ -1,8 +1,8 @@
 """A :class:`speckv_env.core.Backend` over full-information traces (exact replay).
 
-Episode ``i`` is trace ``i``. A step at position ``t`` with requested gamma ``g`` uses
-g_eff = min(g, max_new_tokens - 1 - t), accepts k = min(L[t], g_eff), emits tokens[t : t + k + 1] and
-moves to t + k + 1 (see :mod:`replay.trace`). Measured times are not replayed
+Episode ``i`` is trace ``i``. A step follows the step rule of :mod:`replay.steprule` (engine
+clip: g_eff = min(g, max_new_tokens - 1 - t), k = min(L[t], g_eff), emits tokens[t : t + k + 1]
+and moves to t + k + 1). Measured times are not replayed
 (``draft_s``/``verify_s`` are None); the environment prices each step with the episode's
 cost model, chosen by the trace's compression.
 """
@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from speckv_env.core import CostModel, DraftSignals, EpisodeInfo, StepOutcome, compression_level
 
+from . import steprule
 from .trace import Trace
 
 CostModels = CostModel | Mapping[str, CostModel]
@@ -107,14 +108,7 @@ class TraceBackend:
         n = self._n
         if t >= n:
             raise RuntimeError("step() past the end of the trace: reset first")
-        g = min(int(gamma), self.max_new_tokens - 1 - t)
-        k = min(self._L[t], g)
-        if g == 0:
-            events = [int(self._accept[t])]
-        elif k < g:
-            events = [1] * k + [0]
-        else:
-            events = [1] * g
+        g, k, ones, rejected = steprule.step(self._L[t], self._accept[t], int(gamma), self.max_new_tokens - 1 - t)
         self._pos = t + k + 1
         done = self._pos >= n
         return StepOutcome(
@@ -123,7 +117,7 @@ class TraceBackend:
             tokens=self._tokens[t : t + k + 1],
             done=done,
             finish_reason=self.trace.finish_reason if done else None,
-            events=events,
+            events=steprule.events(ones, rejected),
         )
 
     def close(self) -> None:

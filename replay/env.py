@@ -12,6 +12,7 @@ from speckv_env.base_env import SpecKVBaseEnv, action_to_index
 from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, StepOutcome
 
 from .backend import CostModels, TraceBackend
+from .steprule import step as _rule_step
 from .trace import PathLike, Trace, load_cost_models, read_traces
 
 DEFAULT_TRACES_DIR = Path(__file__).resolve().parent.parent / "speckv_env" / "data" / "traces"
@@ -228,19 +229,12 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         b = self.backend
         t = b._pos
         n = b._n
-        rem = b.max_new_tokens - 1 - t
-        geff = g if g < rem else rem
-        lt = b._L[t]
-        k = lt if lt < geff else geff
+        geff, k, ones, rejected = _rule_step(b._L[t], b._accept[t], g, b.max_new_tokens - 1 - t)
         newpos = t + k + 1
         b._pos = newpos
         tokens = b._tokens[t:newpos]
         bl = self._builder
-        if geff == 0:
-            a = b._accept[t]
-            bl.update_run(0, 0, 1 if a else 0, not a)
-        else:
-            bl.update_run(geff, k, k, k < geff)
+        bl.update_run(geff, k, ones, rejected)
         t_model = self._tt[geff][k]
         reward = self._rt[geff][k]
         s = self._stats

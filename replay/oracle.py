@@ -5,7 +5,7 @@ on the gammas, so the fastest policy for a trace is a shortest path over output 
 
     dp[N] = 0
     dp[t] = min over g in gammas of  step_time(g_eff, k) + dp[t + k + 1],
-            g_eff = min(g, max_new_tokens - 1 - t),  k = min(L[t], g_eff)
+            g_eff = min(g, max_new_tokens - 1 - t),  k = min(L[t], g_eff)   (replay.steprule)
 
 The oracle knows the future (L[t]), so it is not a policy a controller can reach; it is the
 ceiling against which regret is measured. The (N x len(gammas)) candidate costs and successor
@@ -22,6 +22,7 @@ import numpy as np
 from speckv_env.core import DEFAULT_GAMMAS, CostModel
 
 from .backend import resolve_cost_model
+from .steprule import step, step_arrays
 from .trace import Trace
 
 
@@ -60,8 +61,10 @@ def oracle(trace: Trace, cost_model: CostModel, gammas: Sequence[int] = DEFAULT_
     n = trace.n
     table = np.nan_to_num(cost_model.step_time_table(range(int(gs[-1]) + 1), trace.sampling), nan=np.inf)
     t = np.arange(n, dtype=np.int64)[:, None]
-    geff = np.minimum(gs[None, :], trace.max_new_tokens - 1 - t)  # (N, G)
-    k = np.minimum(trace.L.astype(np.int64)[:, None], geff)
+    # the step rule at every (position, gamma), engine clip: limit = max_new_tokens - 1 - t
+    geff, k, _, _ = step_arrays(
+        trace.L.astype(np.int64)[:, None], trace.accept[:, None], gs[None, :], trace.max_new_tokens - 1 - t
+    )
     cost = table[geff, k]  # (N, G)
     nxt = t + k + 1
     dp = np.zeros(n + 1)
@@ -116,9 +119,9 @@ def fixed_gamma_time(trace: Trace, cost_model: CostModel, gamma: int) -> float:
     L = trace.L
     n = trace.n
     t, total = 0, 0.0
+    accept = trace.accept
     while t < n:
-        g = min(gamma, trace.max_new_tokens - 1 - t)
-        k = min(int(L[t]), g)
+        g, k, _, _ = step(int(L[t]), bool(accept[t]), gamma, trace.max_new_tokens - 1 - t)
         total += cost_model.step_time(g, k, trace.sampling)
         t += k + 1
     return total

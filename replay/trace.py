@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from speckv_env.core import CostModel
 
+from . import steprule
 from .schema import (
     COMPRESSIONS,
     FINISH_REASONS,
@@ -255,11 +256,11 @@ class Trace:
                 if not np.isfinite(v).all() or (v < 0).any():
                     raise self._err(f"{name} must be finite and non-negative")
 
-    # ---- replay of one step (reference implementation; backends inline it) ---------
+    # ---- replay of one step (the rule is replay.steprule's) ---------------------------
     def step(self, t: int, gamma: int) -> tuple[int, int]:
         """(g_eff, k) of a step starting at position ``t`` with requested ``gamma``."""
-        g_eff = min(gamma, self.max_new_tokens - 1 - t)
-        return g_eff, min(int(self.L[t]), g_eff)
+        g_eff, k, _, _ = steprule.step(int(self.L[t]), bool(self.accept[t]), int(gamma), self.max_new_tokens - 1 - t)
+        return g_eff, k
 
     def equals(self, other: Trace) -> bool:
         """Field-by-field equality (arrays compared exactly)."""

@@ -42,6 +42,7 @@ from speckv_env.core import (
 )
 
 from .backend import resolve_cost_model
+from .steprule import step_arrays
 from .trace import PathLike, Trace, load_cost_models, read_traces
 
 # rows of the integer state matrix
@@ -187,9 +188,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.single_observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        # gammas padded with a -1 sentinel so that one take + one min validates the actions
-        na = len(self.gammas)
-        self._gam_ext = np.concatenate([self._gam, np.full(na, -1, dtype=np.int64)])
+        # gammas between two -1 sentinels, so that one take + one min validates the actions
+        self._gam_ext = np.concatenate([[-1], self._gam, [-1]]).astype(np.int64)
 
         E = self.num_envs
         self._buf = np.zeros((_ROWS, E), dtype=np.int64)
@@ -260,10 +260,9 @@ class SpecKVReplayVectorEnv(VectorEnv):
             a = a.astype(np.int64)
         if a.shape != (self.num_envs,):
             raise ValueError(f"invalid actions: expected shape ({self.num_envs},), got {a.shape}")
-        try:
-            g = self._gam_ext.take(a)
-        except IndexError:
-            g = np.full(1, -1)
+        # one sentinel on each side: a + 1 clipped into the table maps every action outside
+        # 0..n-1 (negative ones too: take() would wrap them) onto a -1 sentinel
+        g = self._gam_ext.take(a + 1, mode="clip")
         if np.minimum.reduce(g) < 0:
             bad = a[(a < 0) | (a >= self._gam.shape[0])]
             raise ValueError(
@@ -278,16 +277,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
         g = self._actions(actions)
         I, S, F = self._I, self._S, self._F
         fi = I[_FI]
-        geff = np.minimum(g, I[_LIM] - fi)  # g_eff = min(g, max_new_tokens - 1 - t)
-        lt = self._L.take(fi)
-        k = np.minimum(lt, geff)  # accepted
-        # acceptance events: g_eff == 0 -> [a_t]; k < g_eff -> k ones then a zero; else g_eff ones.
-        # With m = max(g_eff, 1): ones = min(L_t, m) and a rejection iff ones < m.
-        m = np.maximum(geff, 1)
-        ones = np.minimum(lt, m)
-        # g_eff == 0: the event is a_t itself (L_t is also capped by the trace's end)
-        np.copyto(ones, self._acc.take(fi), where=geff == 0)
-        rej = ones < m
+        # the step rule (replay.steprule), engine clip: limit = max_new_tokens - 1 - t
+        geff, k, ones, rej = step_arrays(self._L.take(fi), self._acc.take(fi), g, I[_LIM] - fi)
         ema = S[3]
         upd = 1.0 - ema
         upd *= self._fill.take(ones)
