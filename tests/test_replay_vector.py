@@ -108,3 +108,23 @@ def test_seeded_vector_determinism() -> None:
         return b"".join(out)
 
     assert run(1) == run(1) and run(1) != run(2)
+
+
+@pytest.mark.parametrize("bad", [-1, -9, -10, -18, -19, 9, 10, 2**62, -(2**63)])
+def test_every_action_outside_range_is_an_error(bad: int) -> None:
+    # regression: a negative take() wrapped -10..-18 onto real gammas (9 gammas + 9 sentinels)
+    vec = SpecKVReplayVectorEnv(3, traces=_ds(), cost_models=CMS)
+    vec.reset(seed=0)
+    before = vec._buf.copy()
+    with pytest.raises(ValueError, match=rf"invalid action\(s\) \[{bad}\]: must be in 0\.\.8"):
+        vec.step(np.array([0, bad, 1], dtype=np.int64))
+    assert np.array_equal(vec._buf, before)  # a rejected step changes nothing
+    single = SpecKVReplayEnv(traces=_ds(), cost_models=CMS)
+    single.reset(seed=0)
+    with pytest.raises(ValueError, match="invalid action"):
+        single.step(bad)
+    # unsigned and smaller integer dtypes are validated the same way
+    with pytest.raises(ValueError, match=r"invalid action\(s\) \[200\]"):
+        vec.step(np.array([0, 200, 1], dtype=np.uint8))
+    obs, *_ = vec.step(np.array([0, 8, 1], dtype=np.uint8))
+    assert obs.shape == (3, 13)
