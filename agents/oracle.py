@@ -12,7 +12,9 @@ act() then reads the position from the observation (``position`` x the trace's
 max_new_tokens, exact for any realistic length in float32) and returns the DP's optimal gamma
 for a step starting there (``OracleResult.best_gamma``), so it stays optimal from wherever it
 is, even after steps taken by another policy. Using it without a trace raises RuntimeError.
-DP results are cached per (trace_id, cost model).
+DP results are cached by content: the trace's id, length, budget, mode and acceptance runs, and
+the cost model's times (not by ``id()``: ids are reused after garbage collection, and a cost
+model can be changed in place).
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ from .base import Agent, register
 I_POSITION = OBS_INDEX["position"]
 
 
+def _trace_key(trace: Any) -> tuple:
+    """What the DP reads from a trace (its result depends on nothing else)."""
+    return (trace.trace_id, int(trace.max_new_tokens), bool(trace.sampling), trace.L.tobytes())
+
+
+def _cost_key(cm: CostModel) -> tuple:
+    """What the DP reads from a cost model."""
+    return (float(cm.t_draft), tuple(float(v) for v in cm.t_verify), float(cm.t_target), float(cm.t_overhead))
+
+
 @register
 class OracleAgent(Agent):
     kind = "oracle"
@@ -42,7 +54,7 @@ class OracleAgent(Agent):
         self.result: Any = None
         self._best: list[int] = []
         self._scale = 1
-        self._cache: dict[tuple[str, int], Any] = {}
+        self._cache: dict[tuple[tuple, tuple], Any] = {}
         self._index = {g: i for i, g in enumerate(self.gammas)}
 
     def reset(self, trace: Any = None, cost_model: CostModel | None = None) -> None:
@@ -57,7 +69,7 @@ class OracleAgent(Agent):
             raise ValueError(
                 "OracleAgent.reset(trace=...) needs a cost model: pass cost_model= here or at construction"
             )
-        key = (trace.trace_id, id(cm))
+        key = (_trace_key(trace), _cost_key(cm))
         res = self._cache.get(key)
         if res is None:
             res = oracle(trace, cm, self.gammas)

@@ -71,3 +71,24 @@ def test_oracle_dataset_and_errors() -> None:
     assert len(res) == 4 and tps == pytest.approx(sum(r.tokens for r in res) / sum(r.total_time for r in res))
     with pytest.raises(ValueError, match="gamma_max"):
         oracle(ds[0], CostModel.unit(), gammas=(0, 12))
+
+
+def test_oracle_agent_cache_is_keyed_by_content_not_object_id() -> None:
+    from agents.oracle import OracleAgent
+
+    tr = synthetic_trace(120, seed=4)
+    cheap = CostModel.unit(draft_ratio=0.01, verify_slope=0.0)
+    dear = CostModel.unit(draft_ratio=2.0, verify_slope=0.5)
+    want_cheap, want_dear = oracle(tr, cheap).best_gamma.tolist(), oracle(tr, dear).best_gamma.tolist()
+    assert want_cheap != want_dear
+    agent = OracleAgent(cost_model=cheap)
+    agent.reset(trace=tr)
+    assert agent.result.best_gamma.tolist() == want_cheap
+    # the same object (same id()) now describes another machine: the cache must not answer
+    cheap.t_draft, cheap.t_verify = dear.t_draft, list(dear.t_verify)
+    agent.reset(trace=tr)
+    assert agent.result.best_gamma.tolist() == want_dear
+    # another trace object reusing the id and trace_id of a dropped one, with other content
+    other = synthetic_trace(120, seed=5, trace_id=tr.trace_id)
+    agent.reset(trace=other, cost_model=dear)
+    assert agent.result.best_gamma.tolist() == oracle(other, dear).best_gamma.tolist()
