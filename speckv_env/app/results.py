@@ -1,9 +1,13 @@
-"""Per-episode evaluation results of policies, and how they are stacked, joined and aligned."""
+"""Per-episode evaluation results of policies, how they are stacked, joined and aligned, and the
+JSON form of a comparison's results."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,3 +71,23 @@ def align(r: EvalResult, idx: np.ndarray) -> EvalResult:
     if r.idx.shape == idx.shape and np.array_equal(r.idx, idx):
         return r
     return select(r, idx)
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy scalars and arrays, tuples and paths made JSON types; NaN and inf -> None."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x

@@ -1,0 +1,201 @@
+"""The comparison's settings and data: :class:`CompareConfig`, the policy names, and
+:class:`_Data` (every trace with its per-episode constants and cached vector envs)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speckv_env.core import DEFAULT_GAMMAS, CostModel
+
+POLICY_GROUPS = (
+    "fixed",
+    "hf_heuristic",
+    "cost_aware",
+    "speckv_mlp",
+    "epsilon_greedy",
+    "ucb1",
+    "thompson",
+    "exp3",
+    "linucb",
+    "ppo",
+    "oracle",
+)
+BANDITS = ("epsilon_greedy", "ucb1", "thompson", "exp3", "linucb")
+DISPLAY = {
+    "hf_heuristic": "hf-heuristic",
+    "cost_aware": "cost-aware",
+    "epsilon_greedy": "epsilon-greedy",
+    "ucb1": "ucb1",
+    "thompson": "thompson",
+    "exp3": "exp3",
+    "linucb": "linucb",
+    "ppo": "ppo",
+    "oracle": "oracle",
+}
+BEST_FIXED = "best-fixed(train)"
+LEARNED = ("mlp-time", "mlp-tokens", "epsilon-greedy", "ucb1", "thompson", "exp3", "linucb", "ppo")
+SPLITS = ("heldout", "loto", "loco")
+VAL_SPLITS = ("val", "validation")
+
+
+@dataclass
+class CompareConfig:
+    """Settings of a comparison (defaults: the full comparison; :meth:`quick` for demos/tests)."""
+
+    seeds: int = 5
+    """number of seeds for every stochastic policy (bandits, MLP, PPO)"""
+    gammas: tuple[int, ...] = DEFAULT_GAMMAS
+    """the gamma set (action space)"""
+    splits: tuple[str, ...] = SPLITS
+    """which splits to run: heldout, loto (leave one task out), loco (leave one compression out)"""
+    policies: tuple[str, ...] = POLICY_GROUPS
+    """policy groups to include (see POLICY_GROUPS)"""
+    bandit_steps: int = 10_000
+    """online training steps of each bandit on the training episodes (per fold and seed)"""
+    paper_recorded_gammas: tuple[int, ...] = (8,)
+    """paper mode: evaluate on the runs recorded at these gammas. At the largest (8) every gamma
+    <= 8 is determined at every recorded step, so nothing has to be clipped; () = all runs"""
+    bandit_splits: tuple[str, ...] = ("heldout",)
+    """splits on which the bandits run (their per-step online evaluation is the slowest part;
+    add "loto"/"loco" when time allows)"""
+    mlp_rollout_steps: int = 10_000
+    """random-gamma rollout steps that label the MLP's training data (per fold and seed)"""
+    mlp_epochs: int = 15
+    """MLP training epochs"""
+    mlp_batch_size: int = 1024
+    """MLP minibatch size"""
+    ppo_steps: int = 50_000
+    """PPO environment steps (per fold and seed)"""
+    ppo_splits: tuple[str, ...] = ("heldout",)
+    """splits on which PPO is trained (it is the slowest learner; add loto/loco if time allows)"""
+    ppo_n_envs: int = 8
+    """vectorised replay envs feeding PPO"""
+    ppo_kwargs: dict[str, Any] = field(default_factory=lambda: {"n_steps": 256, "batch_size": 256, "n_epochs": 5})
+    """PPOAgent keyword arguments"""
+    n_boot: int = 2000
+    """bootstrap resamples (>= 1000)"""
+    level: float = 0.95
+    """confidence level of the intervals"""
+    tensorboard: bool = True
+    """write TensorBoard runs under out_dir/tb"""
+    progress: bool = True
+    """tqdm progress bars"""
+    boot_seed: int = 12345
+    """seed of the bootstrap resamples"""
+
+    @classmethod
+    def quick(cls, **kw: Any) -> CompareConfig:
+        """Few seeds and steps, fewer bandits: seconds, for demos and tests."""
+        base = {
+            "seeds": 2,
+            "bandit_steps": 1500,
+            "mlp_rollout_steps": 1500,
+            "mlp_epochs": 4,
+            "ppo_steps": 1024,
+            "ppo_n_envs": 4,
+            "ppo_kwargs": {"n_steps": 128, "batch_size": 128, "n_epochs": 2},
+            "n_boot": 1000,
+            "policies": (
+                "fixed",
+                "hf_heuristic",
+                "cost_aware",
+                "speckv_mlp",
+                "ucb1",
+                "thompson",
+                "linucb",
+                "ppo",
+                "oracle",
+            ),
+        }
+        base.update(kw)
+        return cls(**base)
+
+
+class _Data:
+    """All traces with their per-episode constants, and cached vector envs."""
+
+    def __init__(self, traces: Sequence[Any], cost_models: Mapping[str, CostModel], gammas: Sequence[int]) -> None:
+        from replay.backend import resolve_cost_model
+
+        self.traces = list(traces)
+        if not self.traces:
+            raise ValueError("no traces to compare on")
+        self.cms = dict(cost_models)
+        self.gammas = tuple(gammas)
+        self.cm = [resolve_cost_model(self.cms, t.compression, f"trace {t.trace_id!r}") for t in self.traces]
+        self.N = np.array([t.n for t in self.traces], dtype=np.float64)
+        self.t_target = np.array([cm.t_target for cm in self.cm], dtype=np.float64)
+        self.task = np.array([t.task for t in self.traces])
+        self.compression = np.array([t.compression for t in self.traces])
+        self.mode = np.array([t.mode for t in self.traces])
+        self.split = np.array([t.split for t in self.traces])
+        self.trace_id = np.array([t.trace_id for t in self.traces])
+        self._venvs: dict[Any, Any] = {}
+
+    def groups(self, idx: np.ndarray) -> list[tuple[tuple[str, str], np.ndarray]]:
+        out = []
+        for c in sorted(set(self.compression[idx])):
+            for m in sorted(set(self.mode[idx])):
+                sel = idx[(self.compression[idx] == c) & (self.mode[idx] == m)]
+                if sel.size:
+                    out.append(((c, m), sel))
+        return out
+
+    def venv(self, key: Any, idx: np.ndarray):
+        from replay.vector import SpecKVReplayVectorEnv
+
+        v = self._venvs.get(key)
+        if v is None:
+            v = SpecKVReplayVectorEnv(
+                num_envs=len(idx), traces=[self.traces[i] for i in idx], cost_models=self.cms, gammas=self.gammas
+            )
+            self._venvs[key] = v
+        return v
+
+    def env_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of a replay env over (some of) these traces."""
+        return {"cost_models": self.cms, "gammas": self.gammas}
+
+    def summary(self) -> dict[str, Any]:
+        """The data set as results.json describes it."""
+        return {
+            "episodes": len(self.traces),
+            "tokens": float(self.N.sum()),
+            "tasks": sorted(set(self.task)),
+            "compressions": sorted(set(self.compression)),
+            "modes": sorted(set(self.mode)),
+            "splits": {s: int((self.split == s).sum()) for s in sorted(set(self.split))},
+            "pairs": sorted({t.pair for t in self.traces}),
+            "devices": sorted({t.device for t in self.traces}),
+            "synthetic": bool(all(t.meta.get("synthetic") for t in self.traces)),
+            "cost_models": {k: v.to_dict() for k, v in self.cms.items()},
+        }
+
+
+def load_traces(logs: Any, traces: Any, cost_models: Any) -> tuple[list[Any], dict[str, CostModel]]:
+    """Traces and cost models from ``logs`` (a folder/file or list; None: the shipped data set),
+    or ``traces`` + ``cost_models`` in memory; ``cost_models`` also overrides those found on disk."""
+    from replay.trace import load_cost_models, read_traces
+
+    if traces is not None:
+        if cost_models is None:
+            raise ValueError("traces= needs cost_models= ({compression: CostModel})")
+        cms = cost_models if isinstance(cost_models, Mapping) else {t.compression: cost_models for t in traces}
+        return list(traces), dict(cms)
+    if logs is None:
+        from replay.env import default_logs
+
+        logs = default_logs()
+    paths = [Path(p) for p in ([logs] if isinstance(logs, (str, Path)) else logs)]
+    trs = read_traces(paths)
+    cms: dict[str, CostModel] = {}
+    for p in paths:
+        cms.update(load_cost_models(p if p.is_dir() else p.parent))
+    if cost_models:
+        cms.update(cost_models)
+    return trs, cms

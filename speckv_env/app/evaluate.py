@@ -1,0 +1,199 @@
+"""Evaluating and training the comparison's policies on replayed episodes.
+
+Policies whose decisions depend only on the observation run all episodes at once in the
+numpy-batched replay (:func:`eval_vector`); online learners run episode by episode, each test
+episode from a copy of the trained state (:func:`eval_online`, "continue-per-episode"); the
+clairvoyant oracle is a dynamic programme per trace (:func:`oracle_result`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from speckv_env.core import CostModel
+
+from .compare_data import CompareConfig, _Data
+from .results import EvalResult
+
+
+class _Ctx:
+    """What CostModelMixin.bind() needs of an env: gammas, the cost model, the sampling mode."""
+
+    def __init__(self, gammas: Sequence[int], cm: CostModel, sampling: bool) -> None:
+        self.gammas = tuple(gammas)
+        self.cost_model = cm
+        self.backend = SimpleNamespace(sampling=sampling, cost_model=cm)
+        self.unwrapped = self
+
+
+def eval_vector(agent: Any, data: _Data, idx: np.ndarray, key: Any) -> EvalResult:
+    """Evaluate a policy whose decisions depend only on the observation (and on state that
+    does not change during evaluation) on episodes ``idx``, all at once in the numpy-batched
+    replay (``act_batch``), one vector env per (compression, mode) group."""
+    G = len(data.gammas)
+    gam = np.asarray(data.gammas, dtype=np.int64)
+    pos = {int(i): j for j, i in enumerate(idx)}
+    T = np.zeros(len(idx))
+    S = np.zeros(len(idx))
+    Gs = np.zeros(len(idx))
+    hist = np.zeros((len(idx), G))
+    for (comp, mode), sel in data.groups(idx):
+        venv = data.venv((key, comp, mode), sel)
+        ctx = _Ctx(data.gammas, data.cm[int(sel[0])], mode == "sample")
+        if hasattr(agent, "bind"):
+            agent.bind(ctx)
+        E = len(sel)
+        obs, _ = venv.reset(seed=0, options={"episodes": np.arange(E)})
+        active = np.ones(E, dtype=bool)
+        t = np.zeros(E)
+        s = np.zeros(E)
+        gs = np.zeros(E)
+        h = np.zeros((E, G))
+        ar = np.arange(E)
+        while active.any():
+            a = np.asarray(agent.act_batch(obs), dtype=np.int64)
+            obs, _, term, trunc, info = venv.step(a)
+            t += np.where(active, info["modelled_time"], 0.0)
+            s += active
+            gs += np.where(active, gam[a], 0)
+            np.add.at(h, (ar[active], a[active]), 1)
+            active &= ~(term | trunc)
+        j = np.array([pos[int(i)] for i in sel])
+        T[j], S[j], Gs[j] = t, s, gs
+        hist[j] = h
+    return EvalResult(idx, T[None], S[None], Gs[None], hist)
+
+
+def eval_online(
+    agent: Any,
+    env: Any,
+    idx: np.ndarray,
+    seed: int,
+    learn: bool = True,
+    desc: str | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate an online learner episode by episode on ``env`` (episode j = ``idx[j]``'s
+    position in the env's trace list is j): each episode starts from a copy of ``agent``'s
+    trained state, with its own random stream seeded by (seed, j), and keeps learning within
+    the episode ("continue-per-episode", see the module docs)."""
+    from agents.training import begin_episode
+
+    G = len(agent.gammas)
+    n = len(idx)
+    T, S, Gs, C, K = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    hist = np.zeros((n, G))
+    gam = agent.gammas
+    it: Any = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=desc or f"eval {agent.name}", leave=False)
+    online = learn and agent.learns
+    if not online:
+        agent.bind(env)
+    keep = {id(x): x for x in (env, getattr(env, "unwrapped", None), getattr(agent, "_env", None)) if x is not None}
+    for j in it:
+        ag = agent
+        if online:  # a fresh copy of the trained state per episode (the env is shared, not copied)
+            ag = copy.deepcopy(agent, dict(keep))
+            if hasattr(ag, "rng"):
+                ag.rng = np.random.default_rng([int(seed), int(j)])
+            ag.bind(env)
+        obs, info = env.reset(seed=seed, options={"episode": j})
+        begin_episode(ag, env, info)
+        t = s = g = c = k = 0.0
+        while True:
+            a = ag.act(obs)
+            nobs, r, term, trunc, sinfo = env.step(a)
+            if learn and ag.learns:
+                ag.learn(obs, a, r, nobs, sinfo)
+            t += sinfo["modelled_time"]
+            s += 1
+            g += gam[a]
+            c += bool(sinfo.get("undetermined", False))
+            k += sinfo["emitted"]
+            hist[j, a] += 1
+            obs = nobs
+            if term or trunc:
+                break
+        T[j], S[j], Gs[j], C[j], K[j] = t, s, g, c, k
+    return EvalResult(np.asarray(idx), T[None], S[None], Gs[None], hist, C[None], K[None])
+
+
+def oracle_result(data: _Data, idx: np.ndarray, cache: dict[int, tuple[float, int, float, np.ndarray]]) -> EvalResult:
+    """The clairvoyant DP on each episode (exact ceiling); cached per trace."""
+    from replay.oracle import oracle
+
+    G = len(data.gammas)
+    gi = {g: i for i, g in enumerate(data.gammas)}
+    T, S, Gs = np.zeros(len(idx)), np.zeros(len(idx)), np.zeros(len(idx))
+    hist = np.zeros((len(idx), G))
+    for j, i in enumerate(idx):
+        i = int(i)
+        if i not in cache:
+            r = oracle(data.traces[i], data.cm[i], data.gammas)
+            h = np.zeros(G)
+            for g in r.gammas:
+                h[gi[int(g)]] += 1
+            cache[i] = (r.total_time, r.steps, float(np.sum(r.gammas)), h)
+        T[j], S[j], Gs[j], hist[j] = cache[i]
+    return EvalResult(np.asarray(idx), T[None], S[None], Gs[None], hist)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def train_learner(
+    name: str, data: _Data, idx: np.ndarray, cfg: CompareConfig, seed: int, tb: Path | None, run: str
+) -> Any:
+    """Train learner ``name`` (speckv_mlp, ppo or a bandit) on episodes ``idx``, budgets from ``cfg``."""
+    from agents.training import train_agent
+
+    trs = [data.traces[i] for i in idx]
+    common = {
+        "traces": trs,
+        "seed": seed,
+        "tb_log_dir": tb,
+        "progress": False,
+        "env_kwargs": data.env_kwargs(),
+        "run_name": run,
+    }
+    if name == "speckv_mlp":
+        return train_agent(
+            "speckv_mlp",
+            steps=cfg.mlp_rollout_steps,
+            agent_kwargs={"rule": "time"},
+            fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size},
+            **common,
+        )
+    if name == "ppo":
+        return train_agent(
+            "ppo", steps=cfg.ppo_steps, n_envs=cfg.ppo_n_envs, agent_kwargs=dict(cfg.ppo_kwargs), **common
+        )
+    return train_agent(name, steps=cfg.bandit_steps, **common)
+
+
+def mlp_tokens_twin(mlp: Any) -> Any:
+    """The same trained SpecKV MLP deciding with the paper's tokens-per-step rule."""
+    from agents.base import make_agent
+
+    twin = make_agent("speckv_mlp", rule="tokens", seed=mlp.seed, hidden=mlp.hidden, gammas=mlp.gammas)
+    twin.set_tensors(mlp.get_tensors())
+    twin.name = "speckv_mlp_tokens"
+    return twin
+
+
+def thin(log: Sequence[dict[str, Any]], max_points: int = 400) -> list[dict[str, Any]]:
+    """At most ``max_points`` evenly spaced entries of a training log (for the learning curves)."""
+    log = list(log)
+    if len(log) <= max_points:
+        return log
+    step = len(log) / max_points
+    return [log[int(i * step)] for i in range(max_points)]
