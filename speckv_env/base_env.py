@@ -2,6 +2,12 @@
 
 The environment never knows whether a step came from models or from a log: it talks to a
 :class:`speckv_env.core.Backend`.
+
+Render modes (both environments): ``"ansi"`` returns a one-line summary of the episode so far;
+``"rgb_array"`` returns a picture of it (:func:`draw_episode`: per step, gamma drafted and
+tokens accepted, as a bar chart drawn straight into a ``uint8`` array); ``"human"`` prints a
+line per step as it happens (and the summary on ``render()``). What a frame needs is recorded
+only in those two modes, so the default (``None``) costs nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +28,106 @@ from .core import (
     ObservationBuilder,
     get_reward,
 )
+
+RENDER_HEIGHT = 160
+RENDER_WIDTH = 320
+"""Size of the ``rgb_array`` frames (multiples of 16, as video encoders prefer)."""
+
+# colours of the rgb_array frame
+_BACKGROUND = (255, 255, 255)
+_GRID = (232, 232, 232)
+_TRACK = (225, 225, 225)
+_PROGRESS = (90, 90, 90)
+_FINISHED = (44, 160, 44)
+_REJECTED = (244, 170, 160)  # drafted, not accepted
+_ACCEPTED = (31, 119, 180)  # drafted and accepted
+_ALL_ACCEPTED = (44, 160, 44)  # every drafted token accepted
+_TARGET_STEP = (150, 150, 150)  # gamma 0: a plain target step
+
+
+def draw_episode(
+    steps: Sequence[tuple[int, int]],
+    gamma_max: int,
+    position: int,
+    max_new_tokens: int,
+    done: bool = False,
+    height: int = RENDER_HEIGHT,
+    width: int = RENDER_WIDTH,
+) -> np.ndarray:
+    """A picture of an episode so far as a ``(height, width, 3)`` ``uint8`` array.
+
+    Top: a progress bar, tokens emitted / ``max_new_tokens`` (green once the episode ended).
+    Below: one bar per step, left to right, on a grid with one line per gamma: the bar's
+    height is the gamma drafted, its lower part (blue; green when every drafted token was
+    accepted) the tokens accepted, the rest (red) the rejected ones; a plain target step
+    (gamma 0) is a short grey mark. Bars narrow as steps accumulate; when there are more steps
+    than pixel columns, the latest ones are shown. Pure numpy, about a millisecond a frame.
+    """
+    pad = 4
+    gmax = max(int(gamma_max), 1)
+    if height < 2 * pad + 16 + gmax or width < 2 * pad + 1:
+        raise ValueError(f"a {height}x{width} frame is too small for a chart of gammas up to {gmax}")
+    frame = np.empty((height, width, 3), dtype=np.uint8)
+    frame[:] = _BACKGROUND
+    bar_top, bar_bottom = pad, pad + 8
+    left, right = pad, width - pad
+    frac = min(max(position / max(max_new_tokens, 1), 0.0), 1.0)
+    frame[bar_top:bar_bottom, left:right] = _TRACK
+    frame[bar_top:bar_bottom, left : left + int(round(frac * (right - left)))] = _FINISHED if done else _PROGRESS
+    top, bottom = bar_bottom + 8, height - pad
+    chart_h, chart_w = bottom - top, right - left
+    unit = max(chart_h // gmax, 1)
+    chart = frame[bottom - unit * gmax : bottom, left:right]
+    chart[::unit] = _GRID  # a line at the top of each gamma level
+    frame[bottom, left:right] = _PROGRESS  # the axis
+    if not len(steps):
+        return frame
+    data = np.asarray(steps, dtype=np.int64).reshape(-1, 2)[-chart_w:]
+    n = len(data)
+    slot = max(1, min(16, chart_w // n))
+    gap = 1 if slot >= 3 else 0
+    col = np.arange(chart_w)
+    step_of = col // slot
+    on = (step_of < n) & (col % slot < slot - gap)
+    g = np.zeros(chart_w, dtype=np.int64)
+    k = np.zeros(chart_w, dtype=np.int64)
+    g[on] = np.minimum(data[step_of[on], 0], gmax)
+    k[on] = np.minimum(data[step_of[on], 1], g[on])
+    up = np.arange(chart.shape[0] - 1, -1, -1)[:, None]  # pixels above the chart's bottom
+    chart[up < (g * unit)[None, :]] = _REJECTED
+    full = (k == g) & (g > 0)
+    chart[(up < (k * unit)[None, :]) & ~full[None, :]] = _ACCEPTED
+    chart[(up < (k * unit)[None, :]) & full[None, :]] = _ALL_ACCEPTED
+    chart[(up < 2) & (on & (g == 0))[None, :]] = _TARGET_STEP
+    return frame
+
+
+class _RecordingBuilder(ObservationBuilder):
+    """The observation builder, also keeping each step's (gamma, accepted) for rendering.
+
+    Every step of every environment path reports its outcome to the builder (``update`` or,
+    on the replay env's fused path, ``update_run``), so this is the one place that sees them all.
+    """
+
+    def __init__(self, *args: Any, history: list[tuple[int, int]], on_step: Any = None) -> None:
+        super().__init__(*args)
+        self.history = history
+        self.on_step = on_step
+
+    def update_run(self, gamma: int, accepted: int, ones: int, rejected: bool) -> None:
+        super().update_run(gamma, accepted, ones, rejected)
+        self._record(gamma, accepted)
+
+    def update(self, gamma: int, accepted: int, events: Sequence[int]) -> None:
+        n = len(self.history)
+        super().update(gamma, accepted, events)
+        del self.history[n:]  # one entry per step, however many runs its events form
+        self._record(gamma, accepted)
+
+    def _record(self, gamma: int, accepted: int) -> None:
+        self.history.append((int(gamma), int(accepted)))
+        if self.on_step is not None:
+            self.on_step(int(gamma), int(accepted))
 
 
 def check_gammas(gammas: Sequence[int], gamma_max: int | None = None) -> tuple[int, ...]:
@@ -52,9 +158,8 @@ def action_to_index(action: Any, n: int, gammas: Sequence[int]) -> int:
         a = a.reshape(()).item()
     if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer, float, np.floating)):
         raise ValueError(f"invalid action {action!r}: expected an integer index into gammas {tuple(gammas)}")
-    if isinstance(a, (float, np.floating)):
-        if not float(a).is_integer():
-            raise ValueError(f"invalid action {action!r}: expected an integer index into gammas {tuple(gammas)}")
+    if isinstance(a, (float, np.floating)) and not float(a).is_integer():
+        raise ValueError(f"invalid action {action!r}: expected an integer index into gammas {tuple(gammas)}")
     i = int(a)
     if not 0 <= i < n:
         raise ValueError(f"invalid action {i}: must be in 0..{n - 1}, an index into gammas {tuple(gammas)}")
@@ -64,7 +169,7 @@ def action_to_index(action: Any, n: int, gammas: Sequence[int]) -> int:
 class SpecKVBaseEnv(gym.Env):
     """Speculative decoding as an MDP; see :class:`speckv_env.env.SpecKVEnv` for the full docs."""
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "human", "rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
@@ -83,9 +188,8 @@ class SpecKVBaseEnv(gym.Env):
         self.cost_model = backend.cost_model
         self.action_space = spaces.Discrete(len(self.gammas))
         self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
-        self._builder = ObservationBuilder(
-            max(self.gammas), backend.max_new_tokens, backend.compression, self.cost_model.cost_ratio
-        )
+        self._history: list[tuple[int, int]] = []
+        self._builder = self._make_builder()
         self._episode: Any = None
         self._done = True
         self._last_signals = DraftSignals(0.0, 0.0, 0.0)
@@ -109,9 +213,8 @@ class SpecKVBaseEnv(gym.Env):
         self._episode = self.backend.reset(index, int(ep_seed))
         # a data set may mix compressions: the cost model and compression are per episode
         self.cost_model = self.backend.cost_model
-        self._builder = ObservationBuilder(
-            max(self.gammas), self.backend.max_new_tokens, self.backend.compression, self.cost_model.cost_ratio
-        )
+        self._history = []
+        self._builder = self._make_builder()
         self._done = False
         self._text = []
         self._stats = {"steps": 0, "tokens": 0, "modelled_s": 0.0, "measured_s": 0.0}
@@ -125,6 +228,10 @@ class SpecKVBaseEnv(gym.Env):
             "compression": self._episode.compression,
             "mode": self._episode.mode,
         }
+        if self.render_mode == "human":
+            print(
+                f"episode {index}: prompt {self._episode.prompt_id} ({self._episode.task}, {self._episode.compression})"
+            )
         return obs, info
 
     def step(self, action: Any):
@@ -178,10 +285,37 @@ class SpecKVBaseEnv(gym.Env):
             }
         return obs, reward, terminated, truncated, info
 
+    def _make_builder(self) -> ObservationBuilder:
+        """The observation builder for an episode (one that records the steps when rendering needs them)."""
+        args = (max(self.gammas), self.backend.max_new_tokens, self.backend.compression, self.cost_model.cost_ratio)
+        if self.render_mode in ("rgb_array", "human"):
+            on_step = self._print_step if self.render_mode == "human" else None
+            return _RecordingBuilder(*args, history=self._history, on_step=on_step)
+        return ObservationBuilder(*args)
+
+    def _print_step(self, gamma: int, accepted: int) -> None:
+        bar = "#" * accepted + "." * (gamma - accepted)
+        print(f"step {len(self._history):>4}  gamma {gamma:>2}  accepted {accepted:>2}  {bar}")
+
+    def _summary(self) -> str:
+        s = self._stats
+        return (
+            f"prompt={getattr(self._episode, 'prompt_id', None)} steps={s['steps']} tokens={s['tokens']} "
+            f"modelled_s={s['modelled_s']:.4f}"
+        )
+
     def render(self):
+        """``"ansi"``: a one-line summary; ``"rgb_array"``: the episode so far as an
+        ``(RENDER_HEIGHT, RENDER_WIDTH, 3)`` uint8 picture (:func:`draw_episode`); ``"human"``:
+        prints the summary (the steps are printed as they happen) and returns None."""
         if self.render_mode == "ansi":
-            s = self._stats
-            return f"prompt={getattr(self._episode, 'prompt_id', None)} steps={s['steps']} tokens={s['tokens']} modelled_s={s['modelled_s']:.4f}"
+            return self._summary()
+        if self.render_mode == "rgb_array":
+            return draw_episode(
+                self._history, max(self.gammas), self.backend.position(), self.backend.max_new_tokens, self._done
+            )
+        if self.render_mode == "human":
+            print(self._summary())
         return None
 
     def close(self) -> None:
