@@ -113,15 +113,19 @@ class _RecordingBuilder(ObservationBuilder):
         super().__init__(*args)
         self.history = history
         self.on_step = on_step
+        self._in_update = False
 
     def update_run(self, gamma: int, accepted: int, ones: int, rejected: bool) -> None:
         super().update_run(gamma, accepted, ones, rejected)
-        self._record(gamma, accepted)
+        if not self._in_update:
+            self._record(gamma, accepted)
 
     def update(self, gamma: int, accepted: int, events: Sequence[int]) -> None:
-        n = len(self.history)
-        super().update(gamma, accepted, events)
-        del self.history[n:]  # one entry per step, however many runs its events form
+        self._in_update = True  # one record per step, however many runs its events form
+        try:
+            super().update(gamma, accepted, events)
+        finally:
+            self._in_update = False
         self._record(gamma, accepted)
 
     def _record(self, gamma: int, accepted: int) -> None:

@@ -127,7 +127,7 @@ def test_leave_one_out_never_trains_on_held_out(comparison):
     by_id = {t.trace_id: t for t in trs}
     for split, attr in (("loto", "task"), ("loco", "compression")):
         folds = res["splits"][split]["folds"]
-        assert len(folds) == len(set(getattr(t, attr) for t in trs))
+        assert len(folds) == len({getattr(t, attr) for t in trs})
         tested = []
         for f in folds:
             held = f["held_out"].split("=", 1)[1]

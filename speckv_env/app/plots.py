@@ -166,7 +166,7 @@ def plot_regret_curves(splits_out: Mapping[str, Any], data: Any, path: Path) -> 
         return None
     pooled = splits_out[split]["_pooled"]
     ref = pooled["oracle"]
-    O = ref.time.mean(0)
+    T_oracle = ref.time.mean(0)
     tok = data.N[ref.idx]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, r in pooled.items():
@@ -174,8 +174,8 @@ def plot_regret_curves(splits_out: Mapping[str, Any], data: Any, path: Path) -> 
             continue
         T = align(r, ref.idx).time.mean(0)
         ls = "--" if name == "best-fixed(train)" else "-"
-        axes[0].plot(np.cumsum(tok), np.cumsum(T - O), ls=ls, label=name)
-        axes[1].plot(np.cumsum(tok), np.cumsum(T - O) / np.cumsum(O), ls=ls, label=name)
+        axes[0].plot(np.cumsum(tok), np.cumsum(T - T_oracle), ls=ls, label=name)
+        axes[1].plot(np.cumsum(tok), np.cumsum(T - T_oracle) / np.cumsum(T_oracle), ls=ls, label=name)
     axes[0].set_xlabel("tokens generated (test episodes in order)")
     axes[0].set_ylabel("cumulative modelled seconds lost vs oracle")
     axes[1].set_xlabel("tokens generated (test episodes in order)")
@@ -204,7 +204,7 @@ def plot_paper_tokens_vs_speed(results: Mapping[str, Any], path: Path) -> Path |
     tab = results.get("paper_table") or []
     if not tab:
         return None
-    comps = sorted(set(r["compression"] for r in tab))
+    comps = sorted({r["compression"] for r in tab})
     fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.6), squeeze=False)
     for ax, c in zip(axes[0], comps):
         rows = sorted((r for r in tab if r["compression"] == c), key=lambda r: r["gamma"])
