@@ -115,7 +115,7 @@ def test_fixed_gamma_matches_replay_oracle_module(comparison):
         assert pol[f"fixed-{g}"]["subsets"]["all"]["tokens_per_s"]["value"] == pytest.approx(want, rel=1e-12)
     # best-fixed(train) is one of the fixed gammas per compression, chosen on training episodes only
     fold = res["splits"]["heldout"]["folds"][0]
-    train = [t for t in trs if t.split in ("train", "val")]
+    train = [t for t in trs if t.split in ("train", "val", "validation")]
     for c, g in fold["best_fixed_gamma"].items():
         sel = [t for t in train if c == "*" or t.compression == c]
         times = {h: sum(fixed_gamma_time(t, cms[t.compression], h) for t in sel) for h in DEFAULT_GAMMAS}
