@@ -22,6 +22,9 @@ File format ``speckv-agent/1``: ``{"format": ..., "kind": ..., "config": {...}, 
 either as a JSON document, or as the ``__metadata__`` of a safetensors file (``config`` and
 ``state`` JSON-encoded strings) whose tensors are the agent's arrays. :func:`load_agent`
 dispatches on ``kind``; anything malformed raises :class:`AgentFormatError` naming the file.
+The JSON is strict (any JSON reader reads it): a non-finite float (a NaN loss, an infinite
+bound) is written as ``{"__float__": "nan" | "inf" | "-inf"}`` and read back as that float;
+files with bare ``NaN`` tokens, as older versions wrote them, still load.
 """
 
 from __future__ import annotations
@@ -49,6 +52,38 @@ I_COST_RATIO = OBS_INDEX["cost_ratio"]
 
 class AgentFormatError(ValueError):
     """A saved agent file is malformed, truncated, or holds the wrong kind of agent."""
+
+
+_FLOAT_TAG = "__float__"
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _encode_floats(x: Any) -> Any:
+    """``x`` with every non-finite float tagged (strict JSON has no NaN or Infinity) and numpy
+    values made plain."""
+    if isinstance(x, dict):
+        return {k: _encode_floats(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_encode_floats(v) for v in x]
+    if isinstance(x, (np.ndarray, np.generic)):
+        return _encode_floats(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return {_FLOAT_TAG: "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+    return x
+
+
+def _decode_floats(x: Any) -> Any:
+    if isinstance(x, dict):
+        if len(x) == 1 and x.get(_FLOAT_TAG) in _NONFINITE:
+            return _NONFINITE[x[_FLOAT_TAG]]
+        return {k: _decode_floats(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_decode_floats(v) for v in x]
+    return x
+
+
+def _dumps(x: Any, **kw: Any) -> str:
+    return json.dumps(_encode_floats(x), allow_nan=False, **kw)
 
 
 AGENTS: dict[str, type[Agent]] = {}
@@ -241,15 +276,15 @@ class Agent:
         tensors = self.get_tensors()
         doc = {"format": FORMAT, "kind": self.kind, "config": self.get_config(), "state": self.get_state()}
         if not tensors:
-            p.write_text(json.dumps(doc, indent=1, allow_nan=True))
+            p.write_text(_dumps(doc, indent=1))
             return p
         from safetensors.numpy import save_file
 
         meta = {
             "format": FORMAT,
             "kind": self.kind,
-            "config": json.dumps(doc["config"]),
-            "state": json.dumps(doc["state"]),
+            "config": _dumps(doc["config"]),
+            "state": _dumps(doc["state"]),
         }
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p), metadata=meta)
         return p
@@ -328,7 +363,7 @@ def load_agent(path: str | Path) -> Agent:
     kind = doc.get("kind")
     if kind not in AGENTS:
         raise AgentFormatError(f"{p}: unknown agent kind {kind!r} (known: {', '.join(sorted(AGENTS))})")
-    config, state = doc.get("config"), doc.get("state", {})
+    config, state = _decode_floats(doc.get("config")), _decode_floats(doc.get("state", {}))
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise AgentFormatError(f"{p}: 'config' and 'state' must be JSON objects")
     try:
