@@ -69,7 +69,16 @@ def calibrate(
     temperature: float = 0.0,
     progress: bool = False,
 ) -> CostModel:
-    """Measure a :class:`CostModel` for ``pair`` (a :class:`speckv_env.pair.ModelPair`)."""
+    """Measure a :class:`CostModel` for ``pair`` (a :class:`speckv_env.pair.ModelPair`).
+
+    Raises ValueError for arguments that measure nothing, and when no gamma-0 step was measured
+    (the cost model is anchored at ``t_verify[0]``)."""
+    if not prompts:
+        raise ValueError("calibrate: no calibration prompts given")
+    if tokens_per_gamma < 1 or gamma_max < 0:
+        raise ValueError(
+            f"calibrate: need tokens_per_gamma >= 1 and gamma_max >= 0, got {tokens_per_gamma}, {gamma_max}"
+        )
     engine = SpeculativeEngine(pair.target, pair.draft, temperature=temperature, eos_token_id=pair.eos_token_id)
     verify: dict[int, list[float]] = {g: [] for g in range(gamma_max + 1)}
     draft_per_fwd: list[float] = []
@@ -88,12 +97,7 @@ def calibrate(
             for s in res.steps[:-1] if len(res.steps) > 1 else res.steps:
                 verify[s.gamma].append(s.verify_s)
                 draft_per_fwd.append(s.draft_s / s.draft_forwards)
-    t_verify = []
-    for g in range(gamma_max + 1):
-        if verify[g]:
-            t_verify.append(statistics.median(verify[g]))
-        else:  # clipped everywhere (very short runs): extrapolate
-            t_verify.append(t_verify[-1] + (t_verify[-1] - t_verify[-2] if len(t_verify) > 1 else 0.0))
+    t_verify = fit_t_verify(verify, gamma_max, where=f"calibrating {pair.name} ({pair.compression})")
     t_target = statistics.median(measure_target_only(pair, ids) for ids in encoded)
     return CostModel(
         t_draft=statistics.median(draft_per_fwd),
@@ -117,6 +121,24 @@ def calibrate(
     )
 
 
+def fit_t_verify(verify: dict[int, list[float]], gamma_max: int, where: str = "calibration") -> list[float]:
+    """Median verify time per gamma 0..gamma_max; a gamma with no sample (clipped everywhere:
+    very short runs) is extrapolated from the two before it. Without a gamma-0 sample there is
+    nothing to extrapolate from: ValueError."""
+    if not verify.get(0):
+        raise ValueError(
+            f"{where}: no gamma-0 step was measured, and the cost model is anchored at t_verify[0] "
+            "(give calibration prompts and tokens_per_gamma >= 1)"
+        )
+    t_verify: list[float] = []
+    for g in range(gamma_max + 1):
+        if verify.get(g):
+            t_verify.append(statistics.median(verify[g]))
+        else:
+            t_verify.append(t_verify[-1] + (t_verify[-1] - t_verify[-2] if len(t_verify) > 1 else 0.0))
+    return t_verify
+
+
 def calibration_path(pair) -> Path:
     # the draft's fingerprint is part of the key: a retrained draft (same name) is re-measured
     # and so is the kernel choice (row-count plans change every step time)
@@ -138,7 +160,5 @@ def cached_calibration(pair, gamma_max: int = 8, refresh: bool = False, progress
             pass  # a damaged cache entry is re-measured
     cm = calibrate(pair, gamma_max=gamma_max, progress=progress)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    cm.save(tmp)
-    tmp.replace(p)
+    cm.save(p)  # atomic: a crash leaves the old entry or none
     return cm

@@ -229,7 +229,32 @@ class CostModel:
             raise ValueError(f"{where}: malformed cost model ({type(e).__name__}: {e})") from e
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        """Write ``path`` atomically: a temporary file beside it, flushed and fsynced, then
+        renamed over it, so a crash leaves the old file (or none), never a partial one."""
+        import os
+
+        p = Path(path)
+        data = json.dumps(self.to_dict(), indent=2)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            fd = os.open(p.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
