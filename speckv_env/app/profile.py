@@ -7,7 +7,9 @@ record (whether the draft's proposal at every position would be accepted, and th
 signals there) answers every other policy exactly: see replay/SCHEMA.md.
 
 Crash-safe: each finished episode is its own Parquet part file, written atomically;
-``resume=True`` skips the episodes already on disk (no duplicates, no gaps).
+``resume=True`` skips the episodes already on disk (no duplicates, no gaps), and refuses to
+continue a recording made with other settings (budget, ``gamma_max``, sampling, pair, device,
+draft weights): the traces of one folder answer one question.
 """
 
 from __future__ import annotations
@@ -45,6 +47,99 @@ def parse_behaviour(spec: str, gamma_max: int) -> tuple[int, int]:
     if not 0 <= lo <= hi <= gamma_max:
         raise ValueError(f"behaviour policy {spec!r}: gammas must lie in 0..{gamma_max}")
     return lo, hi
+
+
+#: the traces' columns that say how they were recorded (read on --resume)
+_SETTING_COLUMNS = ["max_new_tokens", "gamma_max", "mode", "temperature", "top_p", "pair", "device", "meta"]
+
+
+def recorded_settings(folder: str | Path) -> dict[str, set]:
+    """How the traces already in ``folder`` were recorded: every value seen of the budget,
+    ``gamma_max``, (temperature, top_p) per mode, pair, device and draft fingerprint."""
+    import json
+
+    from replay.trace import read_table_checked
+
+    seen: dict[str, set] = {k: set() for k in ("max_new_tokens", "gamma_max", "pair", "device", "draft_fingerprint")}
+    for f in sorted(Path(folder).glob("*.parquet")):
+        t = read_table_checked(f, columns=_SETTING_COLUMNS).to_pydict()
+        for k in ("max_new_tokens", "gamma_max", "pair", "device"):
+            seen[k].update(t[k])
+        for mode, temp, top_p in zip(t["mode"], t["temperature"], t["top_p"]):
+            # greedy decoding ignores temperature and top_p (older traces store 1.0 there)
+            seen.setdefault(f"sampling[{mode}]", set()).add(None if mode == "greedy" else (temp, top_p))
+        for m in t["meta"]:
+            try:
+                seen["draft_fingerprint"].add((json.loads(m) if m else {}).get("draft_fingerprint"))
+            except (ValueError, AttributeError):
+                seen["draft_fingerprint"].add(None)
+    return seen
+
+
+def _refuse(folder: Path, what: str, had: set, want: Any, hint: str) -> None:
+    had_s = ", ".join(sorted(map(str, had)))
+    raise ValueError(
+        f"{folder}: the traces there were recorded with {what} {had_s}, this run asks for {want}: "
+        f"resuming would mix recordings; {hint}, or record into another folder"
+    )
+
+
+def check_resume(
+    folder: str | Path, *, max_new_tokens: int, gamma_max: int, modes: Sequence[str], seen: dict[str, set] | None = None
+) -> dict[str, set]:
+    """Refuse (ValueError naming the folder and the setting) to resume a recording whose traces
+    were made with another budget, ``gamma_max`` or sampling settings. Returns the settings seen."""
+    folder = Path(folder)
+    seen = recorded_settings(folder) if seen is None else seen
+    for what, want, flag in (
+        ("max_new_tokens", max_new_tokens, "--max-new-tokens"),
+        ("gamma_max", gamma_max, "--gamma-max"),
+    ):
+        if seen[what] and seen[what] != {want}:
+            _refuse(folder, what, seen[what], want, f"pass {flag} {min(seen[what])}")
+    for mode in modes:
+        had = seen.get(f"sampling[{mode}]")
+        want = None if mode == "greedy" else (MODES[mode], 1.0)
+        if had and had != {want}:
+            _refuse(folder, f"(temperature, top_p) in mode {mode}", had, want, "this version records other settings")
+    return seen
+
+
+def check_resume_pair(folder: str | Path, seen: dict[str, set], pair: Any) -> None:
+    """Refuse to resume with another pair, device or draft (weights) than the folder's traces."""
+    folder = Path(folder)
+    for what, want in (("pair", pair.name), ("device", str(pair.device.type))):
+        if seen[what] and seen[what] != {want}:
+            _refuse(folder, what, seen[what], want, "pass the same --target, --draft and --device")
+    prints = seen["draft_fingerprint"] - {None}  # traces from before fingerprints were recorded: unknown
+    if prints and prints != {pair.draft_fingerprint}:
+        _refuse(folder, "draft fingerprint", prints, pair.draft_fingerprint, "resume with the draft that recorded them")
+
+
+def check_profile_request(
+    out: str | Path,
+    *,
+    modes: Sequence[str],
+    behaviour: str,
+    gamma_max: int,
+    max_new_tokens: int,
+    resume: bool,
+) -> dict[str, set]:
+    """The checks of :func:`profile` that need no model (the command line runs them first):
+    modes, behaviour policy, and a folder that already holds traces (``--resume`` with the same
+    settings). Returns the settings of the traces already there."""
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
+    parse_behaviour(behaviour, gamma_max)
+    outp = Path(out)
+    if not (outp.is_dir() and any(outp.glob("*.parquet"))):
+        return recorded_settings(outp) if outp.is_dir() else {}
+    if not resume:
+        raise FileExistsError(
+            f"{outp} already holds traces: pass --resume to continue that recording, or choose another folder"
+        )
+    return check_resume(outp, max_new_tokens=max_new_tokens, gamma_max=gamma_max, modes=modes)
 
 
 def record_episode(
@@ -169,14 +264,9 @@ def profile(
     from speckv_env.pair import load_pair
 
     outp = Path(out)
-    if outp.exists() and any(outp.glob("*.parquet")) and not resume:
-        raise FileExistsError(
-            f"{outp} already holds traces: pass --resume to continue that recording, or choose another folder"
-        )
-    parse_behaviour(behaviour, gamma_max)
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
+    seen = check_profile_request(
+        outp, modes=modes, behaviour=behaviour, gamma_max=gamma_max, max_new_tokens=max_new_tokens, resume=resume
+    )
     sel = list(prompts) if prompts is not None else select_profile_prompts(tasks, splits, n_train, per_task)
     t_start = time.time()
     written = skipped = 0
@@ -185,6 +275,8 @@ def profile(
         done_keys = writer.completed_keys()
         for comp in compressions:
             pair = load_pair(target, draft, compression=comp, device=device)
+            if seen:
+                check_resume_pair(outp, seen, pair)
             todo = [
                 (mode, p)
                 for p in sel
