@@ -4,16 +4,17 @@ Episode ``i`` is trace ``i``. A step follows the step rule of :mod:`replay.stepr
 clip: g_eff = min(g, max_new_tokens - 1 - t), k = min(L[t], g_eff), emits tokens[t : t + k + 1]
 and moves to t + k + 1). Measured times are not replayed
 (``draft_s``/``verify_s`` are None); the environment prices each step with the episode's
-cost model, chosen by the trace's compression.
+cost model, matched to the trace by :mod:`replay.costs`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from speckv_env.core import CostModel, DraftSignals, EpisodeInfo, StepOutcome, compression_level
 
 from . import steprule
+from .costs import Episode
 from .trace import Trace
 
 CostModels = CostModel | Mapping[str, CostModel]
@@ -21,7 +22,8 @@ CostModels = CostModel | Mapping[str, CostModel]
 
 def resolve_cost_model(cost_models: CostModels, compression: str, where: str = "") -> CostModel:
     """Pick the cost model for ``compression``: a single model applies to all; a mapping is
-    looked up by exact compression, then by level (none/int8/nf4), then by ``"*"``."""
+    looked up by exact compression, then by level (none/int8/nf4), then by ``"*"``. (Lookup by
+    compression only: environments match by pair, device and fingerprint, see replay.costs.)"""
     if isinstance(cost_models, CostModel):
         return cost_models
     for key in (compression, compression_level(compression), "*"):
@@ -37,13 +39,18 @@ def resolve_cost_model(cost_models: CostModels, compression: str, where: str = "
 class TraceBackend:
     """Replays full-information traces; implements :class:`speckv_env.core.Backend`."""
 
-    def __init__(self, traces: Sequence[Trace], cost_models: CostModels) -> None:
+    def __init__(self, traces: Sequence[Trace], cost_models: CostModels | Callable[[Episode], CostModel]) -> None:
+        """``cost_models``: one model, a mapping by compression (:func:`resolve_cost_model`), or
+        a function of the trace's :class:`~replay.costs.Episode` (:func:`replay.costs.resolver`)."""
         self.traces = list(traces)
         if not self.traces:
             raise ValueError("TraceBackend needs at least one trace (the filters may have removed them all)")
-        self.cost_models = [
-            resolve_cost_model(cost_models, t.compression, f"trace {t.trace_id!r}") for t in self.traces
-        ]
+        if callable(cost_models) and not isinstance(cost_models, CostModel):
+            self.cost_models = [cost_models(Episode.of_trace(t)) for t in self.traces]
+        else:
+            self.cost_models = [
+                resolve_cost_model(cost_models, t.compression, f"trace {t.trace_id!r}") for t in self.traces
+            ]
         # gammas up to the smallest recorded gamma_max are answerable for every episode
         self.gamma_max = min(t.gamma_max for t in self.traces)
         self._cache: dict[int, tuple[list[int], list[int], list[bool], list[float], list[float], list[float]]] = {}

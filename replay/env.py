@@ -11,9 +11,11 @@ import numpy as np
 from speckv_env.base_env import SpecKVBaseEnv, action_to_index
 from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, StepOutcome
 
-from .backend import CostModels, TraceBackend
+from .backend import TraceBackend
+from .costs import CostModelSet, Episode, load_cost_models, resolver
+from .schema import canonical_splits
 from .steprule import step as _rule_step
-from .trace import PathLike, Trace, load_cost_models, read_traces
+from .trace import PathLike, Trace, read_traces
 
 DEFAULT_TRACES_DIR = Path(__file__).resolve().parent.parent / "speckv_env" / "data" / "traces"
 """Where the shipped profiling data set lives (``speckv_env/data/traces/``)."""
@@ -25,7 +27,10 @@ def _obs_table() -> str:
     rows = [
         f"    | {i:<3} | {name:<17} | {lo:<4g} | {hi:<4g} | {desc} |" for i, (name, lo, hi, desc) in enumerate(OBS_SPEC)
     ]
-    head = "    | Num | Observation       | Min  | Max  | Description |\n    |-----|-------------------|------|------|-------------|"
+    head = (
+        "    | Num | Observation       | Min  | Max  | Description |\n"
+        "    |-----|-------------------|------|------|-------------|"
+    )
     return head + "\n" + "\n".join(rows)
 
 
@@ -41,10 +46,40 @@ def default_logs() -> Path:
     )
 
 
+def _paths(logs: PathLike | Sequence[PathLike]) -> list[Path]:
+    return [Path(logs)] if isinstance(logs, (str, Path)) or hasattr(logs, "__fspath__") else [Path(p) for p in logs]
+
+
+def _keep(value: str, want: None | str | Sequence[str]) -> bool:
+    return want is None or (value == want if isinstance(want, str) else value in want)
+
+
+def load_traces(
+    logs: PathLike | Sequence[PathLike] | None, traces: Sequence[Trace] | None, filters: Mapping[str, Any]
+) -> tuple[list[Trace], CostModelSet]:
+    """The traces an environment replays (``traces=`` in memory, else read from ``logs`` or the
+    shipped data set), filtered, and the cost models found beside the files (every folder's,
+    with conflicts between folders reported)."""
+    filters = {**filters, "split": canonical_splits(filters.get("split"))}
+    found = CostModelSet()
+    if traces is not None:
+        if logs is not None:
+            raise ValueError("pass either logs= or traces=, not both")
+        trs = [t for t in traces if all(_keep(getattr(t, k), v) for k, v in filters.items())]
+    else:
+        paths = _paths(logs if logs is not None else default_logs())
+        trs = read_traces(paths, **filters)
+        for folder in dict.fromkeys(p if p.is_dir() else p.parent for p in paths):
+            found.update(load_cost_models(folder))
+    if not trs:
+        raise ValueError(f"no traces left after the filters {filters}")
+    return trs, found
+
+
 def _is_step_log(paths: Sequence[Path]) -> bool:
     import pyarrow.parquet as pq
 
-    from .schema import STEPS_SCHEMA_VERSION
+    from .schema import STEPS_SCHEMA_VERSIONS_READ
 
     for p in paths:
         files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
@@ -53,7 +88,7 @@ def _is_step_log(paths: Sequence[Path]) -> bool:
                 md = pq.read_schema(f).metadata or {}
             except Exception:  # malformed files are reported by the reader
                 return False
-            return md.get(b"speckv_schema", b"").decode() == STEPS_SCHEMA_VERSION
+            return md.get(b"speckv_schema", b"").decode() in STEPS_SCHEMA_VERSIONS_READ
     return False
 
 
@@ -77,46 +112,26 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         on_undetermined: str = "raise",
         paper_features: bool = False,
         recorded_gamma: None | int | Sequence[int] = None,
+        allow_cost_model_mismatch: bool = False,
     ) -> None:
-        filters = dict(task=task, split=split, compression=compression, mode=mode)
+        filters = {"task": task, "split": split, "compression": compression, "mode": mode}
         backend: Any
         if source is not None or (logs is not None and traces is None and _is_step_log(self._paths(logs))):
-            from .importers import StepLogBackend, load_step_log
-
             if source is not None and source != "speckv-paper":
                 raise ValueError(f"unknown source {source!r}: the only named source is 'speckv-paper'")
-            steps, cms = load_step_log(logs if source is None else "speckv-paper", **filters)
-            if recorded_gamma is not None:
-                # step logs only: keep runs recorded at these gammas (e.g. the largest one, where
-                # every smaller gamma's outcome is determined at every recorded step)
-                keep = [recorded_gamma] if isinstance(recorded_gamma, int) else list(recorded_gamma)
-                first = steps[steps["step"] == 0].set_index("run_id")["gamma"]
-                steps = steps[steps["run_id"].map(first).isin(keep)]
-                if len(steps) == 0:
-                    raise ValueError(f"no recorded runs at gamma {keep} in the step log")
-            backend = StepLogBackend(
-                steps,
-                self._cost_models(cost_model, cost_models, cms),
+            backend = self._step_log_backend(
+                logs if source is None else source,
+                filters,
+                resolver_args=(cost_model, cost_models, allow_cost_model_mismatch),
                 on_undetermined=on_undetermined,
                 paper_features=paper_features,
+                recorded_gamma=recorded_gamma,
             )
         else:
             if paper_features or recorded_gamma is not None:
-                raise ValueError("paper_features= and recorded_gamma= apply to step logs (speckv-steps/1) only")
-            if traces is not None:
-                if logs is not None:
-                    raise ValueError("pass either logs= or traces=, not both")
-                found: dict[str, CostModel] = {}
-                trs = [t for t in traces if all(self._keep(getattr(t, k), v) for k, v in filters.items())]
-            else:
-                paths = self._paths(logs if logs is not None else default_logs())
-                trs = read_traces(paths, **filters)
-                found = {}
-                for p in paths:
-                    found.update(load_cost_models(p if p.is_dir() else p.parent))
-            if not trs:
-                raise ValueError(f"no traces left after the filters {filters}")
-            backend = TraceBackend(trs, self._cost_models(cost_model, cost_models, found))
+                raise ValueError("paper_features= and recorded_gamma= apply to step logs (speckv-steps) only")
+            trs, found = load_traces(logs, traces, filters)
+            backend = TraceBackend(trs, resolver(cost_model, cost_models, found, allow_cost_model_mismatch))
         super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode)
         self._fast = type(backend) is TraceBackend
         self._tables: dict[tuple[int, bool], tuple[list[list[float]], list[list[float]]]] = {}
@@ -127,23 +142,39 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
     # ---- construction helpers ----------------------------------------------------------
     @staticmethod
     def _paths(logs: PathLike | Sequence[PathLike]) -> list[Path]:
-        return [Path(logs)] if isinstance(logs, (str, Path)) or hasattr(logs, "__fspath__") else [Path(p) for p in logs]
+        return _paths(logs)
 
     @staticmethod
     def _keep(value: str, want: None | str | Sequence[str]) -> bool:
-        return want is None or (value == want if isinstance(want, str) else value in want)
+        return _keep(value, want)
 
     @staticmethod
-    def _cost_models(
-        cost_model: CostModel | None, cost_models: Mapping[str, CostModel] | None, found: Mapping[str, CostModel]
-    ) -> CostModels:
-        if cost_model is not None and cost_models is not None:
-            raise ValueError("pass either cost_model= (one for all) or cost_models= (by compression), not both")
-        if cost_model is not None:
-            return cost_model
-        merged = dict(found)
-        merged.update(cost_models or {})
-        return merged
+    def _step_log_backend(
+        src: Any,
+        filters: dict[str, Any],
+        resolver_args: tuple[Any, Any, bool],
+        on_undetermined: str,
+        paper_features: bool,
+        recorded_gamma: None | int | Sequence[int],
+    ) -> Any:
+        from .importers import StepLogBackend, load_step_log
+
+        steps, cms = load_step_log(src, **filters)
+        if recorded_gamma is not None:
+            # step logs only: keep runs recorded at these gammas (e.g. the largest one, where
+            # every smaller gamma's outcome is determined at every recorded step)
+            keep = [recorded_gamma] if isinstance(recorded_gamma, int) else list(recorded_gamma)
+            first = steps[steps["step"] == 0].set_index("run_id")["gamma"]
+            steps = steps[steps["run_id"].map(first).isin(keep)]
+            if len(steps) == 0:
+                raise ValueError(f"no recorded runs at gamma {keep} in the step log")
+        resolve = resolver(resolver_args[0], resolver_args[1], cms, resolver_args[2])
+        return StepLogBackend(
+            steps,
+            lambda run, where: resolve(Episode.of_run(run)),
+            on_undetermined=on_undetermined,
+            paper_features=paper_features,
+        )
 
     # ---- step logs (StepLogBackend) ------------------------------------------------------
     def _step_log_step(self, action: Any):
@@ -188,7 +219,8 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
                 "target_only_tps": cm.target_only_tps,
                 "finish_reason": out.finish_reason,
             }
-        return obs, reward, False, bool(out.done), info
+        terminated = bool(out.done and out.finish_reason == "eos")
+        return obs, reward, terminated, bool(out.done) and not terminated, info
 
     # ---- fast path (TraceBackend) --------------------------------------------------------
     def _step_tables(self) -> tuple[list[list[float]], list[list[float]]]:
@@ -279,7 +311,7 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         return obs, reward, terminated, truncated, info
 
 
-SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; gamma (the number of drafted tokens) is the action.
+SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; gamma (drafted tokens) is the action.
 
     ## Description
     A draft model proposes gamma tokens, the target verifies them in one forward pass and
@@ -288,7 +320,7 @@ SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; 
     (``speckv-trace/1``, see replay/SCHEMA.md): because greedy decoding (and sampling with
     position-keyed randomness) emits the same text whatever gammas are chosen, one trace per
     prompt answers every policy exactly, in microseconds, with no models and no torch.
-    It can also replay censored step logs (``speckv-steps/1``, e.g. the SpecKV paper's CSV
+    It can also replay censored step logs (``speckv-steps/2`` or ``/1``, e.g. the SpecKV paper's CSV
     imported by :mod:`replay.importers`), which answer only the gammas their data determines.
 
     ## Action Space
@@ -321,12 +353,15 @@ SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; 
     modelled tokens/s at the last step.
 
     ## Arguments
-    - ``logs``: a ``speckv-trace/1`` file, folder of part files, or list of them (cost
-      models ``cost-<compression>.json`` beside them are picked up), or a ``speckv-steps/1``
-      step log. Default: the shipped profiling data set under ``speckv_env/data/traces/``
-      (an error explains what to pass while none is shipped).
+    - ``logs``: a ``speckv-trace/1`` file, folder of part files, or list of them, or a
+      ``speckv-steps`` step log. The cost models ``cost-<compression>.json`` beside them are
+      matched to each episode by pair, compression, device and draft fingerprint
+      (:mod:`replay.costs`; conflicts and episodes without a model raise). Default: the
+      shipped profiling data set under ``speckv_env/data/traces/``.
     - ``traces``: in-memory list of :class:`~replay.trace.Trace` (tests, examples).
-    - ``cost_model`` (one for all) or ``cost_models`` (``{{compression: CostModel}}``).
+    - ``cost_model`` (one for all) or ``cost_models`` (``{{compression: CostModel}}``):
+      explicit models win over the files; one measured for another pair, compression, device
+      or draft than the episode's raises unless ``allow_cost_model_mismatch=True``.
     - ``task``, ``split``, ``compression``, ``mode``: keep only matching episodes (a value or
       a list of values).
     - ``gammas``: the gamma set (default 0..8; at most the traces' ``gamma_max``).

@@ -1,11 +1,13 @@
-"""Importers of censored step logs (schema ``speckv-steps/1``) and their replay backend.
+"""Importers of censored step logs (schema ``speckv-steps/2``) and their replay backend.
 
 The SpecKV paper's released profiling data (``replay/data/speckv_paper/``, MIT, see its
 README) logs one row per speculation step of ordinary runs: only the chosen gamma's outcome.
 Such logs are *censored* (DESIGN.md): a step that drafted d tokens and accepted k < d tells
 the outcome of every gamma g (min(k, g) accepted); a step with k == d tells it only for
-g <= d. Here d = min(recorded gamma, max_new_tokens - position): the paper clips the last
-step's gamma to the tokens still wanted, so such a step is censored at d, not at gamma.
+g <= d. For the paper d = min(recorded gamma, max_new_tokens - position): it clipped the last
+step's gamma to the tokens still wanted (``gamma_clip = "paper"``), so such a step is censored
+at d, not at gamma; live logs (:class:`replay.recorder.RecordSteps`) use the engine's clip,
+max_new_tokens - 1 - position. The step rule itself is :mod:`replay.steprule`'s.
 
 Replay over a step log follows the *recorded* steps: the position advances as recorded,
 whatever gamma the policy asks for, and each step answers the chosen gamma's outcome
@@ -30,23 +32,24 @@ gamma is) and t_target = c_step (a target-only step is one full target forward).
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from speckv_env.core import CostModel, DraftSignals, EpisodeInfo, StepOutcome, acceptance_events
+from speckv_env.core import CostModel, DraftSignals, EpisodeInfo, StepOutcome
 
-from .backend import CostModels, resolve_cost_model
-from .schema import STEPS_ARROW_SCHEMA, STEPS_COLUMNS, STEPS_SCHEMA_VERSION, TraceFormatError
-from .trace import PathLike, atomic_write_bytes, read_table_checked
+from . import steprule
+from .backend import resolve_cost_model
+from .costs import CostModelSet, load_cost_models
+from .schema import STEPS_SCHEMA_VERSION, TraceFormatError, canonical_splits
+from .steplog import read_step_log, write_step_log  # noqa: F401  (write_step_log: re-exported)
+from .steprule import CLIP_PAPER, CLIP_RESERVE
+from .trace import PathLike
 
 PAPER_DIR = Path(__file__).resolve().parent / "data" / "speckv_paper"
 PAPER_MAX_NEW_TOKENS = 80
@@ -64,8 +67,8 @@ class UndeterminedOutcomeError(RuntimeError):
 
 
 def paper_split(prompt_index: int) -> str:
-    """Split of the paper's prompts: per task, prompts 0-2 train, 3 val, 4 test."""
-    return "train" if prompt_index < 3 else ("val" if prompt_index == 3 else "test")
+    """Split of the paper's prompts: per task, prompts 0-2 train, 3 validation, 4 test."""
+    return "train" if prompt_index < 3 else ("validation" if prompt_index == 3 else "test")
 
 
 def import_speckv_paper(
@@ -73,7 +76,7 @@ def import_speckv_paper(
     experiment_csv: PathLike = PAPER_DIR / "phase2_experiment_results.csv",
     max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Import the paper's step CSV into ``speckv-steps/1`` rows, plus one row per run.
+    """Import the paper's step CSV into ``speckv-steps/2`` rows (paper clip convention), plus one row per run.
 
     Runs are delimited where ``step == 0`` and matched in order with the experiment file's
     rows (which give the prompt text and the wall time). Raises :class:`TraceFormatError`
@@ -117,7 +120,8 @@ def import_speckv_paper(
         if bad.size:
             i = int(bad[0])
             raise TraceFormatError(
-                f"{step_csv}: run {i} has {col} {first[col].iloc[i]!r} but {experiment_csv} row {i} has {e[col].iloc[i]!r}"
+                f"{step_csv}: run {i} has {col} {first[col].iloc[i]!r} "
+                f"but {experiment_csv} row {i} has {e[col].iloc[i]!r}"
             )
     if (sizes != e["num_steps"].to_numpy()).any():
         i = int(np.nonzero(sizes != e["num_steps"].to_numpy())[0][0])
@@ -157,7 +161,8 @@ def import_speckv_paper(
     if (drafted < 1).any() or (accepted > drafted).any():
         i = int(np.nonzero((drafted < 1) | (accepted > drafted))[0][0])
         raise TraceFormatError(
-            f"{step_csv}: row {i + 2}: accepted {accepted[i]} exceeds the {drafted[i]} tokens that could be drafted at position {position[i]}"
+            f"{step_csv}: row {i + 2}: accepted {accepted[i]} exceeds the {drafted[i]} tokens "
+            f"that could be drafted at position {position[i]}"
         )
     rep = lambda col: np.repeat(e[col].to_numpy(), sizes)
     steps = pd.DataFrame(
@@ -185,6 +190,9 @@ def import_speckv_paper(
             "post_mean_confidence": s["mean_draft_confidence"].to_numpy().astype(np.float32),
             "post_max_entropy_bits": s["max_draft_entropy"].to_numpy().astype(np.float32),
             "post_min_confidence": s["min_draft_confidence"].to_numpy().astype(np.float32),
+            "gamma_clip": CLIP_PAPER,
+            "finish_reason": np.repeat(np.where(e["num_tokens"].to_numpy() >= max_new_tokens, "length", "eos"), sizes),
+            "draft_fingerprint": "",
         }
     )
     runs = pd.DataFrame(
@@ -204,7 +212,8 @@ def import_speckv_paper(
     if (runs["tokens"].to_numpy() != e["num_tokens"].to_numpy()).any():
         i = int(np.nonzero(runs["tokens"].to_numpy() != e["num_tokens"].to_numpy())[0][0])
         raise TraceFormatError(
-            f"{step_csv}: run {i} produces {runs['tokens'].iloc[i]} tokens but {experiment_csv} says {e['num_tokens'].iloc[i]}"
+            f"{step_csv}: run {i} produces {runs['tokens'].iloc[i]} tokens "
+            f"but {experiment_csv} says {e['num_tokens'].iloc[i]}"
         )
     return steps, runs
 
@@ -283,46 +292,6 @@ def fit_cost_models(runs: pd.DataFrame, gamma_max: int = 8) -> dict[str, CostMod
 # ---- files -----------------------------------------------------------------------------------
 
 
-def write_step_log(steps: pd.DataFrame, folder: PathLike, cost_models: Mapping[str, CostModel] | None = None) -> Path:
-    """Write ``steps.parquet`` (``speckv-steps/1``) and ``cost-<compression>.json`` into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(steps[list(STEPS_COLUMNS)], schema=STEPS_ARROW_SCHEMA, preserve_index=False)
-    path = folder / "steps.parquet"
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    for c, cm in (cost_models or {}).items():
-        atomic_write_bytes(folder / f"cost-{c}.json", json.dumps(cm.to_dict(), indent=2).encode())
-    return path
-
-
-def read_step_log(src: PathLike | Sequence[PathLike]) -> pd.DataFrame:
-    """Read ``speckv-steps/1`` files (a file, a folder, or a list); errors name the file."""
-    items = [src] if isinstance(src, (str, Path)) else list(src)
-    frames = []
-    for it in items:
-        p = Path(it)
-        files = sorted(q for q in p.glob("*.parquet")) if p.is_dir() else [p]
-        if not p.exists():
-            raise FileNotFoundError(f"step log {p} does not exist")
-        for f in files:
-            t = read_table_checked(f)
-            miss = [c for c in STEPS_COLUMNS if c not in t.column_names]
-            if miss:
-                raise TraceFormatError(f"{f}: not a {STEPS_SCHEMA_VERSION} file: missing column(s) {', '.join(miss)}")
-            df = t.to_pandas()
-            vers = set(df["schema"].unique())
-            if vers != {STEPS_SCHEMA_VERSION}:
-                raise TraceFormatError(
-                    f"{f}: schema version {sorted(vers)} not supported (expected {STEPS_SCHEMA_VERSION})"
-                )
-            frames.append(df)
-    if not frames:
-        raise FileNotFoundError(f"no step-log files under {src}")
-    return pd.concat(frames, ignore_index=True)
-
-
 _PAPER_CACHE: dict[str, Any] = {}
 
 
@@ -332,28 +301,29 @@ def load_step_log(
     split: None | str | Sequence[str] = None,
     compression: None | str | Sequence[str] = None,
     mode: None | str | Sequence[str] = None,
-) -> tuple[pd.DataFrame, dict[str, CostModel]]:
+) -> tuple[pd.DataFrame, CostModelSet]:
     """Step rows (filtered) and cost models: ``src="speckv-paper"`` imports the shipped paper
-    data (cost models fitted from its wall times); otherwise ``src`` is a step-log path and
-    ``cost-*.json`` beside it are loaded."""
-    from .trace import load_cost_models
-
+    data (cost models fitted from its wall times); otherwise ``src`` is a step-log path (or a
+    list) and the ``cost-*.json`` beside each are loaded (conflicts between folders raise).
+    Split filters accept aliases (``val`` for ``validation``)."""
+    cms = CostModelSet()
     if isinstance(src, str) and src == "speckv-paper":
         if "paper" not in _PAPER_CACHE:
             steps, runs = import_speckv_paper()
             _PAPER_CACHE["paper"] = (steps, fit_cost_models(runs))
-        steps, cms = _PAPER_CACHE["paper"]
+        steps, fitted = _PAPER_CACHE["paper"]
+        for c, cm in fitted.items():
+            cms.add(cm, f"fitted to the SpecKV paper's {c} runs")
     else:
         steps = read_step_log(src)
-        cms = {}
-        for it in [src] if isinstance(src, (str, Path)) else list(src):
-            p = Path(it)
-            cms.update(load_cost_models(p if p.is_dir() else p.parent))
+        items = [src] if isinstance(src, (str, Path)) else list(src)
+        for folder in dict.fromkeys(Path(it) if Path(it).is_dir() else Path(it).parent for it in items):
+            cms.update(load_cost_models(folder))
     keep = np.ones(len(steps), dtype=bool)
-    for col, want in (("task", task), ("split", split), ("compression", compression), ("mode", mode)):
+    for col, want in (("task", task), ("split", canonical_splits(split)), ("compression", compression), ("mode", mode)):
         if want is not None:
             keep &= steps[col].isin([want] if isinstance(want, str) else list(want)).to_numpy()
-    return steps[keep].reset_index(drop=True), dict(cms)
+    return steps[keep].reset_index(drop=True), cms
 
 
 # ---- replay backend ---------------------------------------------------------------------------
@@ -363,12 +333,14 @@ class StepLogBackend:
     """Replays censored step logs: episodes are recorded runs, positions advance as recorded.
 
     ``step(g)`` answers the outcome of gamma ``g`` at the current recorded step where the log
-    determines it (see the module docstring); ``on_undetermined`` is ``"raise"``, ``"clip"``
-    or ``"skip"``. Emitted token ids are not in the paper's logs: ``tokens`` holds -1s.
+    determines it (see the module docstring), with the step rule of :mod:`replay.steprule`
+    under the run's clip convention (``gamma_clip``); ``on_undetermined`` is ``"raise"``,
+    ``"clip"`` or ``"skip"``. A run ends with its recorded finish reason (``eos``: terminated).
+    Emitted token ids are not in the logs: ``tokens`` holds -1s.
     """
 
     def __init__(
-        self, steps: pd.DataFrame, cost_models: CostModels, on_undetermined: str = "raise", paper_features: bool = False
+        self, steps: pd.DataFrame, cost_models: Any, on_undetermined: str = "raise", paper_features: bool = False
     ) -> None:
         if on_undetermined not in ("raise", "clip", "skip"):
             raise ValueError(f"on_undetermined must be 'raise', 'clip' or 'skip', got {on_undetermined!r}")
@@ -376,35 +348,13 @@ class StepLogBackend:
             raise ValueError("StepLogBackend needs at least one step (the filters may have removed them all)")
         self.on_undetermined = on_undetermined
         self.paper_features = bool(paper_features)
-        self.runs: list[dict[str, Any]] = []
-        codes, run_ids = pd.factorize(steps["run_id"], sort=False)
-        order = np.lexsort((steps["step"].to_numpy(), codes))  # by run (first appearance), then step
-        bounds = np.flatnonzero(np.diff(codes[order])) + 1
-        cols = {
-            "gamma": steps["gamma"].to_numpy(np.int64),
-            "drafted": steps["drafted"].to_numpy(np.int64),
-            "accepted": steps["accepted"].to_numpy(np.int64),
-            "position": steps["position"].to_numpy(np.int64),
-            "step": steps["step"].to_numpy(np.int64),
-            "conf": steps["post_mean_confidence"].to_numpy(np.float64),
-            "ent": steps["post_mean_entropy_bits"].to_numpy(np.float64) * _LN2,
-        }
-        meta_cols = ("task", "compression", "prompt_id", "split", "mode")
-        meta = {c: steps[c].to_numpy() for c in meta_cols}
-        mnt = steps["max_new_tokens"].to_numpy()
-        for rows in np.split(order, bounds):
-            r0 = int(rows[0])
-            run: dict[str, Any] = {"run_id": str(run_ids[codes[r0]]), "max_new_tokens": int(mnt[r0])}
-            run.update({c: str(meta[c][r0]) for c in meta_cols})
-            run.update({c: v[rows].tolist() for c, v in cols.items()})
-            if run["position"][0] != 0 or any(
-                b != a + k + 1 for a, b, k in zip(run["position"], run["position"][1:], run["accepted"])
-            ):
-                raise TraceFormatError(f"step log run {run['run_id']!r}: positions do not follow the recorded steps")
-            self.runs.append(run)
-        self.cost_models = [
-            resolve_cost_model(cost_models, r["compression"], f"run {r['run_id']!r}") for r in self.runs
-        ]
+        self.runs = _runs(steps)
+        if callable(cost_models):
+            self.cost_models = [cost_models(r, f"run {r['run_id']!r}") for r in self.runs]
+        else:
+            self.cost_models = [
+                resolve_cost_model(cost_models, r["compression"], f"run {r['run_id']!r}") for r in self.runs
+            ]
         self.gamma_max = max(max(r["gamma"]) for r in self.runs)
         self.sampling = False
         self._load(0)
@@ -415,6 +365,7 @@ class StepLogBackend:
         self.max_new_tokens = self.run["max_new_tokens"]
         self.compression = self.run["compression"]
         self.cost_model = self.cost_models[index]
+        self._reserve = CLIP_RESERVE[self.run["gamma_clip"]]
         self._i = 0
         self._pos = 0
 
@@ -451,9 +402,12 @@ class StepLogBackend:
         if i >= len(r["gamma"]):
             raise RuntimeError("step() past the end of the run: reset first")
         d, k_rec = r["drafted"][i], r["accepted"][i]
-        g = min(int(gamma), r["max_new_tokens"] - r["position"][i])
-        undetermined = k_rec == d and g > d
+        limit = r["max_new_tokens"] - self._reserve - r["position"][i]
+        # k_rec < d: the run of acceptances is k_rec, every gamma is determined; k_rec == d: it is
+        # at least d, so gammas whose g_eff exceeds d are not determined
+        undetermined = k_rec == d and min(int(gamma), limit) > d
         skipped = False
+        g_req = int(gamma)
         if undetermined:
             if self.on_undetermined == "raise":
                 raise UndeterminedOutcomeError(
@@ -462,19 +416,20 @@ class StepLogBackend:
                     f"determined; ask for gamma <= {d} here, or make the env with on_undetermined='clip' or 'skip'"
                 )
             skipped = self.on_undetermined == "skip"
-            g = d
-        k = min(k_rec, g)
+            g_req = d
+        # the proposal at this position was tested iff the step drafted (d >= 1): a_t = k_rec >= 1
+        a_t = (k_rec >= 1) if d >= 1 else None
+        g, k, ones, rejected = steprule.step(k_rec, a_t, g_req, limit)
         self._pos += k_rec + 1
         self._i += 1
         done = self._i >= len(r["gamma"])
-        events = acceptance_events(g, k, first_token_accepted=k_rec >= 1)
         return StepOutcome(
             gamma=g,
             accepted=k,
             tokens=[-1] * (k + 1),
             done=done,
-            finish_reason="length" if done else None,
-            events=events,
+            finish_reason=r["finish_reason"] if done else None,
+            events=steprule.events(ones, rejected),
             extra={
                 "undetermined": undetermined,
                 "skipped": skipped,
@@ -488,3 +443,36 @@ class StepLogBackend:
 
     def close(self) -> None:
         pass
+
+
+def _runs(steps: pd.DataFrame) -> list[dict[str, Any]]:
+    """Step rows (validated by the reader or the importer) grouped into runs, in order of first
+    appearance, each with its run columns and its per-step lists."""
+    codes, run_ids = pd.factorize(steps["run_id"], sort=False)
+    order = np.lexsort((steps["step"].to_numpy(), codes))  # by run (first appearance), then step
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    cols = {
+        "gamma": steps["gamma"].to_numpy(np.int64),
+        "drafted": steps["drafted"].to_numpy(np.int64),
+        "accepted": steps["accepted"].to_numpy(np.int64),
+        "position": steps["position"].to_numpy(np.int64),
+        "step": steps["step"].to_numpy(np.int64),
+        "conf": steps["post_mean_confidence"].to_numpy(np.float64),
+        "ent": steps["post_mean_entropy_bits"].to_numpy(np.float64) * _LN2,
+    }
+    meta_cols = ("task", "compression", "prompt_id", "split", "mode", "pair", "device", "gamma_clip", "finish_reason")
+    meta = {c: steps[c].to_numpy() for c in (*meta_cols, "draft_fingerprint")}
+    mnt = steps["max_new_tokens"].to_numpy()
+    runs = []
+    for rows in np.split(order, bounds):
+        r0 = int(rows[0])
+        run: dict[str, Any] = {"run_id": str(run_ids[codes[r0]]), "max_new_tokens": int(mnt[r0])}
+        run.update({c: str(meta[c][r0]) for c in meta_cols})
+        run["draft_fingerprint"] = str(meta["draft_fingerprint"][r0])
+        run.update({c: v[rows].tolist() for c, v in cols.items()})
+        if run["position"][0] != 0 or any(
+            b != a + k + 1 for a, b, k in zip(run["position"], run["position"][1:], run["accepted"])
+        ):
+            raise TraceFormatError(f"step log run {run['run_id']!r}: positions do not follow the recorded steps")
+        runs.append(run)
+    return runs

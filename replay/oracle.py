@@ -51,12 +51,13 @@ class OracleResult:
 
 def oracle(trace: Trace, cost_model: CostModel, gammas: Sequence[int] = DEFAULT_GAMMAS) -> OracleResult:
     """Minimum-modelled-time gamma sequence for ``trace`` under ``cost_model``."""
-    gs = np.asarray(sorted(set(int(g) for g in gammas)), dtype=np.int64)
+    gs = np.asarray(sorted({int(g) for g in gammas}), dtype=np.int64)
     if gs.size == 0 or gs[0] < 0:
         raise ValueError(f"gammas must be non-empty and non-negative, got {tuple(gammas)}")
     if gs[-1] > trace.gamma_max:
         raise ValueError(
-            f"gammas go up to {gs[-1]} but trace {trace.trace_id!r} records runs only up to gamma_max = {trace.gamma_max}"
+            f"gammas go up to {gs[-1]} but trace {trace.trace_id!r} records runs only up to "
+            f"gamma_max = {trace.gamma_max}"
         )
     n = trace.n
     table = np.nan_to_num(cost_model.step_time_table(range(int(gs[-1]) + 1), trace.sampling), nan=np.inf)

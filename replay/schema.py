@@ -1,22 +1,51 @@
 """Versioned on-disk schemas of the replay side (Parquet; documented in replay/SCHEMA.md).
 
 - ``speckv-trace/1``: full-information traces, one row per episode, list columns per position.
-- ``speckv-steps/1``: censored step logs (only the chosen gamma's outcome per step), one row
-  per recorded step, e.g. imported from the SpecKV paper's CSV.
+- ``speckv-steps/2``: censored step logs (only the chosen gamma's outcome per step), one row
+  per recorded step, e.g. imported from the SpecKV paper's CSV or written by
+  :class:`replay.recorder.RecordSteps`. Version 2 adds the clip convention, the run's finish
+  reason and the draft's fingerprint; version 1 files are still read (see
+  :func:`replay.steplog.read_step_log`).
 
 No torch here: replay must work on machines without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 
 TRACE_SCHEMA_VERSION = "speckv-trace/1"
-STEPS_SCHEMA_VERSION = "speckv-steps/1"
+STEPS_SCHEMA_VERSION = "speckv-steps/2"
+STEPS_SCHEMA_V1 = "speckv-steps/1"
+STEPS_SCHEMA_VERSIONS_READ: tuple[str, ...] = (STEPS_SCHEMA_V1, STEPS_SCHEMA_VERSION)
 
 COMPRESSIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4")
 MODES: tuple[str, ...] = ("greedy", "sample")
 FINISH_REASONS: tuple[str, ...] = ("eos", "length")
+STEP_FINISH_REASONS: tuple[str, ...] = ("eos", "length", "truncated")
+"""Finish reasons of a step-log run: ``truncated`` = cut by a wrapper before generation ended."""
+GAMMA_CLIPS: tuple[str, ...] = ("engine", "paper")
+"""Clip conventions of step logs (:mod:`replay.steprule`): engine g_eff = min(g, max_new_tokens - 1 -
+position), paper g_eff = min(g, max_new_tokens - position)."""
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+"""The data splits' canonical names (those of :data:`speckv_env.prompts.SPLITS`)."""
+SPLIT_ALIASES: dict[str, str] = {"val": "validation"}
+"""Accepted on input (files, filters) and stored under the canonical name."""
+
+
+def canonical_split(name: str) -> str:
+    """The canonical name of a split (``val`` -> ``validation``; other names unchanged)."""
+    return SPLIT_ALIASES.get(name, name)
+
+
+def canonical_splits(want: None | str | Sequence[str]) -> None | str | list[str]:
+    """A split filter (None, a name or a list of names) with every alias made canonical."""
+    if want is None or isinstance(want, str):
+        return want if want is None else canonical_split(want)
+    return [canonical_split(w) for w in want]
 
 
 class TraceFormatError(ValueError):
@@ -36,10 +65,10 @@ TRACE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "compression": (pa.string(), "target compression: fp32, bf16, fp16, int8 or nf4"),
     "device": (pa.string(), "device the trace was recorded on (e.g. cpu, cuda:0 / H200)"),
     "task": (pa.string(), "prompt task (code, math, chat, summarization, ...)"),
-    "split": (pa.string(), "data split (train, val, test, ...)"),
+    "split": (pa.string(), "data split: train, validation or test ('val' is read as 'validation')"),
     "prompt_id": (pa.string(), "id of the prompt within its suite"),
     "mode": (pa.string(), "decoding mode: greedy or sample"),
-    "temperature": (pa.float64(), "sampling temperature (1.0 for greedy)"),
+    "temperature": (pa.float64(), "sampling temperature (0.0 for greedy)"),
     "top_p": (pa.float64(), "nucleus top-p (1.0 = off)"),
     "seed": (pa.int64(), "episode seed keying the per-position randomness (sampling)"),
     "max_new_tokens": (pa.int32(), "generation budget"),
@@ -64,15 +93,15 @@ TRACE_ARROW_SCHEMA = pa.schema(
     metadata={b"speckv_schema": TRACE_SCHEMA_VERSION.encode()},
 )
 
-STEPS_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
-    "schema": (pa.string(), f"schema version, always {STEPS_SCHEMA_VERSION!r}"),
-    "source": (pa.string(), "where the log came from (e.g. speckv-paper)"),
-    "run_id": (pa.string(), "one recorded run = one (compression, gamma, prompt) episode"),
+STEPS_COLUMNS_V1: dict[str, tuple[pa.DataType, str]] = {
+    "schema": (pa.string(), f"schema version, {STEPS_SCHEMA_VERSION!r} ({STEPS_SCHEMA_V1!r} is still read)"),
+    "source": (pa.string(), "where the log came from (e.g. speckv-paper, speckv-live)"),
+    "run_id": (pa.string(), "one recorded run = one episode (unique across files)"),
     "pair": (pa.string(), "name of the draft/target pair"),
     "compression": (pa.string(), "target compression: fp32, bf16, fp16, int8 or nf4"),
     "device": (pa.string(), "device of the recording"),
     "task": (pa.string(), "prompt task"),
-    "split": (pa.string(), "data split"),
+    "split": (pa.string(), "data split: train, validation or test ('val' is read as 'validation')"),
     "prompt_id": (pa.string(), "id of the prompt"),
     "prompt": (pa.string(), "prompt text ('' if unknown)"),
     "mode": (pa.string(), "greedy or sample"),
@@ -80,7 +109,7 @@ STEPS_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "step": (pa.int32(), "0-based step index within the run"),
     "position": (pa.int32(), "tokens emitted before this step (sum of earlier tokens_produced)"),
     "gamma": (pa.int16(), "recorded (requested) gamma of the step"),
-    "drafted": (pa.int16(), "tokens actually drafted: min(gamma, max_new_tokens - position)"),
+    "drafted": (pa.int16(), "tokens actually drafted: min(gamma, limit), limit by gamma_clip"),
     "accepted": (pa.int16(), "accepted draft tokens k"),
     "tokens_produced": (pa.int16(), "tokens emitted by the step (k + 1)"),
     "censored": (pa.bool_(), "accepted == drafted: outcomes of gammas above drafted are unknown"),
@@ -89,6 +118,21 @@ STEPS_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "post_max_entropy_bits": (pa.float32(), "POST-DRAFT: max draft entropy (bits) over this step's drafted tokens"),
     "post_min_confidence": (pa.float32(), "POST-DRAFT: min draft top-1 probability over this step's drafted tokens"),
 }
+
+STEPS_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    **STEPS_COLUMNS_V1,
+    "gamma_clip": (
+        pa.string(),
+        "clip convention of the run: engine (limit = max_new_tokens - 1 - position) or paper "
+        "(limit = max_new_tokens - position)",
+    ),
+    "finish_reason": (
+        pa.string(),
+        "how the run ended: eos, length (budget reached) or truncated (cut by a wrapper)",
+    ),
+    "draft_fingerprint": (pa.string(), "short hash of the draft's config and weights ('' if unknown)"),
+}
+"""Columns of ``speckv-steps/2`` (those of version 1 plus three; run-level ones repeat per row)."""
 
 STEPS_ARROW_SCHEMA = pa.schema(
     [pa.field(name, typ, nullable=False) for name, (typ, _) in STEPS_COLUMNS.items()],

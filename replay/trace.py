@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,7 @@ import pyarrow.parquet as pq
 from speckv_env.core import CostModel
 
 from . import steprule
+from .costs import load_cost_models  # noqa: F401  (re-exported: replay.trace.load_cost_models)
 from .schema import (
     COMPRESSIONS,
     FINISH_REASONS,
@@ -53,6 +55,8 @@ from .schema import (
     TRACE_COLUMNS,
     TRACE_SCHEMA_VERSION,
     TraceFormatError,
+    canonical_split,
+    canonical_splits,
 )
 
 PathLike = str | os.PathLike
@@ -135,7 +139,7 @@ class Trace:
     split: str = "train"
     prompt_id: str = ""
     mode: str = "greedy"
-    temperature: float = 1.0
+    temperature: float = 0.0  # greedy (the default mode) stores 0.0
     top_p: float = 1.0
     seed: int = 0
     prompt_len: int = 0
@@ -157,6 +161,7 @@ class Trace:
         self.seed = int(self.seed)
         self.prompt_len = int(self.prompt_len)
         self.temperature = float(self.temperature)
+        self.split = canonical_split(self.split)
         self.top_p = float(self.top_p)
         self.validate()
         self.L = run_lengths(self.accept, self.gamma_max)
@@ -241,7 +246,8 @@ class Trace:
             if (g > lim).any():
                 i = int(np.nonzero(g > lim)[0][0])
                 raise self._err(
-                    f"recorded step {i} at position {pos[i]} drafts {g[i]} tokens, past max_new_tokens = {self.max_new_tokens}"
+                    f"recorded step {i} at position {pos[i]} drafts {g[i]} tokens, "
+                    f"past max_new_tokens = {self.max_new_tokens}"
                 )
             L = run_lengths(self.accept, self.gamma_max)
             expect = np.minimum(L[pos], g)
@@ -392,11 +398,13 @@ def read_traces(
 ) -> list[Trace]:
     """Read ``speckv-trace/1`` traces from a file, a folder of part files, or a list of either.
 
-    Filters keep traces whose field equals (one of) the given value(s). Raises
+    Filters keep traces whose field equals (one of) the given value(s) (split aliases such as
+    ``val`` are read as the canonical ``validation``). Raises
     :class:`TraceFormatError` naming the file for malformed, truncated or schema-mismatched
     input, and for a trace_id that occurs twice. Stray ``*.tmp`` files are ignored.
     """
     files = _expand(src)
+    split = canonical_splits(split)
     seen: dict[str, str] = {}
     out: list[Trace] = []
     for f in files:
@@ -414,18 +422,6 @@ def read_traces(
     return out
 
 
-def load_cost_models(folder: PathLike) -> dict[str, CostModel]:
-    """Cost models saved beside the logs as ``cost-<compression>.json``, keyed by compression."""
-    out: dict[str, CostModel] = {}
-    for p in sorted(Path(folder).glob("cost-*.json")):
-        cm = CostModel.load(p)
-        key = p.stem[len("cost-") :]
-        if cm.compression != key:
-            raise TraceFormatError(f"{p}: file name says compression {key!r} but the model says {cm.compression!r}")
-        out[key] = cm
-    return out
-
-
 def make_trace_id(pair: str, compression: str, prompt_id: str, mode: str, seed: int, extra: str = "") -> str:
     """A readable, deterministic trace id (the resume key): ``pair|compression|prompt|mode|seed``."""
     parts = [pair, compression, prompt_id, mode, str(int(seed))] + ([extra] if extra else [])
@@ -436,6 +432,8 @@ def make_trace_id(pair: str, compression: str, prompt_id: str, mode: str, seed: 
 
 
 def _fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename into it survives a power cut (best effort where the OS
+    cannot open folders)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -448,15 +446,41 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a tmp file + fsync + os.replace."""
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], object], overwrite: bool = True) -> Path:
+    """Write a file so that readers see either nothing (or the old file) or all of it.
+
+    ``write(fh)`` fills a tmp file in the same folder (``.<name>.<pid>.<random>.tmp``, ignored by
+    the readers), which is flushed and fsynced, then renamed into place (``os.replace``; with
+    ``overwrite=False`` linked into place, so that an existing file is never replaced:
+    :class:`FileExistsError`), and the folder is fsynced. On any error the tmp file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path exists: never overwrites
+            os.unlink(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically and durably (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(data), overwrite)
+
+
+def write_parquet_atomic(table: pa.Table, path: PathLike, overwrite: bool = True) -> Path:
+    """Write an Arrow table as Parquet atomically and durably (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: pq.write_table(table, fh), overwrite)
 
 
 class TraceWriter:
@@ -507,15 +531,10 @@ class TraceWriter:
         if not self._pending:
             return None
         table = traces_to_table(self._pending)
-        name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self._counter:06d}-{time.time_ns() % 10**9:09d}.parquet"
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self._counter:06d}-{time.time_ns() % 10**9:09d}"
+        name = f"part-{stamp}.parquet"
         self._counter += 1
-        path = self.folder / name
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.folder)
+        path = write_parquet_atomic(table, self.folder / name, overwrite=False)
         self._done.update(t.trace_id for t in self._pending)
         self._pending.clear()
         return path
@@ -538,12 +557,11 @@ class TraceWriter:
         self.close()
 
 
-def write_traces(path: PathLike, traces: Sequence[Trace]) -> None:
-    """Write traces to one Parquet file (atomically)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    pq.write_table(traces_to_table(traces), tmp)
-    os.replace(tmp, p)
+def write_traces(path: PathLike, traces: Sequence[Trace]) -> Path:
+    """Write traces to one Parquet file, atomically and durably (tmp file in the same folder,
+    flush + fsync, ``os.replace``, fsync of the folder): a crash leaves the old file or the new
+    one, never a torn one."""
+    return write_parquet_atomic(traces_to_table(traces), path)
 
 
 # ---- synthetic traces (tests, examples) ---------------------------------------------------
@@ -642,7 +660,7 @@ def synthetic_dataset(
     modes: Sequence[str] = ("greedy",),
 ) -> list[Trace]:
     """A SYNTHETIC data set: ``num_traces`` traces cycling over compressions, tasks and modes,
-    with per-task acceptance levels, lengths in ``n_range``, splits train/val/test 60/20/20."""
+    with per-task acceptance levels, lengths in ``n_range``, splits train/validation/test 60/20/20."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(num_traces):
@@ -650,7 +668,7 @@ def synthetic_dataset(
         comp = compressions[(i // len(tasks)) % len(compressions)]
         mode = modes[i % len(modes)]
         p = 0.45 + 0.4 * ((sum(map(ord, task)) % 7) / 6)
-        split = "train" if i % 5 < 3 else ("val" if i % 5 == 3 else "test")
+        split = "train" if i % 5 < 3 else ("validation" if i % 5 == 3 else "test")
         n = int(rng.integers(n_range[0], n_range[1] + 1))
         fr = "eos" if i % 3 == 2 else "length"
         out.append(

@@ -41,9 +41,9 @@ from speckv_env.core import (
     get_reward,
 )
 
-from .backend import resolve_cost_model
+from .costs import Episode, resolver
 from .steprule import step_arrays
-from .trace import PathLike, Trace, load_cost_models, read_traces
+from .trace import PathLike, Trace
 
 # rows of the integer state matrix
 _EP, _BASE, _FI, _END, _GRP, _EOS, _LIM = range(7)
@@ -55,7 +55,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
     """``num_envs`` replay environments over full-information traces, batched in numpy.
 
     Arguments are those of :class:`replay.env.SpecKVReplayEnv` (``logs``/``traces``,
-    ``cost_model(s)``, filters, ``gammas``, ``reward``) plus ``num_envs`` and
+    ``cost_model(s)``, ``allow_cost_model_mismatch``, filters, ``gammas``, ``reward``) plus ``num_envs`` and
     ``autoreset_mode``. ``reset(options={"episodes": [...]})`` fixes the first episode of each
     env; later episodes are drawn uniformly with ``self.np_random``.
     """
@@ -77,27 +77,17 @@ class SpecKVReplayVectorEnv(VectorEnv):
         reward: str = "cost",
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
+        allow_cost_model_mismatch: bool = False,
     ) -> None:
-        from .env import SpecKVReplayEnv, default_logs
+        from .env import load_traces
 
         if render_mode is not None:
             raise ValueError("the vectorised replay has no render modes")
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        filters = dict(task=task, split=split, compression=compression, mode=mode)
-        found: dict[str, CostModel] = {}
-        if traces is not None:
-            if logs is not None:
-                raise ValueError("pass either logs= or traces=, not both")
-            trs = [t for t in traces if all(SpecKVReplayEnv._keep(getattr(t, k), v) for k, v in filters.items())]
-        else:
-            paths = SpecKVReplayEnv._paths(logs if logs is not None else default_logs())
-            trs = read_traces(paths, **filters)
-            for p in paths:
-                found.update(load_cost_models(p if p.is_dir() else p.parent))
-        if not trs:
-            raise ValueError(f"no traces left after the filters {filters}")
-        cms = SpecKVReplayEnv._cost_models(cost_model, cost_models, found)
+        filters = {"task": task, "split": split, "compression": compression, "mode": mode}
+        trs, found = load_traces(logs, traces, filters)
+        cost_of = resolver(cost_model, cost_models, found, allow_cost_model_mismatch)
         self.traces = trs
         self.num_envs = int(num_envs)
         self.autoreset_mode = self._autoreset_mode(autoreset_mode)
@@ -136,7 +126,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
         grp = np.zeros(ntr, dtype=np.int64)
         self._cms: list[CostModel] = []
         for i, t in enumerate(trs):
-            cm = resolve_cost_model(cms, t.compression, f"trace {t.trace_id!r}")
+            cm = cost_of(Episode.of_trace(t))
             self._cms.append(cm)
             key = (id(cm), t.mode == "sample")
             if key not in groups:
@@ -243,7 +233,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
             eps = np.asarray(options["episodes"], dtype=np.int64).reshape(-1)
             if eps.shape != (self.num_envs,) or (eps < 0).any() or (eps >= ntr).any():
                 raise ValueError(
-                    f"options['episodes'] must be {self.num_envs} trace indices in 0..{ntr - 1}, got {options['episodes']!r}"
+                    f"options['episodes'] must be {self.num_envs} trace indices in 0..{ntr - 1}, "
+                    f"got {options['episodes']!r}"
                 )
         else:
             eps = self._draw_episodes(self.num_envs).copy()
@@ -266,7 +257,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
         if np.minimum.reduce(g) < 0:
             bad = a[(a < 0) | (a >= self._gam.shape[0])]
             raise ValueError(
-                f"invalid action(s) {bad.tolist()}: must be in 0..{self._gam.shape[0] - 1}, indices into gammas {self.gammas}"
+                f"invalid action(s) {bad.tolist()}: must be in 0..{self._gam.shape[0] - 1}, "
+                f"indices into gammas {self.gammas}"
             )
         return g
 
@@ -275,7 +267,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
         if not self._started:
             raise RuntimeError("step() before reset(): call reset() first")
         g = self._actions(actions)
-        I, S, F = self._I, self._S, self._F
+        I, S, F = self._I, self._S, self._F  # noqa: E741  (integer state, observation, float state)
         fi = I[_FI]
         # the step rule (replay.steprule), engine clip: limit = max_new_tokens - 1 - t
         geff, k, ones, rej = step_arrays(self._L.take(fi), self._acc.take(fi), g, I[_LIM] - fi)

@@ -39,7 +39,7 @@ def test_import_shape_and_censoring(paper) -> None:
     assert all(c.startswith("post_") for c in steps.columns if "entropy" in c or "confidence" in c)
     raw = pd.read_csv(PAPER_DIR / "phase2_experiment_results.csv")
     assert (runs["tokens"].to_numpy() == raw["num_tokens"].to_numpy()).all()
-    assert set(steps["split"]) == {"train", "val", "test"}
+    assert set(steps["split"]) == {"train", "validation", "test"}  # the canonical names (speckv_env.prompts)
     # prompts attached in order: the first run's prompt is the experiment file's first prompt
     assert steps["prompt"].iloc[0] == raw["prompt"].iloc[0]
 

@@ -114,7 +114,7 @@ def test_gammas_and_filters() -> None:
         SpecKVReplayEnv(traces=_dataset(), cost_models=_cms(), gammas=(0, 9))
     with pytest.raises(ValueError, match="no traces left"):
         SpecKVReplayEnv(traces=_dataset(), cost_models=_cms(), task="nope")
-    with pytest.raises(ValueError, match="no cost model for compression 'int8'"):
+    with pytest.raises(ValueError, match=r"no cost model for trace .*compression 'int8'"):
         SpecKVReplayEnv(traces=_dataset(), cost_models={"fp16": CM})
 
 
@@ -144,7 +144,8 @@ def test_import_does_not_pull_torch() -> None:
     code = (
         "import sys, gymnasium as gym, speckv_env, replay.env, replay.vector, replay.oracle\n"
         "from replay.trace import synthetic_dataset\nfrom speckv_env.core import CostModel\n"
-        "e = gym.make('SpecKVReplay-v0', traces=synthetic_dataset(2), cost_model=CostModel.unit()); e.reset(seed=0); e.step(1)\n"
+        "e = gym.make('SpecKVReplay-v0', traces=synthetic_dataset(2), cost_model=CostModel.unit())\n"
+        "e.reset(seed=0); e.step(1)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

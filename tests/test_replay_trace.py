@@ -219,3 +219,28 @@ def test_make_trace_id_is_stable() -> None:
     assert a == make_trace_id("smol", "int8", "code-3", "sample", 7) and a != make_trace_id(
         "smol", "int8", "code-3", "sample", 8
     )
+
+
+def test_schema_doc_states_the_code_rules() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "replay" / "SCHEMA.md").read_text()
+    flat = " ".join(doc.split())
+    # the clip is by the budget (known before the step), never by N (would leak a future EOS)
+    assert "g_eff = min(g, `max_new_tokens` - 1 - t)" in flat and "g_eff = min(g, N - 1 - t)" not in flat
+    assert "| `temperature` | `double` | sampling temperature (0.0 for greedy) |" in doc
+    assert "`train`, `validation` and `test`" in flat and "3 validation, 4 test" in flat
+    assert "| `gamma_clip` |" in doc and "speckv-steps/2" in doc
+
+
+def test_split_names_are_canonical_and_val_is_an_alias(tmp_path: Path) -> None:
+    ds = synthetic_dataset(10)
+    assert {t.split for t in ds} == {"train", "validation", "test"}
+    t = synthetic_trace(10, seed=1, split="val")
+    assert t.split == "validation"
+    write_traces(tmp_path / "s.parquet", ds)
+    table = pq.read_table(tmp_path / "s.parquet")
+    i = table.column_names.index("split")
+    old = [("val" if s == "validation" else s) for s in table.column("split").to_pylist()]
+    pq.write_table(table.set_column(i, table.schema.field("split"), pa.array(old)), tmp_path / "old.parquet")
+    back = read_traces(tmp_path / "old.parquet", split="val")
+    assert back and {t.split for t in back} == {"validation"}
+    assert [t.trace_id for t in back] == [t.trace_id for t in read_traces(tmp_path / "s.parquet", split="validation")]
