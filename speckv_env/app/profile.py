@@ -234,6 +234,50 @@ def select_profile_prompts(
     return out
 
 
+def _record_todo(
+    writer: Any,
+    pair: Any,
+    todo: Sequence[tuple[str, Any]],
+    modes: Sequence[str],
+    *,
+    max_new_tokens: int,
+    gamma_max: int,
+    behaviour: str,
+    deadline: float | None,
+    progress: bool,
+) -> tuple[int, bool]:
+    """Record the (mode, prompt) episodes ``todo`` of one loaded pair; returns (written, stopped early)."""
+    from tqdm import tqdm
+
+    from speckv_env.engine import SpeculativeEngine
+
+    engines = {
+        m: SpeculativeEngine(
+            pair.target, pair.draft, temperature=MODES[m], eos_token_id=pair.eos_token_id, max_gamma=gamma_max
+        )
+        for m in modes
+    }
+    written = 0
+    bar = tqdm(todo, desc=f"profile {pair.compression}", unit="ep", disable=not progress)
+    for mode, p in bar:
+        if deadline is not None and time.time() > deadline:
+            return written, True
+        tr = record_episode(
+            engines[mode],
+            pair,
+            p,
+            max_new_tokens=max_new_tokens,
+            gamma_max=gamma_max,
+            mode=mode,
+            seed=episode_seed(p.id, mode),
+            behaviour=behaviour,
+        )
+        writer.write(tr)
+        written += 1
+        bar.set_postfix_str(f"{p.id} {mode} {tr.n} tok")
+    return written, False
+
+
 def profile(
     out: str | Path,
     *,
@@ -256,11 +300,8 @@ def profile(
     per_task: int | None = None,
 ) -> dict[str, Any]:
     """Record traces into ``out``; returns a summary (episodes written, skipped, seconds)."""
-    from tqdm import tqdm
-
     from replay.trace import TraceWriter, make_trace_id
     from speckv_env.calibrate import cached_calibration
-    from speckv_env.engine import SpeculativeEngine
     from speckv_env.pair import load_pair
 
     outp = Path(out)
@@ -288,32 +329,19 @@ def profile(
             if calibrate and not cm_path.exists():
                 cm = cached_calibration(pair, gamma_max=gamma_max, progress=progress)
                 writer.save_cost_model(cm)
-            engines = {
-                m: SpeculativeEngine(
-                    pair.target, pair.draft, temperature=MODES[m], eos_token_id=pair.eos_token_id, max_gamma=gamma_max
-                )
-                for m in modes
-            }
-            bar = tqdm(todo, desc=f"profile {comp}", unit="ep", disable=not progress)
-            for mode, p in bar:
-                if time_budget_s is not None and time.time() - t_start > time_budget_s:
-                    stopped_early = True
-                    break
-                seed = episode_seed(p.id, mode)
-                tr = record_episode(
-                    engines[mode],
-                    pair,
-                    p,
-                    max_new_tokens=max_new_tokens,
-                    gamma_max=gamma_max,
-                    mode=mode,
-                    seed=seed,
-                    behaviour=behaviour,
-                )
-                writer.write(tr)
-                written += 1
-                bar.set_postfix_str(f"{p.id} {mode} {tr.n} tok")
-            del pair, engines
+            n, stopped_early = _record_todo(
+                writer,
+                pair,
+                todo,
+                modes,
+                max_new_tokens=max_new_tokens,
+                gamma_max=gamma_max,
+                behaviour=behaviour,
+                deadline=None if time_budget_s is None else t_start + time_budget_s,
+                progress=progress,
+            )
+            written += n
+            del pair
             if stopped_early:
                 break
     return {
