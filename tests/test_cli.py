@@ -14,12 +14,16 @@ from replay.trace import synthetic_dataset, write_traces
 from speckv_env.core import CostModel
 
 
-def speckv(*args, timeout=600, env=None):
+def run_speckv(*args, timeout=600, env=None):
     r = subprocess.run(
         [sys.executable, "-m", "speckv_env.app.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+    return r
+
+
+def speckv(*args, timeout=600, env=None):
+    return run_speckv(*args, timeout=timeout, env=env).stdout
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +45,56 @@ def test_train_saves_a_loadable_agent(trace_folder, tmp_path):
     assert agent.kind == "ucb1"
 
 
-def test_compare_quick_writes_report(trace_folder, tmp_path):
-    speckv(
-        "compare", "--logs", str(trace_folder), "--out", str(tmp_path / "cmp"), "--quick", "--set", 'splits=["heldout"]'
+def test_train_quiet_prints_only_the_result(trace_folder, tmp_path):
+    r = run_speckv("train", "ucb1", "--logs", str(trace_folder), "--out", str(tmp_path / "u.json"), "--quiet")
+    assert r.stderr == "" and r.stdout.startswith(f"saved {tmp_path / 'u.json'}")
+
+
+def test_train_on_the_paper_logs_like_compare(tmp_path):
+    from agents import load_agent
+
+    out = json.loads(
+        speckv(
+            "train", "ucb1", "--logs", "speckv-paper", "--out", str(tmp_path / "u.json"), "--set", "steps=500", "--json"
+        )
     )
+    assert out["path"] == str(tmp_path / "u.json") and out["test"]["episodes"] > 0
+    assert load_agent(out["path"]).kind == "ucb1"
+
+
+def test_compare_quick_writes_report(trace_folder, tmp_path):
+    r = run_speckv(
+        "compare",
+        "--logs",
+        str(trace_folder),
+        "--out",
+        str(tmp_path / "cmp"),
+        "--quick",
+        "--set",
+        'splits=["heldout"]',
+        "mlp_epochs=2",
+        "--set",
+        "policies=fixed,speckv_mlp,oracle",
+        "--json",
+    )
+    out = json.loads(r.stdout)  # the whole of stdout: progress and library messages went to stderr
+    assert out["report"] == str(tmp_path / "cmp" / "report.md") and "heldout" in out["verdicts"]
     rep = (tmp_path / "cmp" / "report.md").read_text()
     assert "best fixed" in rep.lower()
     res = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert "heldout" in res["splits"]
+    assert res["config"]["mlp_epochs"] == 2 and res["config"]["policies"] == ["fixed", "speckv_mlp", "oracle"]
 
 
 def test_bench_agents_writes_json(tmp_path):
-    speckv("bench", "agents", "--json", str(tmp_path / "a.json"))
+    out = json.loads(speckv("bench", "agents", "--out", str(tmp_path / "a.json"), "--json"))
     r = json.loads((tmp_path / "a.json").read_text())
-    assert "speckv_mlp" in json.dumps(r)
+    assert "speckv_mlp" in json.dumps(r) and out == r
+
+
+def test_bench_json_path_is_the_old_spelling_of_out(tmp_path):
+    r = run_speckv("bench", "agents", "--json", str(tmp_path / "a.json"), "--quiet")
+    assert "speckv_mlp" in (tmp_path / "a.json").read_text() and "wrote" in r.stdout
 
 
 def test_unknown_compression_is_a_clear_cli_error():
@@ -64,7 +104,11 @@ def test_unknown_compression_is_a_clear_cli_error():
         text=True,
         timeout=300,
     )
-    assert r.returncode != 0 and "unknown compression 'int3'" in r.stderr
+    assert (
+        r.returncode == 2
+        and r.stderr.startswith("speckv generate: error:")
+        and "unknown compression 'int3'" in r.stderr
+    )
 
 
 @requires_default
@@ -95,5 +139,5 @@ def test_generate_on_a_tiny_pair(tmp_path):
         "3",
         "--json",
     )
-    r = json.loads(out[out.index("{") :])
+    r = json.loads(out)
     assert r["new_tokens"] <= 12 and r["steps"] >= 1 and "text" in r and r["tokens_per_s"] > 0

@@ -2,24 +2,471 @@
 
 speckv generate   speculative decoding of one prompt; prints the text and its statistics
 speckv profile    record full-information traces of a pair (tasks x compressions x prompts)
+speckv calibrate  measure a pair's cost model (draft, verify and target step times)
 speckv train      train one gamma controller on recorded traces
 speckv compare    train and compare every controller; report.md, results.json, plots
-speckv bench      engine | env | agents: speed figures as JSON
+speckv bench      engine | env | agents: speed figures
 speckv demo       the main job on the embedded default pair (compare + live check)
+
+One contract for every subcommand:
+
+- usage and input errors (flags, numbers out of range, paths that do not exist or cannot be
+  written, unknown names, ``--set`` keys and values) exit 2 with one line
+  ``speckv <cmd>: error: ...`` on stderr, found before any model loads;
+- runtime failures of known kinds (a model that does not load, a malformed trace, cost-model
+  or agent file, a missing file) exit 1 with one such line (``SPECKV_DEBUG=1``: the traceback);
+- stdout holds the command's result only: text, or with ``--json`` one JSON document;
+  progress bars and library messages go to stderr, and ``--quiet`` silences them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import inspect
 import json
+import logging
+import math
 import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-DEFAULT_TRACES = "speckv_env/data/traces"
+from speckv_env import __version__
+
+log = logging.getLogger("speckv")
+
+#: the target compressions and their aliases, as :func:`speckv_env.models.check_compression`
+#: reads them (repeated here so that checking them needs no torch; a test keeps them equal)
+COMPRESSIONS = ("fp32", "bf16", "fp16", "int8", "nf4")
+COMPRESSION_ALIASES = {
+    "none": "fp32",
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "4bit": "nf4",
+    "8bit": "int8",
+}
+#: the engine's largest gamma (``SpeculativeEngine(max_gamma=64)``)
+MAX_GAMMA = 64
+#: known runtime failures: one error line, exit 1
+RUNTIME_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError)
+
+
+class UsageError(Exception):
+    """A bad command line or input found before any work: one error line, exit 2."""
+
+
+@dataclasses.dataclass
+class Output:
+    """What a subcommand prints on stdout: ``data`` with ``--json``, else ``text``."""
+
+    data: Any
+    text: str
+
+
+def _one_line(msg: object) -> str:
+    return " ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the contract's error form: one line ``<prog>: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+# ---- argument types (argparse turns their errors into the one-line form) --------------------
+
+
+def _int_arg(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    want = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_arg(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Callable[[str], float]:
+    if hi is None:
+        want = f"a number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text}")
+        return v
+
+    return parse
+
+
+def _compression_arg(text: str) -> str:
+    c = COMPRESSION_ALIASES.get(text.lower(), text.lower())
+    if c not in COMPRESSIONS:
+        raise argparse.ArgumentTypeError(f"unknown compression {text!r}: choose one of {', '.join(COMPRESSIONS)}")
+    return c
+
+
+def _csv_arg(what: str, choices: Sequence[str] | None = None, convert: Callable[[str], str] | None = None):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}")
+        if convert is not None:
+            return [convert(x) for x in items]
+        bad = [x for x in items if choices is not None and x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad[0]!r}: choose from {', '.join(choices or ())}")
+        return items
+
+    return parse
+
+
+def _device_arg(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N, mps or auto")
+    return text
+
+
+def _gamma_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _int_arg(0, MAX_GAMMA)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer in 0..{MAX_GAMMA}, got {text!r}") from None
+
+
+# ---- input checks run before any work -------------------------------------------------------
+
+
+def _check_model_spec(spec: str, flag: str) -> None:
+    """The path rules of :func:`speckv_env.models.resolve_source`, without loading anything."""
+    p = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise UsageError(f"{flag}: GGUF file {p} does not exist")
+    elif p.exists():
+        if not p.is_dir():
+            raise UsageError(f"{flag}: {p} is a file but not a .gguf file; give a model folder or a GGUF file")
+        if not (p / "config.json").is_file():
+            raise UsageError(f"{flag}: folder {p} has no config.json, so it is not a Hugging Face model folder")
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise UsageError(f"{flag}: path {p} does not exist")
+    # anything else is a hub id: fetched (or refused) when the model loads
+
+
+def _check_pair(a: argparse.Namespace) -> None:
+    default_target = a.target in (None, "default")
+    if not default_target:
+        _check_model_spec(a.target, "--target")
+        if a.draft in (None, "default"):
+            raise UsageError(
+                "--draft is required with a non-default --target (the shipped draft only fits the embedded target)"
+            )
+    if a.draft not in (None, "default"):
+        _check_model_spec(a.draft, "--draft")
+
+
+def _check_out(path: str, flag: str, *, folder: bool) -> Path:
+    """``path`` can be written (as a folder or a file): it exists as such and is writable, or
+    its nearest existing ancestor is a writable folder."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if folder and not p.is_dir():
+            raise UsageError(f"{flag} {p}: is a file, expected a folder")
+        if not folder and p.is_dir():
+            raise UsageError(f"{flag} {p}: is a folder, expected a file name")
+        if not os.access(p, os.W_OK):
+            raise UsageError(f"{flag} {p}: not writable")
+        return p
+    q = p.parent
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        raise UsageError(f"{flag} {p}: cannot be created, {q} is not a folder")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {p}: cannot be created, {q} is not writable")
+    return p
+
+
+def _check_logs(logs: str) -> tuple[str | None, str | None]:
+    """--logs -> (trace path, source): 'default' (shipped traces), 'speckv-paper' or a path."""
+    if logs == "speckv-paper":
+        return None, "speckv-paper"
+    if logs == "default":
+        from replay.env import default_logs
+
+        try:
+            return str(default_logs()), None
+        except FileNotFoundError as e:
+            raise UsageError(f"--logs default: {e}; record traces with `speckv profile` and pass --logs FOLDER") from e
+    p = Path(logs).expanduser()
+    if not p.exists():
+        raise UsageError(f"--logs {p}: no such file or folder (give traces, 'default' or 'speckv-paper')")
+    if p.is_dir() and not any(p.glob("*.parquet")):
+        raise UsageError(f"--logs {p}: the folder holds no .parquet trace files")
+    return str(p), None
+
+
+# ---- --set KEY=VALUE: known keys, typed values ----------------------------------------------
+
+
+class _BadValue(ValueError):
+    pass
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(t) for t in args)
+    if tp is type(None):
+        return "none"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin in (tuple, list, Sequence) and args:
+        return f"a comma-separated list (or JSON list) of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin in (dict, Mapping):
+        return "a JSON object"
+    return "a JSON value" if tp is Any else getattr(tp, "__name__", str(tp))
+
+
+def _coerce_scalar(text: str, tp: Any) -> Any:
+    if tp is bool:
+        m = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if text.lower() in m:
+            return m[text.lower()]
+        raise _BadValue
+    if tp is int:
+        if re.fullmatch(r"[+-]?\d+", text.strip()):
+            return int(text)
+        raise _BadValue
+    if tp is float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise _BadValue from None
+        if not math.isfinite(v):
+            raise _BadValue
+        return v
+    if tp is str:
+        return text
+    if tp is Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    if tp is type(None):
+        if text.lower() in ("none", "null"):
+            return None
+        raise _BadValue
+    raise _BadValue  # a type the command line cannot build (e.g. a CostModel object)
+
+
+def _coerce(text: str, tp: Any) -> Any:
+    """``text`` as a value of type ``tp`` (int, float, bool, str, unions, tuples/lists, dicts)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for t in sorted(args, key=lambda t: t is not type(None)):  # "none" first, then the rest in order
+            try:
+                return _coerce(text, t)
+            except _BadValue:
+                continue
+        raise _BadValue
+    if origin in (tuple, list, Sequence):
+        s = text.strip()
+        if s.startswith("["):
+            try:
+                raw = json.loads(s)
+            except json.JSONDecodeError:
+                raise _BadValue from None
+            if not isinstance(raw, list):
+                raise _BadValue
+            items = [x if isinstance(x, str) else json.dumps(x) for x in raw]
+        else:
+            items = [x.strip() for x in s.split(",") if x.strip()]
+        if (len(args) == 2 and args[1] is Ellipsis) or len(args) == 1:
+            return tuple(_coerce(x, args[0]) for x in items)
+        if args and len(items) != len(args):
+            raise _BadValue
+        return tuple(_coerce(x, t) for x, t in zip(items, args or [Any] * len(items)))
+    if origin in (dict, Mapping) or tp is dict:
+        try:
+            v = json.loads(text)
+        except json.JSONDecodeError:
+            raise _BadValue from None
+        if not isinstance(v, dict):
+            raise _BadValue
+        return v
+    return _coerce_scalar(text, tp)
+
+
+def parse_settings(
+    items: Sequence[str] | None, known: Mapping[str, Any], checks: Mapping[str, tuple[Callable[[Any], bool], str]]
+) -> dict[str, Any]:
+    """``KEY=VALUE`` items -> typed values; ``known``: key -> type; ``checks``: key -> (ok, rule)."""
+    out: dict[str, Any] = {}
+    for it in items or []:
+        key, sep, text = it.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {it!r}")
+        if key not in known:
+            raise UsageError(f"--set {key}: unknown key; accepted keys: {', '.join(known)}")
+        try:
+            value = _coerce(text, known[key])
+        except _BadValue:
+            raise UsageError(f"--set {key}={text}: expected {_describe(known[key])}") from None
+        ok, rule = checks.get(key, (lambda v: True, ""))
+        if not ok(value):
+            raise UsageError(f"--set {key}={text}: {rule}")
+        out[key] = value
+    return out
+
+
+def _at_least(n: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= n), f"must be >= {n}"
+
+
+def compare_setting_types() -> dict[str, Any]:
+    """The comparison's settings: the fields of :class:`~speckv_env.app.compare.CompareConfig`."""
+    from .compare import CompareConfig
+
+    hints = typing.get_type_hints(CompareConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(CompareConfig) if f.init}
+
+
+def compare_setting_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """Value rules of the comparison settings beyond their types (keys are CompareConfig fields)."""
+    from speckv_env.core import DEFAULT_GAMMAS
+
+    from .compare import POLICY_GROUPS, SPLITS
+
+    def subset(allowed: Sequence[Any]) -> tuple[Callable[[Any], bool], str]:
+        return (lambda v: set(v) <= set(allowed)), f"each value must be one of {', '.join(map(str, allowed))}"
+
+    gammas_ok = (
+        (lambda v: len(v) > 0 and len(set(v)) == len(v) and all(0 <= g <= MAX_GAMMA for g in v)),
+        (f"must be distinct gammas in 0..{MAX_GAMMA}, e.g. {','.join(map(str, DEFAULT_GAMMAS))}"),
+    )
+    checks = {
+        k: _at_least(1)
+        for k in ("seeds", "bandit_steps", "mlp_rollout_steps", "mlp_epochs", "mlp_batch_size", "ppo_steps")
+    }
+    checks.update(
+        ppo_n_envs=_at_least(1),
+        n_boot=_at_least(1),
+        boot_seed=_at_least(0),
+        gammas=gammas_ok,
+        paper_recorded_gammas=((lambda v: all(0 <= g <= MAX_GAMMA for g in v)), f"gammas must lie in 0..{MAX_GAMMA}"),
+        splits=subset(SPLITS),
+        bandit_splits=subset(SPLITS),
+        ppo_splits=subset(SPLITS),
+        policies=subset(POLICY_GROUPS),
+        level=((lambda v: 0 < v < 1), "must lie strictly between 0 and 1"),
+    )
+    return checks
+
+
+#: train_main arguments that the command line sets itself (not through --set)
+_TRAIN_FIXED = ("agent", "logs", "out", "source", "agent_kwargs", "progress")
+
+
+def train_setting_types(agent: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training settings, the agent's constructor settings) -> types, for ``speckv train``."""
+    from agents.base import AGENTS
+
+    from .compare import train_main
+
+    def named(fn: Callable) -> dict[str, Any]:
+        hints = typing.get_type_hints(fn)
+        return {
+            name: hints.get(name, Any)
+            for name, prm in inspect.signature(fn).parameters.items()
+            if prm.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        }
+
+    train = {k: v for k, v in named(train_main).items() if k not in _TRAIN_FIXED}
+    own = {k: v for k, v in named(AGENTS[agent].__init__).items() if k not in ("self", "gammas", *train)}
+    return train, own
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    """Strict-JSON form: NaN and infinities become null, numpy values plain ones, paths strings."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if hasattr(x, "tolist"):  # numpy arrays and scalars
+        return _jsonable(x.tolist())
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    return str(x)
+
+
+def _emit(out: Output, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(_jsonable(out.data), indent=2, allow_nan=False) + "\n")
+    elif out.text:
+        sys.stdout.write(out.text.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def _write_json_file(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _library_output(quiet: bool) -> Iterator[None]:
+    """While a command works, whatever a library prints goes to stderr (to nowhere if quiet):
+    stdout is kept for the command's result."""
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr
+        stack.enter_context(contextlib.redirect_stdout(sink))
+        yield
+
+
+def _setup_logging(quiet: bool) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    for name in ("speckv", "speckv_env", "replay", "agents"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads TQDM_* defaults from the environment
 
 
 def _threads(n: int | None) -> None:
@@ -29,24 +476,54 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _add_pair_args(p: argparse.ArgumentParser, compression_default: str = "fp32") -> None:
-    p.add_argument(
-        "--target", default=None, help="target model: hub id, folder or .gguf (default: embedded SmolLM2-135M-Instruct)"
-    )
-    p.add_argument(
-        "--draft",
-        default=None,
-        help="draft model: hub id, folder or .gguf (default: the draft shipped for the default target)",
-    )
-    p.add_argument("--compression", default=compression_default, help="target compression: fp32, bf16, fp16, int8, nf4")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+# ---- generate ---------------------------------------------------------------------------------
 
 
-# ---- generate ---------------------------------------------------------------------------
+def check_generate(a: argparse.Namespace) -> None:
+    _check_pair(a)
+    if not a.prompt.strip():
+        raise UsageError("--prompt is empty")
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
+def _generate_auto(eng: Any, pair: Any, ids: list[int], a: argparse.Namespace) -> tuple[list, list[int], float]:
+    """gamma chosen per step: online estimate of the acceptance rate, gamma maximising expected tokens/s."""
+    from speckv_env.calibrate import cached_calibration
+    from speckv_env.core import DEFAULT_GAMMAS
+
+    cm = cached_calibration(pair, progress=not a.quiet)
+    hits, tests = 1.0, 2.0
+    eng.start(ids, a.max_new_tokens, seed=a.seed)
+    steps = []
+    t1 = time.perf_counter()
+    while not eng.done:
+        alpha = hits / tests
+        r = eng.step(max(DEFAULT_GAMMAS, key=lambda g: cm.expected_tokens_per_second(alpha, g, eng.sampling)))
+        hits += sum(r.events)
+        tests += len(r.events)
+        steps.append(r)
+    return steps, list(eng.out), time.perf_counter() - t1
+
+
+def _generation_stats(steps: Sequence[Any], tokens: Sequence[int], wall: float) -> dict[str, Any]:
+    drafted = sum(s.gamma for s in steps)
+    acc = sum(s.accepted for s in steps)
+    hist: dict[int, int] = {}
+    for s in steps:
+        hist[s.accepted] = hist.get(s.accepted, 0) + 1
+    return {
+        "new_tokens": len(tokens),
+        "steps": len(steps),
+        "tokens_per_step": len(tokens) / max(len(steps), 1),
+        "acceptance_rate": acc / drafted if drafted else None,
+        "accepted_histogram": dict(sorted(hist.items())),
+        "wall_s": wall,
+        "tokens_per_s": len(tokens) / wall if wall else None,
+        "draft_s": sum(s.draft_s for s in steps),
+        "verify_s": sum(s.verify_s for s in steps),
+    }
+
+
+def cmd_generate(a: argparse.Namespace) -> Output:
     from speckv_env.engine import SpeculativeEngine
     from speckv_env.pair import load_pair
 
@@ -59,39 +536,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     )
     ids = pair.encode_chat(a.prompt)
     if a.gamma == "auto":
-        from speckv_env.calibrate import cached_calibration
-
-        cm = cached_calibration(pair, progress=True)
-
-        # online estimate of the acceptance rate, gamma maximising expected tokens/s
-        hits, tests = [1.0], [2.0]
-
-        def policy(i, sig):
-            alpha = hits[0] / tests[0]
-            return max(range(9), key=lambda g: cm.expected_tokens_per_second(alpha, g, eng.sampling))
-
-        eng.start(ids, a.max_new_tokens, seed=a.seed)
-        steps = []
-        t1 = time.perf_counter()
-        while not eng.done:
-            r = eng.step(policy(len(steps), eng.observe()))
-            hits[0] += sum(r.events)
-            tests[0] += len(r.events)
-            steps.append(r)
-        wall = time.perf_counter() - t1
-        tokens = list(eng.out)
+        steps, tokens, wall = _generate_auto(eng, pair, ids, a)
         gamma_desc = "auto (cost-aware, online acceptance estimate)"
     else:
-        g = int(a.gamma)
-        res = eng.generate(ids, a.max_new_tokens, gamma=g, seed=a.seed)
+        res = eng.generate(ids, a.max_new_tokens, gamma=a.gamma, seed=a.seed)
         steps, tokens, wall = res.steps, res.tokens, res.wall_s
-        gamma_desc = str(g)
+        gamma_desc = str(a.gamma)
     text = pair.tokenizer.decode(tokens, skip_special_tokens=True)
-    drafted = sum(s.gamma for s in steps)
-    acc = sum(s.accepted for s in steps)
-    hist: dict[int, int] = {}
-    for s in steps:
-        hist[s.accepted] = hist.get(s.accepted, 0) + 1
     stats = {
         "target": pair.target_name,
         "draft": pair.draft_name,
@@ -99,126 +550,171 @@ def cmd_generate(a: argparse.Namespace) -> int:
         "device": str(pair.device),
         "gamma": gamma_desc,
         "temperature": a.temperature,
-        "new_tokens": len(tokens),
-        "steps": len(steps),
-        "tokens_per_step": len(tokens) / max(len(steps), 1),
-        "acceptance_rate": acc / drafted if drafted else None,
-        "accepted_histogram": dict(sorted(hist.items())),
-        "wall_s": wall,
-        "tokens_per_s": len(tokens) / wall if wall else None,
-        "draft_s": sum(s.draft_s for s in steps),
-        "verify_s": sum(s.verify_s for s in steps),
+        **_generation_stats(steps, tokens, wall),
         "load_s": load_s,
     }
-    if a.json:
-        print(json.dumps({"text": text, **stats}, indent=2))
-    else:
-        print(text)
-        print("-" * 60)
-        for k, v in stats.items():
-            print(f"{k:>18}: {v:.4g}" if isinstance(v, float) else f"{k:>18}: {v}")
-    return 0
+    lines = [text, "-" * 60]
+    lines += [f"{k:>18}: {v:.4g}" if isinstance(v, float) else f"{k:>18}: {v}" for k, v in stats.items()]
+    return Output({"text": text, **stats}, "\n".join(lines))
 
 
-# ---- profile --------------------------------------------------------------------------
+# ---- profile / calibrate ----------------------------------------------------------------------
 
 
-def cmd_profile(a: argparse.Namespace) -> int:
+def check_profile(a: argparse.Namespace) -> None:
+    from .profile import check_profile_request
+
+    _check_pair(a)
+    _check_out(a.out, "--out", folder=True)
+    try:
+        check_profile_request(
+            a.out,
+            modes=a.modes,
+            behaviour=a.behaviour,
+            gamma_max=a.gamma_max,
+            max_new_tokens=a.max_new_tokens,
+            resume=a.resume,
+        )
+    except (ValueError, FileExistsError) as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_profile(a: argparse.Namespace) -> Output:
     from .profile import profile
 
     _threads(a.threads)
-    summary = profile(
+    s = profile(
         a.out,
         target=a.target,
         draft=a.draft,
-        compressions=a.compressions.split(","),
-        tasks=a.tasks.split(","),
-        splits=a.splits.split(","),
+        compressions=a.compressions,
+        tasks=a.tasks,
+        splits=a.splits,
         n_train=a.n_train,
-        modes=a.modes.split(","),
+        modes=a.modes,
         max_new_tokens=a.max_new_tokens,
         gamma_max=a.gamma_max,
         device=a.device,
         resume=a.resume,
+        progress=not a.quiet,
         time_budget_s=a.time_budget,
         behaviour=a.behaviour,
         calibrate=not a.no_calibrate,
         per_task=a.per_task,
     )
-    print(json.dumps(summary, indent=2))
-    return 0
+    text = f"wrote {s['written']} episodes to {s['out']} ({s['skipped']} already there) in {s['seconds']:.0f} s" + (
+        " (stopped at the time budget)" if s["stopped_early"] else ""
+    )
+    return Output(s, text)
 
 
-def cmd_calibrate(a: argparse.Namespace) -> int:
+def check_calibrate(a: argparse.Namespace) -> None:
+    _check_pair(a)
+    _check_out(a.out, "--out", folder=True)
+
+
+def cmd_calibrate(a: argparse.Namespace) -> Output:
     from speckv_env.calibrate import calibrate
     from speckv_env.pair import load_pair
 
     _threads(a.threads)
     # calibration runs on a quiet machine: time the CPU row-count plans again too
     pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device, retime_cpu_plans=True)
-    cm = calibrate(pair, gamma_max=a.gamma_max, tokens_per_gamma=a.tokens_per_gamma, progress=True)
+    cm = calibrate(pair, gamma_max=a.gamma_max, tokens_per_gamma=a.tokens_per_gamma, progress=not a.quiet)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cost-{cm.compression}.json"
     cm.save(path)
-    print(json.dumps(cm.to_dict(), indent=2))
-    print(f"wrote {path}")
-    return 0
+    text = (
+        f"wrote {path}: t_target {cm.t_target * 1e3:.3g} ms, t_draft {cm.t_draft * 1e3:.3g} ms, "
+        f"t_verify[0..{len(cm.t_verify) - 1}] {', '.join(f'{t * 1e3:.3g}' for t in cm.t_verify)} ms"
+    )
+    return Output({"path": str(path), "cost_model": cm.to_dict()}, text)
 
 
-# ---- train / compare ----------------------------------------------------------------------
+# ---- train / compare --------------------------------------------------------------------------
 
 
-def _logs_arg(logs: str | None) -> str:
-    if logs in (None, "default"):
-        from replay.env import default_logs
+def check_train(a: argparse.Namespace) -> None:
+    import agents  # noqa: F401  (fills the registry)
+    from agents.base import AGENTS
 
-        try:
-            return str(default_logs())
-        except FileNotFoundError as e:
-            raise SystemExit(f"{e}; record traces with `speckv profile` and pass --logs FOLDER") from e
-    return logs
+    if a.agent not in AGENTS:
+        raise UsageError(f"unknown agent {a.agent!r}: choose one of {', '.join(sorted(AGENTS))}")
+    a.logs_path, a.source = _check_logs(a.logs)
+    if a.source == "speckv-paper" and a.agent == "ppo":
+        raise UsageError("ppo trains on full-information traces (vectorised replay), not on --logs speckv-paper")
+    _check_out(a.out, "--out", folder=Path(a.out).suffix not in (".json", ".safetensors"))
+    train, own = train_setting_types(a.agent)
+    settings = parse_settings(
+        a.set,
+        {**train, **own},
+        {"steps": _at_least(1), "seed": _at_least(0), "gammas": compare_setting_checks()["gammas"]},
+    )
+    a.train_settings = {k: v for k, v in settings.items() if k in train}
+    a.agent_settings = {k: v for k, v in settings.items() if k in own}
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+def cmd_train(a: argparse.Namespace) -> Output:
     from .compare import train_main
 
     _threads(a.threads or 1)
-    train_main(a.agent, _logs_arg(a.logs), a.out, **_kv(a.set))
-    return 0
+    r = train_main(
+        a.agent,
+        a.logs_path,
+        a.out,
+        source=a.source,
+        agent_kwargs=a.agent_settings or None,
+        progress=not a.quiet,
+        **a.train_settings,
+    )
+    t, bf = r["test"], r["best_fixed"]
+    text = (
+        f"saved {r['path']}\ntest: {t['tokens_per_second']:.4g} modelled tokens/s over {t['episodes']} episodes "
+        f"(best fixed gamma on train = {bf['gamma']}: {bf['tokens_per_second']:.4g} tokens/s on test)"
+    )
+    return Output(r, text)
 
 
-def cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import compare_main
+def check_compare(a: argparse.Namespace) -> None:
+    a.logs_path, a.source = _check_logs(a.logs)
+    _check_out(a.out, "--out", folder=True)
+    a.settings = parse_settings(a.set, compare_setting_types(), compare_setting_checks())
+
+
+def cmd_compare(a: argparse.Namespace) -> Output:
+    from .compare import run_comparison
 
     _threads(a.threads or 1)
-    if a.logs == "speckv-paper":
-        compare_main(None, a.out, source="speckv-paper", quick=a.quick, **_kv(a.set))
-    else:
-        compare_main(_logs_arg(a.logs), a.out, quick=a.quick, **_kv(a.set))
-    print(f"report: {Path(a.out) / 'report.md'}")
-    return 0
+    settings = {"progress": not a.quiet, **a.settings}
+    res = run_comparison(logs=a.logs_path, out_dir=a.out, source=a.source, quick=a.quick, **settings)
+    out = Path(a.out)
+    data = {
+        "report": str(out / "report.md"),
+        "results": str(out / "results.json"),
+        "runtime_s": res.get("runtime_s"),
+        "verdicts": {k: s["verdict"]["sentence"] for k, s in res["splits"].items() if "verdict" in s},
+    }
+    lines = [f"report: {data['report']}"] + [f"[{k}] {v}" for k, v in data["verdicts"].items()]
+    return Output(data, "\n".join(lines))
 
 
-def _kv(items: Sequence[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for it in items or []:
-        if "=" not in it:
-            raise SystemExit(f"--set expects KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+# ---- bench / demo -----------------------------------------------------------------------------
 
 
-# ---- bench ------------------------------------------------------------------------------
+def check_bench(a: argparse.Namespace) -> None:
+    if isinstance(a.json, str):  # the old form `--json PATH`: now `--out PATH`
+        if a.out is not None:
+            raise UsageError("give the results file once: --out PATH (`--json PATH` is its old spelling)")
+        log.warning("speckv bench: `--json PATH` is deprecated, use `--out PATH` (and `--json` for JSON on stdout)")
+        a.out, a.json = a.json, False
+    if a.what == "engine":
+        _check_pair(a)
+    if a.out is not None:
+        _check_out(a.out, "--out", folder=False)
 
 
-def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench_engine import write_json
-
+def cmd_bench(a: argparse.Namespace) -> Output:
     if a.what == "engine":
         from speckv_env.pair import load_pair
 
@@ -229,7 +725,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         r = run_engine_bench(
             pair, bench_prompts(a.prompts_per_task), max_new_tokens=a.max_new_tokens, repeats=a.repeats
         )
-        print(format_engine_table(r))
+        text = format_engine_table(r)
     elif a.what == "env":
         from .bench_env import bench_env
 
@@ -239,59 +735,109 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
             _threads(a.threads)
             r["live"] = bench_live_overhead(max_new_tokens=a.max_new_tokens)
-        print(json.dumps(r, indent=2, default=str))
-    elif a.what == "agents":
-        from .bench_agents import bench_agents
+        text = json.dumps(_jsonable(r), indent=2)
+    else:
+        from .bench_agents import bench_agents, format_table
 
         r = bench_agents(None)
-        print(json.dumps(r, indent=2, default=str))
-    else:  # pragma: no cover - argparse restricts choices
-        raise SystemExit(f"unknown bench {a.what!r}")
-    if a.json:
-        write_json(r, a.json)
-        print(f"wrote {a.json}")
-    return 0
+        text = format_table(r)
+    if a.out is not None:
+        _write_json_file(r, Path(a.out))
+        text += f"\nwrote {a.out}"
+    return Output(r, text)
 
 
-# ---- demo -----------------------------------------------------------------------------
+def check_demo(a: argparse.Namespace) -> None:
+    _check_out(a.out, "--out", folder=True)
+    _check_logs("default")
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+def cmd_demo(a: argparse.Namespace) -> Output:
+    from .demo import format_demo, run_demo
 
-    return run_demo(out=a.out, quick=not a.full, live=not a.no_live, threads=a.threads)
+    s = run_demo(out=a.out, quick=not a.full, live=not a.no_live, threads=a.threads, progress=not a.quiet)
+    return Output({k: v for k, v in s.items() if k != "live_text"}, format_demo(s))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="speckv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+# ---- the parser -------------------------------------------------------------------------------
+
+
+def _output_args(
+    p: argparse.ArgumentParser, json_help: str = "print the result as one JSON document on stdout"
+) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help=json_help + " (nothing else goes to stdout)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages on stderr (errors still)")
+
+
+def _pair_args(p: argparse.ArgumentParser, compression: bool = True) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument(
+        "--target", default=None, help="target model: hub id, folder or .gguf (default: embedded SmolLM2-135M-Instruct)"
     )
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    g.add_argument(
+        "--draft", default=None, help="draft model: hub id, folder or .gguf (default: the draft shipped for the target)"
+    )
+    if compression:
+        g.add_argument(
+            "--compression",
+            type=_compression_arg,
+            default="fp32",
+            help=f"target compression: {', '.join(COMPRESSIONS)} (default fp32)",
+        )
+    g.add_argument("--device", type=_device_arg, default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    g.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default: torch's)")
 
-    g = sub.add_parser("generate", help="speculative decoding of one prompt")
-    _add_pair_args(g)
-    g.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")
-    g.add_argument("--gamma", default="4", help="fixed gamma (0 = target only) or 'auto'")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--json", action="store_true", help="print JSON")
-    g.set_defaults(fn=cmd_generate)
+
+def _add_generate(sub: Any) -> None:
+    g = sub.add_parser("generate", help="speculative decoding of one prompt", description="Decode one prompt.")
+    _pair_args(g)
+    g.add_argument(
+        "--prompt", default="Write a Python function that checks whether a number is prime.", help="the user message"
+    )
+    g.add_argument("--gamma", type=_gamma_arg, default=4, help=f"fixed gamma 0..{MAX_GAMMA} (0 = target only) or auto")
+    g.add_argument("--max-new-tokens", type=_int_arg(1), default=128, help="generation budget (default 128)")
+    g.add_argument("--temperature", type=_float_arg(0.0), default=0.0, help="sampling temperature, 0 = greedy")
+    g.add_argument("--top-p", type=_float_arg(0.0, 1.0, lo_open=True), default=1.0, help="nucleus top-p in (0, 1]")
+    g.add_argument("--seed", type=_int_arg(0), default=0, help="sampling seed")
+    _output_args(g, "print the text and its statistics as one JSON document")
+    g.set_defaults(fn=cmd_generate, check=check_generate, parser=g)
+
+
+def _add_profile(sub: Any) -> None:
+    from speckv_env.prompts import SPLITS, TASKS
+
+    from .profile import MODES
 
     p = sub.add_parser("profile", help="record full-information traces")
-    _add_pair_args(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--compressions", default="fp32,int8,nf4")
-    p.add_argument("--tasks", default="chat,code,math,summarization")
-    p.add_argument("--splits", default="test,validation,train")
-    p.add_argument("--n-train", type=int, default=40, help="training prompts per task")
-    p.add_argument("--per-task", type=int, default=None, help="cap on prompts per task in every split")
-    p.add_argument("--modes", default="greedy,sample", help="greedy and/or sample (temperature 0.7)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--gamma-max", type=int, default=8)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted recording")
-    p.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
+    _pair_args(p, compression=False)
+    p.add_argument("--out", required=True, help="trace folder (one Parquet part file per episode)")
+    p.add_argument(
+        "--compressions",
+        type=_csv_arg("compressions", convert=_compression_arg),
+        default=["fp32", "int8", "nf4"],
+        help="target compressions, comma-separated (default fp32,int8,nf4)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_csv_arg("tasks", TASKS),
+        default=list(TASKS),
+        help=f"tasks from {','.join(TASKS)} (default all)",
+    )
+    p.add_argument(
+        "--splits", type=_csv_arg("splits", SPLITS), default=["test", "validation", "train"], help="prompt splits"
+    )
+    p.add_argument("--n-train", type=_int_arg(0), default=40, help="training prompts per task (default 40)")
+    p.add_argument("--per-task", type=_int_arg(1), default=None, help="cap on prompts per task in every split")
+    p.add_argument(
+        "--modes", type=_csv_arg("modes", tuple(MODES)), default=list(MODES), help="greedy and/or sample (T = 0.7)"
+    )
+    p.add_argument("--max-new-tokens", type=_int_arg(1), default=128, help="generation budget (default 128)")
+    p.add_argument("--gamma-max", type=_int_arg(1, 127), default=8, help="record acceptance runs up to this gamma")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted recording (same settings)")
+    p.add_argument(
+        "--time-budget", type=_float_arg(0.0, lo_open=True), default=None, help="stop cleanly after this many seconds"
+    )
     p.add_argument(
         "--behaviour",
         default="uniform",
@@ -302,54 +848,110 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not measure the cost model here (write it later with `speckv calibrate --out` on a quiet machine)",
     )
-    p.set_defaults(fn=cmd_profile)
+    _output_args(p, "print the summary as JSON")
+    p.set_defaults(fn=cmd_profile, check=check_profile, parser=p)
 
-    cal = sub.add_parser("calibrate", help="measure a pair's cost model (draft/verify/target step times)")
-    _add_pair_args(cal)
-    cal.add_argument("--out", required=True, help="folder: writes cost-<compression>.json (beside traces)")
-    cal.add_argument("--gamma-max", type=int, default=8)
-    cal.add_argument("--tokens-per-gamma", type=int, default=24)
-    cal.set_defaults(fn=cmd_calibrate)
 
+def _add_calibrate(sub: Any) -> None:
+    c = sub.add_parser("calibrate", help="measure a pair's cost model (draft/verify/target step times)")
+    _pair_args(c)
+    c.add_argument("--out", required=True, help="folder: writes cost-<compression>.json (beside traces)")
+    c.add_argument("--gamma-max", type=_int_arg(0, MAX_GAMMA), default=8, help="measure gammas 0..this (default 8)")
+    c.add_argument("--tokens-per-gamma", type=_int_arg(2), default=24, help="tokens decoded per gamma and prompt")
+    _output_args(c, "print the written path and the cost model as JSON")
+    c.set_defaults(fn=cmd_calibrate, check=check_calibrate, parser=c)
+
+
+def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train one controller on traces")
-    t.add_argument("agent")
-    t.add_argument("--logs", default="default")
-    t.add_argument("--out", required=True)
-    t.add_argument("--set", nargs="*", help="KEY=VALUE options (JSON values)")
-    t.add_argument("--threads", type=int, default=None)
-    t.set_defaults(fn=cmd_train)
+    t.add_argument("agent", help="agent name: fixed, hf_heuristic, cost_aware, speckv_mlp, ucb1, ppo, ...")
+    t.add_argument("--logs", default="default", help="trace folder or file, 'default' (shipped) or 'speckv-paper'")
+    t.add_argument("--out", required=True, help="agent file (.json or .safetensors) or a folder")
+    t.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="training settings (steps, seed, gammas, tensorboard) and the agent's own; an unknown key lists them",
+    )
+    t.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default 1)")
+    _output_args(t, "print the saved path and the test summary as JSON")
+    t.set_defaults(fn=cmd_train, check=check_train, parser=t)
 
+
+def _add_compare(sub: Any) -> None:
     c = sub.add_parser("compare", help="train and compare controllers")
-    c.add_argument("--logs", default="default", help="trace folder, 'default' (shipped) or 'speckv-paper'")
-    c.add_argument("--out", required=True)
-    c.add_argument("--quick", action="store_true")
-    c.add_argument("--set", nargs="*", help="KEY=VALUE options (JSON values)")
-    c.add_argument("--threads", type=int, default=None)
-    c.set_defaults(fn=cmd_compare)
+    c.add_argument("--logs", default="default", help="trace folder or file, 'default' (shipped) or 'speckv-paper'")
+    c.add_argument("--out", required=True, help="folder for report.md, results.json, plots and tb/")
+    c.add_argument("--quick", action="store_true", help="few seeds and steps (CompareConfig.quick)")
+    c.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="comparison settings (CompareConfig fields, e.g. seeds=2 splits=heldout); an unknown key lists them",
+    )
+    c.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default 1)")
+    _output_args(c, "print the report's path and the verdicts as JSON")
+    c.set_defaults(fn=cmd_compare, check=check_compare, parser=c)
 
-    b = sub.add_parser("bench", help="speed benchmarks (JSON)")
-    b.add_argument("what", choices=["engine", "env", "agents"])
-    _add_pair_args(b)
-    b.add_argument("--json", default=None, help="write the results here")
-    b.add_argument("--max-new-tokens", type=int, default=64)
-    b.add_argument("--prompts-per-task", type=int, default=1)
-    b.add_argument("--repeats", type=int, default=1)
-    b.add_argument("--seconds", type=float, default=2.0, help="env bench: seconds per measurement")
+
+def _add_bench(sub: Any) -> None:
+    b = sub.add_parser("bench", help="speed benchmarks")
+    b.add_argument("what", choices=["engine", "env", "agents"], help="what to measure")
+    _pair_args(b)
+    b.add_argument("--out", default=None, help="also write the results to this JSON file")
+    b.add_argument("--max-new-tokens", type=_int_arg(1), default=64, help="tokens per prompt (default 64)")
+    b.add_argument("--prompts-per-task", type=_int_arg(1), default=1, help="engine bench: prompts per task")
+    b.add_argument("--repeats", type=_int_arg(1), default=1, help="engine bench: repeats")
+    b.add_argument(
+        "--seconds", type=_float_arg(0.0, lo_open=True), default=2.0, help="env bench: seconds per measurement"
+    )
     b.add_argument("--skip-live", action="store_true", help="env bench: skip the live-env overhead part")
-    b.set_defaults(fn=cmd_bench)
+    g = b.add_argument_group("output")
+    g.add_argument(
+        "--json",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PATH",
+        help="print the results as one JSON document on stdout (nothing else goes to stdout); "
+        "`--json PATH` is the old spelling of --out PATH",
+    )
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages on stderr (errors still)")
+    b.set_defaults(fn=cmd_bench, check=check_bench, parser=b)
 
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="the main job on the embedded default")
-    d.add_argument("--out", default="out/demo")
+    d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     d.add_argument("--full", action="store_true", help="full comparison instead of the quick one")
     d.add_argument("--no-live", action="store_true", help="skip the live check")
-    d.add_argument("--threads", type=int, default=None)
-    d.set_defaults(fn=cmd_demo)
+    d.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads")
+    _output_args(d, "print the paths and the live check's verdict as JSON")
+    d.set_defaults(fn=cmd_demo, check=check_demo, parser=d)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="speckv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"speckv {__version__}", help="print the version and exit")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", title="commands")
+    for add in (_add_generate, _add_profile, _add_calibrate, _add_train, _add_compare, _add_bench, _add_demo):
+        add(sub)
     return ap
+
+
+def _fail(cmd: str, err: BaseException, code: int) -> int:
+    print(f"speckv {cmd}: error: {_one_line(err) or type(err).__name__}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    a = build_parser().parse_args(argv)
+    a, extra = build_parser().parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser: `speckv <cmd>: error: ...`
+        a.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _setup_logging(a.quiet)
     if a.cmd == "profile":
         # recordings run as parallel processes: idle OpenMP threads sleep instead of spinning,
         # or one process's spinning threads starve the others (measured: batched generation
@@ -358,17 +960,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # default vs PASSIVE: target-only 16.66 vs 14.99 tok/s, engine gamma 4 18.45 vs 14.66.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        return int(a.fn(a) or 0)
+        a.check(a)
+        with _library_output(a.quiet):
+            out = a.fn(a)
+    except UsageError as e:
+        return _fail(a.cmd, e, 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"speckv {a.cmd}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
-        # bad input (models, compression, logs, agent files): one clear line, no traceback
-        # (set SPECKV_DEBUG=1 for the traceback)
+    except RUNTIME_ERRORS as e:
+        # a model that does not load, a malformed trace or agent file, a missing file: one
+        # clear line, no traceback (SPECKV_DEBUG=1 shows it)
         if os.environ.get("SPECKV_DEBUG"):
             raise
-        print(f"speckv {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(a.cmd, e, 1)
+    _emit(out, a.json)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
