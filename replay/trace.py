@@ -639,6 +639,7 @@ def synthetic_trace(
         split=split,
         prompt_id=f"synthetic-{seed}",
         mode=mode,
+        temperature=1.0 if mode == "sample" else 0.0,
         seed=seed,
         prompt_len=16,
         step_pos=pos,
