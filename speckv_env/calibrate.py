@@ -116,6 +116,8 @@ def calibrate(
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
             "draft_fingerprint": getattr(pair, "draft_fingerprint", None),
             "cpu_kernels": bool(getattr(pair, "cpu_kernels", False)),
+            "kernels": getattr(pair, "kernels", "stock"),
+            "exact": bool(getattr(pair, "exact", False)),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     )
@@ -142,7 +144,8 @@ def fit_t_verify(verify: dict[int, list[float]], gamma_max: int, where: str = "c
 def calibration_path(pair) -> Path:
     # the draft's fingerprint is part of the key: a retrained draft (same name) is re-measured
     # and so is the kernel choice (row-count plans change every step time)
-    kernels = "cpulinear" if getattr(pair, "cpu_kernels", False) else "stock"
+    kernels = getattr(pair, "kernels", None) or ("cpulinear" if getattr(pair, "cpu_kernels", False) else "stock")
+    kernels = kernels.replace(":", "_")
     key = f"{pair.name}-{pair.draft_fingerprint}-{pair.compression}-{pair.device.type}-{kernels}"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return cache_dir() / "calibration" / f"{safe}.json"

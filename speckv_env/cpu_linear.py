@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,13 +59,16 @@ def _wx(x2: torch.Tensor, w: torch.Tensor, cols: int) -> torch.Tensor:
     return (w @ x2.t())[:, :n].t().contiguous()
 
 
-def _make_forward(mod: nn.Linear):
-    plan: dict[int, int] = getattr(mod, _ATTR)
+class PlannedLinear(nn.Linear):
+    """``nn.Linear`` with a row-count plan (:func:`install`): rows -> columns of ``W @ x.T``.
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        w, b = mod.weight, mod.bias  # read per call: weights may be reassigned or moved after install
+    A class (not a closure over the module), so ``copy.deepcopy`` and ``pickle`` give a layer
+    that computes with its own weights and plan."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
         n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        cols = plan.get(n, 0)
+        cols = getattr(self, _ATTR, {}).get(n, 0)
         if cols == 0 or x.dtype != w.dtype or w.device.type != "cpu" or torch.is_grad_enabled():
             return nn.functional.linear(x, w, b)
         y = _wx(x.reshape(n, x.shape[-1]), w, cols)
@@ -72,12 +76,10 @@ def _make_forward(mod: nn.Linear):
             y = y + b
         return y.reshape(*x.shape[:-1], w.shape[0])
 
-    return forward
-
 
 def _eligible(m: nn.Module) -> bool:
     return (
-        type(m) is nn.Linear
+        type(m) in (nn.Linear, PlannedLinear)
         and m.weight.device.type == "cpu"
         and m.weight.dtype == torch.float32
         and m.weight.dim() == 2
@@ -176,6 +178,7 @@ def plans_for(
         print(
             f"[speckv] timing CPU matrix-product plans for {len(todo)} weight shapes on this host "
             f"(once, ~10 s; cached in {path})",
+            file=sys.stderr,
             flush=True,
         )
     for shape in todo:
@@ -206,7 +209,7 @@ def install(
     for m in model.modules():
         if _eligible(m) and tuple(m.weight.shape) in plans:
             setattr(m, _ATTR, dict(plans[tuple(m.weight.shape)]))
-            m.forward = _make_forward(m)
+            m.__class__ = PlannedLinear
             count += 1
     return count
 
@@ -216,8 +219,8 @@ def uninstall(model: nn.Module) -> None:
     for m in model.modules():
         if hasattr(m, _ATTR):
             delattr(m, _ATTR)
-            if "forward" in m.__dict__:
-                del m.forward
+            if type(m) is PlannedLinear:
+                m.__class__ = nn.Linear
 
 
 def installed(model: nn.Module) -> bool:

@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,29 @@ class StepResult:
             self._sigs = [_signals_from_logits(r) for r in self.draft_rows]
             self.draft_rows = []
         return self._sigs
+
+
+@dataclass
+class _Drafted:
+    """What a step drafted: tokens, the draft distributions they were sampled from (sampling),
+    the draft logits of every drafted position (signals and traces), and draft forwards run."""
+
+    tokens: list[int] = field(default_factory=list)
+    q_rows: list[torch.Tensor] = field(default_factory=list)
+    sigs: list[torch.Tensor] = field(default_factory=list)
+    forwards: int = 1  # the observation forward
+
+
+@dataclass
+class _Verdict:
+    """The outcome of a verification: accepted drafts, emitted tokens, acceptance events, the
+    bonus position's record (sampling), and draft time spent inside the verification phase."""
+
+    accepted: int
+    emitted: list[int]
+    events: list[int]
+    bonus_rec: tuple[int, torch.Tensor, bool] | None = None
+    extra_draft_s: float = 0.0
 
 
 @dataclass
@@ -127,6 +151,15 @@ def cache_kwarg(model) -> str:
     return "past_key_values"
 
 
+def _rollback_cache(cache):
+    """Let sliding-window layers of a cache be cropped after a rejection (transformers keeps
+    only the window otherwise, and refuses to roll back once the window is full)."""
+    for layer in getattr(cache, "layers", ()):
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+    return cache
+
+
 def _crop(cache, new_len: int) -> None:
     cur = cache.get_seq_length()
     if cur > new_len:
@@ -181,10 +214,10 @@ class SpeculativeEngine:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.sampling = self.temperature > 0
-        if eos_token_id is None:
-            eos_token_id = getattr(target.generation_config, "eos_token_id", None) or getattr(
-                target.config, "eos_token_id", None
-            )
+        if eos_token_id is None:  # an EOS id of 0 is a real id: test for None, not truthiness
+            eos_token_id = getattr(target.generation_config, "eos_token_id", None)
+            if eos_token_id is None:
+                eos_token_id = getattr(target.config, "eos_token_id", None)
         if eos_token_id is None:
             self.eos: frozenset[int] = frozenset()
         elif isinstance(eos_token_id, int):
@@ -197,7 +230,33 @@ class SpeculativeEngine:
         self._cuda = self.device.type == "cuda" or self.draft_device.type == "cuda"
         self._t_kv = cache_kwarg(target)
         self._d_kv = cache_kwarg(draft)
+        from .invariant import is_row_invariant
+
+        #: both models compute row-invariant forwards, so the output does not depend on gamma
+        #: (:mod:`speckv_env.invariant`); False means it may, at near-ties
+        self.exact = is_row_invariant(target) and is_row_invariant(draft)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        """Episode state; :meth:`start` fills it for a new sequence."""
         self._started = False
+        self.prompt: list[int] = []
+        self.max_new_tokens = 0
+        self.seed = 0
+        self.out: list[int] = []
+        self._t_cache: Any = None
+        self._d_cache: Any = None
+        self._t_pending = 0
+        self._d_pending: list[int] = []
+        self.prefill_s = 0.0
+        self._u = np.zeros((1, 3))
+        self._q: torch.Tensor | None = None  # draft logits at the current position
+        self._sig: DraftSignals | None = None
+        self._obs_s = 0.0
+        self._late_pos: int | None = None
+        self.pos_accept: list[bool | None] = []
+        self._pos_rows: list[Any] = []
+        self.finish_reason: str | None = None
 
     # ---- timing ---------------------------------------------------------------------
     def _now(self) -> float:
@@ -229,12 +288,12 @@ class SpeculativeEngine:
             raise ValueError("the prompt must contain at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._reset_state()
         self.prompt = ids
         self.max_new_tokens = int(max_new_tokens)
         self.seed = int(seed)
-        self.out: list[int] = []
-        self._t_cache = DynamicCache(config=self.target.config)
-        self._d_cache = DynamicCache(config=self.draft.config)
+        self._t_cache = _rollback_cache(DynamicCache(config=self.target.config))
+        self._d_cache = _rollback_cache(DynamicCache(config=self.draft.config))
         t0 = self._now()
         if len(ids) > 1:
             self.target(
@@ -246,13 +305,6 @@ class SpeculativeEngine:
         self.prefill_s = t1 - t0
         # position-keyed uniforms: row s = (draft proposal, accept test, residual) for output position s
         self._u = np.random.default_rng(self.seed).random((self.max_new_tokens + 1, 3))
-        self._q: torch.Tensor | None = None  # draft logits at the current position
-        self._sig: DraftSignals | None = None
-        self._obs_s = 0.0
-        self._late_pos: int | None = None
-        self.pos_accept: list[bool | None] = []
-        self._pos_rows: list[torch.Tensor | None] = []
-        self.finish_reason: str | None = None
         self._started = True
 
     @property
@@ -334,6 +386,44 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def step(self, gamma: int) -> StepResult:
         """Draft ``gamma`` tokens (0 = plain target step), verify them, emit, roll caches back."""
+        g = self._clip_gamma(gamma)
+        t = len(self.out)
+        self._ensure_q()
+        obs_s = self._obs_s
+        d_len0 = self._d_cache.get_seq_length()  # draft cache = prompt + y
+        t0 = self._now()
+        dr = self._draft(g, t)
+        t1 = self._now()
+        x = torch.tensor([[self._t_pending, *dr.tokens]], device=self.device)
+        logits = self.target(input_ids=x, use_cache=True, **{self._t_kv: self._t_cache}).logits[0]
+        v = self._accept_sampling(logits, dr, t) if self.sampling else self._accept_greedy(logits, dr)
+        acc_raw = v.accepted
+        finish = self._cut_at_eos(v)
+        self._record_step(t, g, v, dr, acc_raw)
+        self._rollback(g, v, d_len0, finish)
+        t2 = self._now()
+        self._q = None
+        self._sig = None
+        self.out.extend(v.emitted)
+        if finish is None and len(self.out) >= self.max_new_tokens:
+            finish = "length"
+        self.finish_reason = finish
+        return StepResult(
+            gamma=g,
+            accepted=v.accepted,
+            tokens=v.emitted,
+            draft_rows=dr.sigs[: max(g, 1)],
+            draft_s=obs_s + (t1 - t0) + v.extra_draft_s,
+            verify_s=(t2 - t1) - v.extra_draft_s,
+            done=finish is not None,
+            finish_reason=finish,
+            events=v.events,
+            draft_forwards=dr.forwards,
+        )
+
+    # ---- the phases of a step -------------------------------------------------------------
+    def _clip_gamma(self, gamma: int) -> int:
+        """Validate a requested gamma; clip it so that the step cannot emit past max_new_tokens."""
         if not self._started:
             raise RuntimeError("call start() before step()")
         g_req = int(gamma)
@@ -341,143 +431,112 @@ class SpeculativeEngine:
             raise ValueError(f"gamma must be in 0..{self.max_gamma}, got {gamma}")
         if self.done:
             raise RuntimeError("generation has finished: call start() for a new sequence")
-        t = len(self.out)
-        g = min(g_req, self.max_new_tokens - 1 - t)  # never emit past max_new_tokens
-        self._ensure_q()
-        obs_s = self._obs_s
-        assert self._q is not None
-        d_len0 = self._d_cache.get_seq_length()  # draft cache = prompt + y
-        u = self._u
+        return min(g_req, self.max_new_tokens - 1 - len(self.out))
 
-        # ---- draft --------------------------------------------------------------------
-        t0 = self._now()
-        drafts: list[int] = []
-        q_rows: list[torch.Tensor] = []  # draft distributions used for the proposals (sampling)
-        sigs: list[torch.Tensor] = [self._q]  # draft logits of every drafted position
+    def _draft(self, g: int, t: int) -> _Drafted:
+        """Propose g tokens from the draft (its first distribution is the observation's)."""
+        assert self._q is not None
+        dr = _Drafted(sigs=[self._q])
         q_logits = self._q
-        n_fwd = 1  # the observation forward
         for i in range(g):
             if self.sampling:
                 q = self._probs(q_logits)
-                d = _sample_from(q, float(u[t + i, 0]))
-                q_rows.append(q)
+                d = _sample_from(q, float(self._u[t + i, 0]))
+                dr.q_rows.append(q)
             else:
                 d = int(torch.argmax(q_logits))
-            drafts.append(d)
+            dr.tokens.append(d)
             if i < g - 1:
                 q_logits = self._draft_forward([d])[-1]
-                n_fwd += 1
-                sigs.append(q_logits)
-        t1 = self._now()
+                dr.forwards += 1
+                dr.sigs.append(q_logits)
+        return dr
 
-        # ---- verify -------------------------------------------------------------------
-        x = torch.tensor([[self._t_pending, *drafts]], device=self.device)
-        logits = self.target(input_ids=x, use_cache=True, **{self._t_kv: self._t_cache}).logits[0]
-        accepted = 0
-        emitted: list[int] = []
-        finish: str | None = None
-        events: list[int] = []
-        extra_draft_s = 0.0
-        bonus_rec = None
-        if not self.sampling:
-            tgt = torch.argmax(logits, dim=-1).tolist()
-            while accepted < g and drafts[accepted] == tgt[accepted]:
-                accepted += 1
-            emitted = drafts[:accepted] + [tgt[accepted]]
-            if g == 0:
-                events = [int(int(torch.argmax(self._q)) == tgt[0])]
-            else:
-                events = [1] * accepted + ([0] if accepted < g else [])
-        else:
-            for i in range(g):
-                p = self._probs(logits[i])
-                q = q_rows[i]
-                d = drafts[i]
-                if float(u[t + i, 1]) * float(q[d]) < float(p[d]):  # u < p/q without dividing
-                    accepted += 1
-                    continue
-                resid = torch.clamp(p - q, min=0.0)
-                emitted = drafts[:accepted] + [_sample_from(resid, float(u[t + i, 2]))]
-                events = [1] * accepted + [0]
-                break
-            else:
-                # all g accepted (or g == 0): draw the token at position t+g with the same rule
-                s = t + g
-                if g == 0:
-                    qb_logits = self._q
-                else:
-                    te = self._now()
-                    qb_logits = self._draft_forward([drafts[-1]])[-1]
-                    n_fwd += 1
-                    extra_draft_s = self._now() - te
-                    sigs.append(qb_logits)
-                qb = self._probs(qb_logits)
-                pb = self._probs(logits[g])
-                db = _sample_from(qb, float(u[s, 0]))
-                if float(u[s, 1]) * float(qb[db]) < float(pb[db]):
-                    tok = db
-                    ev = 1
-                else:
-                    tok = _sample_from(torch.clamp(pb - qb, min=0.0), float(u[s, 2]))
-                    ev = 0
-                emitted = drafts + [tok]
-                events = [ev] if g == 0 else [1] * g
-                bonus_rec = (s, sigs[-1], bool(ev))
-        acc_raw = accepted
-        # EOS inside the emitted tokens ends generation right after it; the EOS counts as the
-        # target's token (accepted = tokens before it), as in the trace model of replay/
-        for j, tok in enumerate(emitted):
-            if tok in self.eos:
-                emitted = emitted[: j + 1]
-                if j < accepted:
-                    accepted = j
-                    events = [1] * accepted + [0]
-                finish = "eos"
-                break
-
-        # ---- per-position record (full-information traces) ------------------------------
-        n_em = len(emitted)
+    def _accept_greedy(self, logits: torch.Tensor, dr: _Drafted) -> _Verdict:
+        """Accept drafts while they equal the target's argmax; then emit the target's own token."""
+        g = len(dr.tokens)
+        tgt = torch.argmax(logits, dim=-1).tolist()  # one device-to-host transfer
+        k = 0
+        while k < g and dr.tokens[k] == tgt[k]:
+            k += 1
         if g == 0:
-            self._record(t, sigs[0], bool(events[0]))
+            events = [int(int(torch.argmax(self._q)) == tgt[0])]
         else:
-            for i in range(min(accepted + 1, g, n_em)):
-                self._record(t + i, sigs[i], i < acc_raw)
-            if accepted == g and n_em == g + 1:
-                if bonus_rec is not None:
-                    self._record(*bonus_rec)
-                else:
-                    self._late_pos = t + g  # filled by the next observe() (greedy)
+            events = [1] * k + ([0] if k < g else [])
+        return _Verdict(accepted=k, emitted=dr.tokens[:k] + [tgt[k]], events=events)
 
-        # ---- roll caches back -----------------------------------------------------------
+    def _accept_sampling(self, logits: torch.Tensor, dr: _Drafted, t: int) -> _Verdict:
+        """Exact speculative sampling with position-keyed uniforms (module docstring)."""
+        u, g = self._u, len(dr.tokens)
+        for i in range(g):
+            p = self._probs(logits[i])
+            q, d = dr.q_rows[i], dr.tokens[i]
+            if float(u[t + i, 1]) * float(q[d]) < float(p[d]):  # u < p/q without dividing
+                continue
+            tok = _sample_from(torch.clamp(p - q, min=0.0), float(u[t + i, 2]))
+            return _Verdict(accepted=i, emitted=dr.tokens[:i] + [tok], events=[1] * i + [0])
+        # all g accepted (or g == 0): draw the token at position t+g with the same rule
+        s = t + g
+        extra = 0.0
+        if g == 0:
+            qb_logits = self._q
+        else:
+            te = self._now()
+            qb_logits = self._draft_forward([dr.tokens[-1]])[-1]
+            dr.forwards += 1
+            extra = self._now() - te
+            dr.sigs.append(qb_logits)
+        qb, pb = self._probs(qb_logits), self._probs(logits[g])
+        db = _sample_from(qb, float(u[s, 0]))
+        ev = int(float(u[s, 1]) * float(qb[db]) < float(pb[db]))
+        tok = db if ev else _sample_from(torch.clamp(pb - qb, min=0.0), float(u[s, 2]))
+        return _Verdict(
+            accepted=g,
+            emitted=dr.tokens + [tok],
+            events=[ev] if g == 0 else [1] * g,
+            bonus_rec=(s, dr.sigs[-1], bool(ev)),
+            extra_draft_s=extra,
+        )
+
+    def _cut_at_eos(self, v: _Verdict) -> str | None:
+        """EOS inside the emitted tokens ends generation right after it; the EOS counts as the
+        target's token (accepted = tokens before it), as in the trace model of replay/."""
+        for j, tok in enumerate(v.emitted):
+            if tok in self.eos:
+                v.emitted = v.emitted[: j + 1]
+                if j < v.accepted:
+                    v.accepted = j
+                    v.events = [1] * j + [0]
+                return "eos"
+        return None
+
+    def _record_step(self, t: int, g: int, v: _Verdict, dr: _Drafted, acc_raw: int) -> None:
+        """Per-position records for full-information traces (replay/SCHEMA.md)."""
+        n_em = len(v.emitted)
+        if g == 0:
+            self._record(t, dr.sigs[0], bool(v.events[0]))
+            return
+        for i in range(min(v.accepted + 1, g, n_em)):
+            self._record(t + i, dr.sigs[i], i < acc_raw)
+        if v.accepted == g and n_em == g + 1:
+            if v.bonus_rec is not None:
+                self._record(*v.bonus_rec)
+            else:
+                self._late_pos = t + g  # filled by the next observe() (greedy)
+
+    def _rollback(self, g: int, v: _Verdict, d_len0: int, finish: str | None) -> None:
+        """Crop both caches to what was accepted; queue the tokens each model has not seen."""
         base_t = self._t_cache.get_seq_length() - (g + 1)  # before this verification
-        _crop(self._t_cache, base_t + 1 + accepted)  # keep y[-1] and the accepted drafts
-        self._t_pending = emitted[-1]
-        if self.sampling and g > 0 and accepted == g and finish is None:
+        _crop(self._t_cache, base_t + 1 + v.accepted)  # keep y[-1] and the accepted drafts
+        self._t_pending = v.emitted[-1]
+        if self.sampling and g > 0 and v.accepted == g and finish is None:
             # the draft consumed d_g for the bonus draw: keep y + d_1..d_g
             _crop(self._d_cache, d_len0 + g)
-            self._d_pending = [emitted[-1]]
+            self._d_pending = [v.emitted[-1]]
         else:
-            _crop(self._d_cache, d_len0 + min(accepted, max(g - 1, 0)))
-            self._d_pending = emitted[min(accepted, max(g - 1, 0)) :]
-        t2 = self._now()
-        self._q = None
-        self._sig = None
-        self.out.extend(emitted)
-        if finish is None and len(self.out) >= self.max_new_tokens:
-            finish = "length"
-        self.finish_reason = finish
-        return StepResult(
-            gamma=g,
-            accepted=accepted,
-            tokens=emitted,
-            draft_rows=sigs[: max(g, 1)],
-            draft_s=obs_s + (t1 - t0) + extra_draft_s,
-            verify_s=(t2 - t1) - extra_draft_s,
-            done=finish is not None,
-            finish_reason=finish,
-            events=events,
-            draft_forwards=n_fwd,
-        )
+            keep = min(v.accepted, max(g - 1, 0))
+            _crop(self._d_cache, d_len0 + keep)
+            self._d_pending = v.emitted[keep:]
 
     def generate(
         self,

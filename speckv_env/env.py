@@ -85,7 +85,7 @@ class LiveBackend:
             events=r.events,
             draft_s=r.draft_s,
             verify_s=r.verify_s,
-            extra={"draft_signals": r.draft_signals, "draft_forwards": r.draft_forwards},
+            extra={"draft_signals": r.draft_signals, "draft_forwards": r.draft_forwards, "exact": self.engine.exact},
         )
 
     def close(self) -> None:
@@ -170,13 +170,21 @@ class SpecKVEnv(SpecKVBaseEnv):
     (fp32, bf16, fp16, int8, nf4), ``device`` ("auto"), ``task``/``split`` (shipped suites)
     or ``prompts`` (strings or a .jsonl/.txt file), ``max_new_tokens`` (128), ``temperature``
     (0 = greedy), ``top_p``, ``gammas``, ``reward``, ``cost_model`` (a CostModel, a path to
-    its JSON, or None to calibrate once and cache), ``pair`` (an already loaded ModelPair).
+    its JSON, or None to calibrate once and cache), ``pair`` (an already loaded ModelPair),
+    ``exact`` (True: row-invariant forwards, see below; False: the faster-where-it-differs
+    kernels, for users who need speed and not exact replay).
+
+    Exactness: with ``exact=True`` (the default) both models compute row-invariant forwards
+    (:mod:`speckv_env.invariant`): a position's logits are bit-identical whether it is
+    computed alone or inside a verification of any size, so the emitted sequence does not
+    depend on the actions, for every compression (tested on the real default pair), and a
+    trace recorded this way replays every policy exactly. ``info["exact"]`` says whether this
+    holds for the episode (False with ``exact=False`` or a pair loaded without it).
 
     Determinism: on CPU the tokens, observations and rewards are reproducible for a given
     seed and action sequence. The measured times in ``info`` are wall-clock readings and vary
     between runs, which is why the id is registered with ``nondeterministic=True`` (Gymnasium's
-    checker compares ``info`` too). GPU kernels can also differ in the last bits; greedy ties
-    could then flip.
+    checker compares ``info`` too).
     """
 
     def __init__(
@@ -197,6 +205,7 @@ class SpecKVEnv(SpecKVBaseEnv):
         pair: Any = None,
         render_mode: str | None = None,
         trust_remote_code: bool = False,
+        exact: bool = True,
     ) -> None:
         from .pair import load_pair
 
@@ -204,7 +213,9 @@ class SpecKVEnv(SpecKVBaseEnv):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         selected = select_prompts(task, split, prompts)
         if pair is None:
-            pair = load_pair(target, draft, compression=compression, device=device, trust_remote_code=trust_remote_code)
+            pair = load_pair(
+                target, draft, compression=compression, device=device, trust_remote_code=trust_remote_code, exact=exact
+            )
         gamma_max = max(int(g) for g in gammas)
         if cost_model is None:
             from .calibrate import cached_calibration

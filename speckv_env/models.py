@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,7 @@ def default_target_path(progress: bool = True) -> Path:
     if (out / "model.safetensors").exists() and (out / "speckv_converted.json").exists():
         return out
     if progress:
-        print(f"[speckv] converting {gguf.name} to safetensors in {out} (once, ~20 s)", flush=True)
+        print(f"[speckv] converting {gguf.name} to safetensors in {out} (once, ~20 s)", file=sys.stderr, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -33,8 +33,20 @@ class ModelPair:
     draft_name: str
     compression: str
     device: torch.device
-    #: float32 linear layers use row-count plans (:mod:`speckv_env.cpu_linear`)
+    #: float32 linear layers use row-count plans (:mod:`speckv_env.cpu_linear`; only with exact=False)
     cpu_kernels: bool = False
+    #: both models compute row-invariant forwards (:mod:`speckv_env.invariant`): the emitted
+    #: sequence does not depend on the gammas chosen
+    exact: bool = False
+
+    @property
+    def kernels(self) -> str:
+        """Which products the pair computes with (recorded in traces, cost models and benches)."""
+        from . import invariant
+
+        if self.exact:
+            return invariant.kernel_name(self.target)
+        return "cpu-row-plans" if self.cpu_kernels else "stock"
 
     @property
     def name(self) -> str:
@@ -98,6 +110,7 @@ def load_pair(
     draft_dtype: torch.dtype | None = None,
     cpu_kernels: bool | None = None,
     retime_cpu_plans: bool = False,
+    exact: bool = True,
 ) -> ModelPair:
     """Load a draft/target pair, checking that they share a vocabulary.
 
@@ -105,10 +118,14 @@ def load_pair(
     for it (only valid with the default target). ``compression`` applies to the target only;
     the draft runs uncompressed (fp32 on CPU, fp16 on GPU unless ``draft_dtype``).
 
-    ``cpu_kernels`` (on a CPU device): give both models' float32 linear layers row-count plans
-    (:mod:`speckv_env.cpu_linear`; timed once per host, a few seconds, then cached). Default:
-    on, unless the environment variable ``SPECKV_CPU_LINEAR=0``. ``retime_cpu_plans`` times them
-    again instead of reading the cache (``speckv calibrate`` does: it runs on a quiet machine).
+    ``exact`` (default): both models compute row-invariant forwards (:mod:`speckv_env.invariant`),
+    so a position's logits do not depend on how many tokens share its forward and the emitted
+    sequence does not depend on the gammas chosen, for every compression. ``exact=False`` is the
+    faster-where-it-differs path for users who need speed and not exact replay: stock kernels,
+    plus on CPU ``cpu_kernels``, row-count plans for the float32 linear layers
+    (:mod:`speckv_env.cpu_linear`; timed once per host, a few seconds, then cached; default on
+    unless ``SPECKV_CPU_LINEAR=0``). ``retime_cpu_plans`` times the plans again instead of reading
+    the cache (``speckv calibrate`` does: it runs on a quiet machine).
     """
     comp = check_compression(compression)
     dev = resolve_device(device)
@@ -147,9 +164,16 @@ def load_pair(
     d_vocab = drf.config.vocab_size
     if t_vocab is not None and d_vocab != tgt.config.vocab_size:
         raise ModelLoadError(
-            f"draft vocabulary size {d_vocab} differs from the target's {tgt.config.vocab_size}: their logits cannot be compared"
+            f"draft vocabulary size {d_vocab} differs from the target's {tgt.config.vocab_size}: "
+            "their logits cannot be compared"
         )
-    if cpu_kernels is None:
+    if exact:
+        from . import invariant
+
+        invariant.make_row_invariant(tgt)
+        invariant.make_row_invariant(drf)
+        cpu_kernels = False
+    elif cpu_kernels is None:
         cpu_kernels = os.environ.get("SPECKV_CPU_LINEAR", "1") != "0"
     planned = False
     if cpu_kernels and dev.type == "cpu":
@@ -167,4 +191,5 @@ def load_pair(
         compression=comp,
         device=dev,
         cpu_kernels=planned,
+        exact=exact,
     )

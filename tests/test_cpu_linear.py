@@ -47,7 +47,7 @@ def test_uninstall_restores_the_stock_path_and_training_is_untouched():
     lin(x).sum().backward()  # grad mode uses nn.functional.linear: gradients flow as usual
     assert x.grad is not None and lin.weight.grad is not None
     cpu_linear.uninstall(lin)
-    assert "forward" not in lin.__dict__ and not cpu_linear.installed(lin)
+    assert type(lin) is nn.Linear and not cpu_linear.installed(lin)
     with torch.inference_mode():
         assert torch.equal(lin(x.detach()), nn.functional.linear(x.detach(), lin.weight, lin.bias))
 
@@ -55,7 +55,7 @@ def test_uninstall_restores_the_stock_path_and_training_is_untouched():
 def test_only_float32_cpu_linear_layers_are_planned():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), nn.Embedding(10, 8))
     n = cpu_linear.install(model, {(8, 8): ALL_WX})
-    assert n == 1 and "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+    assert n == 1 and type(model[0]) is cpu_linear.PlannedLinear and type(model[1]) is not cpu_linear.PlannedLinear
 
 
 def test_tuned_plans_are_cached_per_host(tmp_path, monkeypatch):

@@ -124,16 +124,23 @@ def test_int8_cast_warning_is_logged_once(tmp_path, caplog):
     assert len(casts) <= 1
 
 
-def test_load_pair_plans_cpu_linears_unless_turned_off(tmp_path, monkeypatch):
-    from speckv_env import cpu_linear
+def test_load_pair_is_exact_by_default_and_plans_only_on_the_fast_path(tmp_path, monkeypatch):
+    from speckv_env import cpu_linear, invariant
     from speckv_env.pair import load_pair
 
     monkeypatch.setenv("SPECKV_CACHE", str(tmp_path / "cache"))
     t = _save_model(tmp_path, "target", WORDS)
     d = _save_model(tmp_path, "draft", WORDS, seed=1)
-    pair = load_pair(str(t), str(d), device="cpu")
+    exact = load_pair(str(t), str(d), device="cpu")
+    assert exact.exact and not exact.cpu_kernels
+    assert invariant.is_row_invariant(exact.target) and invariant.is_row_invariant(exact.draft)
+    assert exact.kernels.startswith("row-invariant:") and not cpu_linear.current_plans(exact.target)
+    # exact=False: the row-count plans unless SPECKV_CPU_LINEAR=0; the argument wins over the variable
+    pair = load_pair(str(t), str(d), device="cpu", exact=False)
+    assert not pair.exact and not invariant.is_row_invariant(pair.target)
     assert pair.cpu_kernels and cpu_linear.current_plans(pair.target) and cpu_linear.current_plans(pair.draft)
+    assert pair.kernels == "cpu-row-plans"
     monkeypatch.setenv("SPECKV_CPU_LINEAR", "0")
-    stock = load_pair(str(t), str(d), device="cpu")
-    assert not stock.cpu_kernels and not cpu_linear.current_plans(stock.target)
-    assert load_pair(str(t), str(d), device="cpu", cpu_kernels=True).cpu_kernels  # the argument wins
+    stock = load_pair(str(t), str(d), device="cpu", exact=False)
+    assert not stock.cpu_kernels and not cpu_linear.current_plans(stock.target) and stock.kernels == "stock"
+    assert load_pair(str(t), str(d), device="cpu", exact=False, cpu_kernels=True).cpu_kernels
