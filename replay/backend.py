@@ -36,6 +36,13 @@ def resolve_cost_model(cost_models: CostModels, compression: str, where: str = "
     )
 
 
+def trace_is_exact(trace: Trace) -> bool:
+    """True when ``trace`` was recorded with row-invariant forwards (``meta["exact"]``), so its
+    outcomes for other gammas are what live decoding would give. Older traces do not say so:
+    their counterfactual answers can differ from live play at near-ties (compressed targets)."""
+    return bool((trace.meta or {}).get("exact", False))
+
+
 class TraceBackend:
     """Replays full-information traces; implements :class:`speckv_env.core.Backend`."""
 
@@ -100,7 +107,7 @@ class TraceBackend:
             compression=tr.compression,
             mode=tr.mode,
             max_new_tokens=tr.max_new_tokens,
-            extra={"trace_id": tr.trace_id, "split": tr.split, "n": tr.n},
+            extra={"trace_id": tr.trace_id, "split": tr.split, "n": tr.n, "exact": trace_is_exact(tr)},
         )
 
     def signals(self) -> DraftSignals:

@@ -231,6 +231,7 @@ class SpecKVBaseEnv(gym.Env):
             "task": self._episode.task,
             "compression": self._episode.compression,
             "mode": self._episode.mode,
+            **(self._episode.extra or {}),  # e.g. "exact": whether other gammas would emit the same tokens
         }
         if self.render_mode == "human":
             print(

@@ -64,6 +64,7 @@ class LiveBackend:
             compression=self.compression,
             mode="sample" if self.sampling else "greedy",
             max_new_tokens=self.max_new_tokens,
+            extra={"exact": self.engine.exact},
         )
 
     def signals(self) -> DraftSignals:

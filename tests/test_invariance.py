@@ -208,3 +208,37 @@ def test_real_pair_output_does_not_depend_on_gamma(compression, default_prompts)
         for p in prompts:
             g0, g8, rand = _outputs(engine, pair.encode_chat(p.text), n, seed=3)
             assert g0 == g8 == rand, (compression, temperature, p.id)
+
+
+@requires_default
+@pytest.mark.parametrize("exact", [True, False])
+def test_exactness_is_flagged_in_info_and_trace_meta(exact):
+    """The env never claims exactness it does not have: ``info["exact"]`` (live steps), the
+    trace's ``meta["exact"]`` and the replay env's reset info agree with how the pair computes."""
+    import gymnasium as gym
+    from tiny_models import make_tiny_pair
+
+    import speckv_env  # noqa: F401  (registers the envs)
+    from replay.env import SpecKVReplayEnv
+    from speckv_env.app.profile import record_episode
+    from speckv_env.core import CostModel
+    from speckv_env.models import load_tokenizer
+    from speckv_env.pair import ModelPair
+
+    tok = load_tokenizer(None)
+    target, draft = make_tiny_pair(vocab=49152, hidden=32, noise=0.03, seed=4)
+    if exact:
+        invariant.make_row_invariant(target)
+        invariant.make_row_invariant(draft)
+    pair = ModelPair(target, draft, tok, "tiny-target", "tiny-draft", "fp32", torch.device("cpu"), exact=exact)
+    env = gym.make("SpecKV-v0", pair=pair, cost_model=CostModel.unit(), split="test", task="math", max_new_tokens=8)
+    env.reset(options={"episode": 0})
+    info = env.step(3)[-1]
+    assert info["exact"] is exact
+    eng = SpeculativeEngine(target, draft, eos_token_id=pair.eos_token_id)
+    prompt = env.unwrapped.backend.prompts[0]
+    tr = record_episode(eng, pair, prompt, max_new_tokens=8, gamma_max=8, mode="greedy", seed=0)
+    assert tr.meta["exact"] is exact
+    assert tr.meta["kernels"] == pair.kernels and pair.kernels.startswith("row-invariant" if exact else "stock")
+    _, rinfo = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit()).reset(options={"episode": 0})
+    assert rinfo["exact"] is exact

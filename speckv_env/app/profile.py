@@ -60,7 +60,9 @@ def recorded_settings(folder: str | Path) -> dict[str, set]:
 
     from replay.trace import read_table_checked
 
-    seen: dict[str, set] = {k: set() for k in ("max_new_tokens", "gamma_max", "pair", "device", "draft_fingerprint")}
+    seen: dict[str, set] = {
+        k: set() for k in ("max_new_tokens", "gamma_max", "pair", "device", "draft_fingerprint", "kernels")
+    }
     for f in sorted(Path(folder).glob("*.parquet")):
         t = read_table_checked(f, columns=_SETTING_COLUMNS).to_pydict()
         for k in ("max_new_tokens", "gamma_max", "pair", "device"):
@@ -70,9 +72,13 @@ def recorded_settings(folder: str | Path) -> dict[str, set]:
             seen.setdefault(f"sampling[{mode}]", set()).add(None if mode == "greedy" else (temp, top_p))
         for m in t["meta"]:
             try:
-                seen["draft_fingerprint"].add((json.loads(m) if m else {}).get("draft_fingerprint"))
-            except (ValueError, AttributeError):
-                seen["draft_fingerprint"].add(None)
+                meta = json.loads(m) if m else {}
+            except ValueError:
+                meta = {}
+            meta = meta if isinstance(meta, dict) else {}
+            seen["draft_fingerprint"].add(meta.get("draft_fingerprint"))
+            # traces from before exactness was recorded were made with stock or row-count-plan kernels
+            seen["kernels"].add(meta.get("kernels", "inexact (not recorded)"))
     return seen
 
 
@@ -114,6 +120,12 @@ def check_resume_pair(folder: str | Path, seen: dict[str, set], pair: Any) -> No
     prints = seen["draft_fingerprint"] - {None}  # traces from before fingerprints were recorded: unknown
     if prints and prints != {pair.draft_fingerprint}:
         _refuse(folder, "draft fingerprint", prints, pair.draft_fingerprint, "resume with the draft that recorded them")
+    kernels = getattr(pair, "kernels", "stock")
+    if seen.get("kernels") and seen["kernels"] != {kernels}:
+        # other kernels round differently: mixed traces would not answer counterfactuals consistently
+        _refuse(
+            folder, "kernels", seen["kernels"], kernels, "resume on the host and path (exact or not) that recorded them"
+        )
 
 
 def check_profile_request(
@@ -207,6 +219,8 @@ def record_episode(
             "behaviour_policy": f"uniform random gamma in {lo}..{hi}" if policy is None else "custom",
             "draft_fingerprint": pair.draft_fingerprint,
             "prefill_s": engine.prefill_s,
+            "exact": bool(engine.exact),
+            "kernels": getattr(pair, "kernels", "stock"),
         },
     )
 
