@@ -132,7 +132,7 @@ class CostAwareAnalytic(CostModelMixin, Agent):
     """gamma = argmax_g E[tokens per second | alpha, g] (Leviathan et al.), alpha estimated online.
 
     ``estimate``:
-      - ``"ema"`` (default): the observation's ``accept_ema`` (rate 0.2, starts at 0.5);
+      - ``"ema"`` (default): the observation's ``accept_ema`` (rate ``core.EMA_RATE``, from ``core.EMA_START``);
       - ``"mean"``: the observation's ``accept_mean`` (Laplace-smoothed episode mean);
       - ``"beta"``: the agent's own Beta(a, b) posterior over the acceptance events it sees
         through learn() (k ones, then a zero if the draft was rejected), kept across episodes

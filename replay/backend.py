@@ -134,5 +134,23 @@ class TraceBackend:
             events=steprule.events(ones, rejected),
         )
 
+    def advance(self, gamma: int) -> tuple[int, int, int, bool, list[int], int, bool, float, float, float]:
+        """:meth:`step` without building a :class:`StepOutcome`: the replay env's fast path.
+
+        Returns ``(g_eff, k, ones, rejected, tokens, position, done, top1, entropy, margin)``: the step
+        rule's answer (:func:`replay.steprule.step`), the tokens emitted, the new position, whether
+        the trace ended, and the
+        draft's signals the next observation shows (at the new position, or at this step's start
+        once the trace has ended, as :class:`~speckv_env.base_env.SpecKVBaseEnv` keeps them)."""
+        t = self._pos
+        n = self._n
+        if t >= n:
+            raise RuntimeError("advance() past the end of the trace: reset first")
+        g, k, ones, rejected = steprule.step(self._L[t], self._accept[t], gamma, self.max_new_tokens - 1 - t)
+        pos = self._pos = t + k + 1
+        done = pos >= n
+        s = t if done else pos
+        return g, k, ones, rejected, self._tokens[t:pos], pos, done, self._top1[s], self._ent[s], self._margin[s]
+
     def close(self) -> None:
         pass

@@ -9,12 +9,11 @@ from typing import Any
 import numpy as np
 
 from speckv_env.base_env import SpecKVBaseEnv, action_to_index
-from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, StepOutcome
+from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, episode_summary, step_tables
 
 from .backend import TraceBackend
 from .costs import CostModelSet, Episode, load_cost_models, resolver
 from .schema import canonical_splits
-from .steprule import step as _rule_step
 from .trace import PathLike, Trace, read_traces
 
 DEFAULT_TRACES_DIR = Path(__file__).resolve().parent.parent / "speckv_env" / "data" / "traces"
@@ -133,11 +132,12 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
             trs, found = load_traces(logs, traces, filters)
             backend = TraceBackend(trs, resolver(cost_model, cost_models, found, allow_cost_model_mismatch))
         super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode)
-        self._fast = type(backend) is TraceBackend
+        # the fast path (TraceBackend.advance) for full-information traces; None: step logs,
+        # or the generic SpecKVBaseEnv.step path when set to None by hand (the tests compare both)
+        self._trace_backend: TraceBackend | None = backend if type(backend) is TraceBackend else None
         self._tables: dict[tuple[int, bool], tuple[list[list[float]], list[list[float]]]] = {}
         self._gamma_list = list(self.gammas)
         self._n_actions = len(self.gammas)
-        self._sig_pos = 0
 
     # ---- construction helpers ----------------------------------------------------------
     @staticmethod
@@ -209,62 +209,42 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
             **out.extra,
         }
         if out.done:
-            info["episode_summary"] = {
-                "tokens": s["tokens"],
-                "steps": s["steps"],
-                "modelled_s": s["modelled_s"],
-                "modelled_tps": s["tokens"] / s["modelled_s"] if s["modelled_s"] > 0 else float("nan"),
-                "measured_s": None,
-                "measured_tps": None,
-                "target_only_tps": cm.target_only_tps,
-                "finish_reason": out.finish_reason,
-            }
+            info["episode_summary"] = episode_summary(s, cm, out.finish_reason)
         terminated = bool(out.done and out.finish_reason == "eos")
         return obs, reward, terminated, bool(out.done) and not terminated, info
 
     # ---- fast path (TraceBackend) --------------------------------------------------------
     def _step_tables(self) -> tuple[list[list[float]], list[list[float]]]:
-        """Per (cost model, sampling): modelled time and reward for every (g_eff, k)."""
-        b = self.backend
+        """Per (cost model, sampling): modelled time and reward for every (g_eff, k), as lists
+        (python floats index faster than numpy scalars)."""
+        b = self._trace_backend
         key = (id(b.cost_model), b.sampling)
         tab = self._tables.get(key)
         if tab is None:
-            cm = b.cost_model
-            gmax = max(self.gammas)
-            tt = [[cm.step_time(g, k, b.sampling) for k in range(g + 1)] for g in range(gmax + 1)]
-            rt = [
-                [float(self._reward_fn(StepOutcome(g, k, [0] * (k + 1), False), tt[g][k], cm)) for k in range(g + 1)]
-                for g in range(gmax + 1)
-            ]
-            tab = self._tables[key] = (tt, rt)
+            times, rewards = step_tables(b.cost_model, b.sampling, max(self.gammas), self._reward_fn)
+            tab = self._tables[key] = (times.tolist(), rewards.tolist())
         return tab
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         obs, info = super().reset(seed=seed, options=options)
-        if self._fast:
+        if self._trace_backend is not None:
             self._tt, self._rt = self._step_tables()
-            self._sig_pos = 0
-            info["trace_id"] = self.backend.trace.trace_id
+            info["trace_id"] = self._trace_backend.trace.trace_id
         return obs, info
 
     def step(self, action: Any):
         """One speculation step at gamma ``gammas[action]`` (see the class docstring)."""
-        if not self._fast:
+        b = self._trace_backend
+        if b is None:
             return self._step_log_step(action)
-        # Fused form of SpecKVBaseEnv.step for TraceBackend (identical results; tested).
+        # SpecKVBaseEnv.step fused for TraceBackend.advance (identical results; tested)
         if self._done:
             raise RuntimeError("step() called on a finished episode: call reset() first")
         if type(action) in _INT_TYPES and 0 <= action < self._n_actions:
             g = self._gamma_list[action]
         else:
             g = self._gamma_list[action_to_index(action, self._n_actions, self.gammas)]
-        b = self.backend
-        t = b._pos
-        n = b._n
-        geff, k, ones, rejected = _rule_step(b._L[t], b._accept[t], g, b.max_new_tokens - 1 - t)
-        newpos = t + k + 1
-        b._pos = newpos
-        tokens = b._tokens[t:newpos]
+        geff, k, ones, rejected, tokens, pos, done, top1, entropy, margin = b.advance(g)
         bl = self._builder
         bl.update_run(geff, k, ones, rejected)
         t_model = self._tt[geff][k]
@@ -274,13 +254,7 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         s["tokens"] += k + 1
         s["modelled_s"] += t_model
         self._text.extend(tokens)
-        done = newpos >= n
-        if done:
-            self._done = True
-            sp = t
-        else:
-            sp = self._sig_pos = newpos
-        obs = bl.observe_values(b._top1[sp], b._ent[sp], b._margin[sp], newpos)
+        obs = bl.observe_values(top1, entropy, margin, pos)
         info: dict[str, Any] = {
             "gamma": geff,
             "requested_gamma": g,
@@ -291,24 +265,15 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
             "measured_time": None,
             "draft_time": None,
             "verify_time": None,
-            "position": newpos,
+            "position": pos,
         }
-        terminated = truncated = False
-        if done:
-            fr = b.trace.finish_reason
-            terminated = fr == "eos"
-            truncated = not terminated
-            info["episode_summary"] = {
-                "tokens": s["tokens"],
-                "steps": s["steps"],
-                "modelled_s": s["modelled_s"],
-                "modelled_tps": s["tokens"] / s["modelled_s"] if s["modelled_s"] > 0 else float("nan"),
-                "measured_s": None,
-                "measured_tps": None,
-                "target_only_tps": self.cost_model.target_only_tps,
-                "finish_reason": fr,
-            }
-        return obs, reward, terminated, truncated, info
+        if not done:
+            return obs, reward, False, False, info
+        self._done = True
+        finish = b.trace.finish_reason
+        info["episode_summary"] = episode_summary(s, self.cost_model, finish)
+        terminated = finish == "eos"
+        return obs, reward, terminated, not terminated, info
 
 
 SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; gamma (drafted tokens) is the action.

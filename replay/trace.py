@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from speckv_env.core import CostModel
+from speckv_env.core import GAMMA_MAX, CostModel
 
 from . import steprule
 from .costs import load_cost_models  # noqa: F401  (re-exported: replay.trace.load_cost_models)
@@ -127,7 +127,7 @@ class Trace:
     sig_top1: np.ndarray
     sig_entropy: np.ndarray
     sig_margin: np.ndarray
-    gamma_max: int = 8
+    gamma_max: int = GAMMA_MAX
     max_new_tokens: int | None = None  # default: len(tokens)
     finish_reason: str = "length"
     pair: str = ""
@@ -569,7 +569,7 @@ def write_traces(path: PathLike, traces: Sequence[Trace]) -> Path:
 
 def synthetic_trace(
     n: int,
-    gamma_max: int = 8,
+    gamma_max: int = GAMMA_MAX,
     p_accept: float = 0.7,
     seed: int = 0,
     compression: str = "fp16",
@@ -654,7 +654,7 @@ def synthetic_trace(
 def synthetic_dataset(
     num_traces: int = 16,
     n_range: tuple[int, int] = (40, 160),
-    gamma_max: int = 8,
+    gamma_max: int = GAMMA_MAX,
     seed: int = 0,
     compressions: Sequence[str] = ("fp16",),
     tasks: Sequence[str] = ("code", "chat"),

@@ -34,21 +34,46 @@ from speckv_env.core import (
     EMA_KEEP,
     OBS_DIM,
     OBS_HIGH,
+    OBS_INDEX,
     OBS_LOW,
     CostModel,
     ObservationBuilder,
-    StepOutcome,
+    RewardFn,
     get_reward,
+    step_tables,
 )
 
 from .costs import Episode, resolver
 from .steprule import step_arrays
 from .trace import PathLike, Trace
 
-# rows of the integer state matrix
+# The per-env state is packed into one int64 matrix with one column per env, so that resetting
+# envs to episodes is a single fancy assignment of fresh columns (``_start``). Its rows:
+#   integer state   _EP .. _LIM                   (int64)
+#   observation     _OBS: OBS_DIM rows in OBS_SPEC order (float64 bits, viewed as float64)
+#   side state      _SIDE: _HITS1 .. _LEN         (float64 bits, viewed as float64)
 _EP, _BASE, _FI, _END, _GRP, _EOS, _LIM = range(7)
-_NI = 7  # integer state rows
-_ROWS = _NI + OBS_DIM + 4  # integer state, observation, float side state
+"""Integer rows: trace index; flat index of the trace's first position; flat index of the current
+position; flat index of the trace's last token; offset of the episode's step tables; 1 if the
+trace ends with EOS; flat index of position max_new_tokens - 1 (the engine's clip)."""
+_NI = 7
+_OBS = slice(_NI, _NI + OBS_DIM)
+_HITS1, _TESTS2, _TIME, _LEN = range(4)
+"""Side-state rows: accepted events + 1, tested events + 2 (the Laplace-smoothed mean), modelled
+time so far, the trace's length N."""
+_SIDE = slice(_NI + OBS_DIM, _NI + OBS_DIM + 4)
+_ROWS = _NI + OBS_DIM + 4
+
+# observation rows (indices into the _OBS block), from the one definition in speckv_env.core
+_O_TOP1, _O_ENTROPY, _O_MARGIN = OBS_INDEX["draft_top1"], OBS_INDEX["draft_entropy"], OBS_INDEX["draft_margin"]
+_O_SIGNALS = slice(_O_TOP1, _O_MARGIN + 1)
+_O_EMA = OBS_INDEX["accept_ema"]
+_O_MEAN = OBS_INDEX["accept_mean"]
+_O_LAST_GAMMA = OBS_INDEX["last_gamma"]
+_O_LAST_ACCEPTED = OBS_INDEX["last_accepted"]
+_O_LAST_FULL = OBS_INDEX["last_full_accept"]
+_O_POSITION = OBS_INDEX["position"]
+assert (_O_TOP1, _O_ENTROPY, _O_MARGIN) == (0, 1, 2), "the draft signals lead the observation"
 
 
 class SpecKVReplayVectorEnv(VectorEnv):
@@ -94,82 +119,14 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         self.gammas = check_gammas(gammas, min(t.gamma_max for t in trs))
         self.reward_name = reward
-        reward_fn = get_reward(reward)
         gmax = max(self.gammas)
         self._gm = max(gmax, 1)
-        self._G1 = G1 = gmax + 1
+        self._G1 = gmax + 1
         self._gam = np.asarray(self.gammas, dtype=np.int64)
-
-        # ---- flat trace arrays (one padding slot after each trace) ----
-        ntr = len(trs)
-        lens = np.array([t.n for t in trs], dtype=np.int64)
-        base = np.zeros(ntr, dtype=np.int64)
-        base[1:] = np.cumsum(lens + 1)[:-1]
-        total = int((lens + 1).sum())
-        self._L = np.full(total, -1, dtype=np.int64)  # padding slot: -1 keeps a finished env in place
-        self._acc = np.zeros(total, dtype=np.int64)
-        sig = np.zeros((3, total), dtype=np.float64)
-        for i, t in enumerate(trs):
-            b, n = base[i], t.n
-            self._L[b : b + n] = t.L
-            self._acc[b : b + n] = t.accept
-            sig[0, b : b + n] = t.sig_top1
-            sig[1, b : b + n] = t.sig_entropy
-            sig[2, b : b + n] = t.sig_margin
-        np.clip(sig, OBS_LOW[:3, None].astype(np.float64), OBS_HIGH[:3, None].astype(np.float64), out=sig)
-        self._sig = sig
-
-        # ---- step tables per (cost model, sampling) group, flattened [grp, g_eff, k] ----
-        groups: dict[tuple[int, bool], int] = {}
-        tabs_t: list[np.ndarray] = []
-        tabs_r: list[np.ndarray] = []
-        grp = np.zeros(ntr, dtype=np.int64)
-        self._cms: list[CostModel] = []
-        for i, t in enumerate(trs):
-            cm = cost_of(Episode.of_trace(t))
-            self._cms.append(cm)
-            key = (id(cm), t.mode == "sample")
-            if key not in groups:
-                groups[key] = len(groups)
-                tt = np.zeros((G1, G1))
-                rt = np.zeros((G1, G1))
-                for g in range(G1):
-                    for k in range(g + 1):
-                        tt[g, k] = cm.step_time(g, k, key[1])
-                        rt[g, k] = float(reward_fn(StepOutcome(g, k, [0] * (k + 1), False), float(tt[g, k]), cm))
-                tabs_t.append(tt.ravel())
-                tabs_r.append(rt.ravel())
-            grp[i] = groups[key] * G1 * G1
-        self._T = np.concatenate(tabs_t)
-        self._R = np.concatenate(tabs_r)
-
-        # ---- per-trace fresh state (an env reset to trace i copies column i) ----
-        # one int64 buffer: rows 0-5 integer state, 6-18 observation (float64 bits), 19-22
-        # float side state (float64 bits), so that a reset is a single fancy assignment
-        self._fresh = np.zeros((_ROWS, ntr), dtype=np.int64)
-        self._fresh_i = self._fresh[0:_NI]
-        self._fresh_i[_EP] = np.arange(ntr)
-        self._fresh_i[_BASE] = base
-        self._fresh_i[_FI] = base
-        self._fresh_i[_END] = base + lens - 1
-        self._fresh_i[_GRP] = grp
-        self._fresh_i[_EOS] = [t.finish_reason == "eos" for t in trs]
-        self._fresh_i[_LIM] = base + np.array([t.max_new_tokens for t in trs], dtype=np.int64) - 1
-        self._fresh_s = self._fresh[_NI : _NI + OBS_DIM].view(np.float64)
-        for i, t in enumerate(trs):
-            ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
-            self._fresh_s[:, i] = ob.observe_values(
-                float(sig[0, base[i]]), float(sig[1, base[i]]), float(sig[2, base[i]]), 0
-            )
-        # float side state: hits + 1, tests + 2, modelled time so far, N
-        self._fresh_f = self._fresh[_NI + OBS_DIM :].view(np.float64)
-        self._fresh_f[0] = 1.0
-        self._fresh_f[1] = 2.0
-        self._fresh_f[3] = lens
-        # position / max_new_tokens for every flat index (pad slot: N / max_new_tokens)
-        self._posn = np.zeros(total, dtype=np.float64)
-        for i, t in enumerate(trs):
-            self._posn[base[i] : base[i] + t.n + 1] = np.arange(t.n + 1, dtype=np.int64) / np.float64(t.max_new_tokens)
+        self._cms = [cost_of(Episode.of_trace(t)) for t in trs]
+        base, lens = self._flatten_traces(trs)
+        grp = self._build_step_tables(trs, get_reward(reward))
+        self._fresh = self._fresh_state(trs, base, lens, grp)
         self._fill = np.asarray(EMA_FILL, dtype=np.float64)
         self._keep_or_one = np.array([1.0, EMA_KEEP])
 
@@ -184,12 +141,82 @@ class SpecKVReplayVectorEnv(VectorEnv):
         E = self.num_envs
         self._buf = np.zeros((_ROWS, E), dtype=np.int64)
         self._I = self._buf[0:_NI]
-        self._S = self._buf[_NI : _NI + OBS_DIM].view(np.float64)
-        self._F = self._buf[_NI + OBS_DIM :].view(np.float64)
+        self._S = self._buf[_OBS].view(np.float64)
+        self._F = self._buf[_SIDE].view(np.float64)
         self._prev_done = np.zeros(E, dtype=bool)
         self._started = False
         self._ep_buf = np.zeros(0, dtype=np.int64)
         self._ep_next = 0
+
+    # ---- construction --------------------------------------------------------------------
+    def _flatten_traces(self, trs: Sequence[Trace]) -> tuple[np.ndarray, np.ndarray]:
+        """Every trace's runs, acceptances and (clipped) signals in flat arrays with one padding
+        slot after each trace, and position / max_new_tokens per flat index. Returns each
+        trace's base offset and length."""
+        lens = np.array([t.n for t in trs], dtype=np.int64)
+        base = np.zeros(len(trs), dtype=np.int64)
+        base[1:] = np.cumsum(lens + 1)[:-1]
+        total = int((lens + 1).sum())
+        self._L = np.full(total, -1, dtype=np.int64)  # padding slot: -1 keeps a finished env in place
+        self._acc = np.zeros(total, dtype=np.int64)
+        sig = np.zeros((3, total), dtype=np.float64)
+        # position / max_new_tokens for every flat index (pad slot: N / max_new_tokens)
+        self._posn = np.zeros(total, dtype=np.float64)
+        for i, t in enumerate(trs):
+            b, n = base[i], t.n
+            self._L[b : b + n] = t.L
+            self._acc[b : b + n] = t.accept
+            sig[0, b : b + n] = t.sig_top1
+            sig[1, b : b + n] = t.sig_entropy
+            sig[2, b : b + n] = t.sig_margin
+            self._posn[b : b + n + 1] = np.arange(n + 1, dtype=np.int64) / np.float64(t.max_new_tokens)
+        lo, hi = OBS_LOW[_O_SIGNALS, None], OBS_HIGH[_O_SIGNALS, None]
+        np.clip(sig, lo.astype(np.float64), hi.astype(np.float64), out=sig)
+        self._sig = sig
+        return base, lens
+
+    def _build_step_tables(self, trs: Sequence[Trace], reward_fn: RewardFn) -> np.ndarray:
+        """Step time and reward per (cost model, sampling) group, flattened ``[group, g_eff, k]``
+        into ``self._T`` and ``self._R``; returns each trace's offset into them."""
+        groups: dict[tuple[int, bool], int] = {}
+        tabs_t: list[np.ndarray] = []
+        tabs_r: list[np.ndarray] = []
+        grp = np.zeros(len(trs), dtype=np.int64)
+        for i, t in enumerate(trs):
+            cm = self._cms[i]
+            key = (id(cm), t.mode == "sample")
+            if key not in groups:
+                groups[key] = len(groups)
+                times, rewards = step_tables(cm, key[1], self._G1 - 1, reward_fn)
+                tabs_t.append(times.ravel())
+                tabs_r.append(rewards.ravel())
+            grp[i] = groups[key] * self._G1 * self._G1
+        self._T = np.concatenate(tabs_t)
+        self._R = np.concatenate(tabs_r)
+        return grp
+
+    def _fresh_state(self, trs: Sequence[Trace], base: np.ndarray, lens: np.ndarray, grp: np.ndarray) -> np.ndarray:
+        """The packed state of every trace at its start: resetting an env to trace i copies
+        column i (see the layout above)."""
+        ntr = len(trs)
+        fresh = np.zeros((_ROWS, ntr), dtype=np.int64)
+        ints = fresh[0:_NI]
+        ints[_EP] = np.arange(ntr)
+        ints[_BASE] = base
+        ints[_FI] = base
+        ints[_END] = base + lens - 1
+        ints[_GRP] = grp
+        ints[_EOS] = [t.finish_reason == "eos" for t in trs]
+        ints[_LIM] = base + np.array([t.max_new_tokens for t in trs], dtype=np.int64) - 1
+        obs = fresh[_OBS].view(np.float64)
+        for i, t in enumerate(trs):
+            ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
+            obs[:, i] = ob.observe_values(*(float(x) for x in self._sig[:, base[i]]), 0)
+        side = fresh[_SIDE].view(np.float64)
+        side[_HITS1] = 1.0
+        side[_TESTS2] = 2.0
+        side[_LEN] = lens
+        return fresh
 
     # ---- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -271,36 +298,36 @@ class SpecKVReplayVectorEnv(VectorEnv):
         fi = I[_FI]
         # the step rule (replay.steprule), engine clip: limit = max_new_tokens - 1 - t
         geff, k, ones, rej = step_arrays(self._L.take(fi), self._acc.take(fi), g, I[_LIM] - fi)
-        ema = S[3]
+        ema = S[_O_EMA]
         upd = 1.0 - ema
         upd *= self._fill.take(ones)
         ema += upd
         ema *= self._keep_or_one.take(rej)
-        F[0] += ones
-        F[1] += ones
-        F[1] += rej
-        np.divide(F[0], F[1], out=S[4])
-        np.divide(geff, self._gm, out=S[5])
-        np.divide(k, self._gm, out=S[6])
-        np.less(rej, np.minimum(k, 1), out=S[7], casting="unsafe")  # k >= g_eff > 0
+        F[_HITS1] += ones
+        F[_TESTS2] += ones
+        F[_TESTS2] += rej
+        np.divide(F[_HITS1], F[_TESTS2], out=S[_O_MEAN])
+        np.divide(geff, self._gm, out=S[_O_LAST_GAMMA])
+        np.divide(k, self._gm, out=S[_O_LAST_ACCEPTED])
+        np.less(rej, np.minimum(k, 1), out=S[_O_LAST_FULL], casting="unsafe")  # k >= g_eff > 0
         fn = fi + k
         fn += 1
         done = fn > I[_END]
-        np.take(self._sig, np.where(done, fi, fn), axis=1, out=S[0:3])
-        self._posn.take(fn, out=S[8])
+        np.take(self._sig, np.where(done, fi, fn), axis=1, out=S[_O_SIGNALS])
+        self._posn.take(fn, out=S[_O_POSITION])
         I[_FI] = fn
         ti = geff * self._G1
         ti += k
         ti += I[_GRP]
         reward = self._R.take(ti, mode="clip")  # clip: only envs being autoreset can be out of range
         tm = self._T.take(ti, mode="clip")
-        F[2] += tm
+        F[_TIME] += tm
         terminated = done & (I[_EOS] == 1)
         truncated = done ^ terminated
         info: dict[str, Any] = {"gamma": geff, "accepted": k, "modelled_time": tm}
         any_done = np.count_nonzero(done) > 0
         if any_done:
-            info["episode_tps"] = np.where(done, F[3] / F[2], np.nan)
+            info["episode_tps"] = np.where(done, F[_LEN] / F[_TIME], np.nan)
             info["_episode_tps"] = done
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             pd = self._prev_done

@@ -26,6 +26,7 @@ from .core import (
     Backend,
     DraftSignals,
     ObservationBuilder,
+    episode_summary,
     get_reward,
 )
 
@@ -277,17 +278,7 @@ class SpecKVBaseEnv(gym.Env):
         if out.extra:
             info.update(out.extra)
         if out.done:
-            s = self._stats
-            info["episode_summary"] = {
-                "tokens": s["tokens"],
-                "steps": s["steps"],
-                "modelled_s": s["modelled_s"],
-                "modelled_tps": s["tokens"] / s["modelled_s"] if s["modelled_s"] > 0 else float("nan"),
-                "measured_s": s["measured_s"] if s["measured_s"] > 0 else None,
-                "measured_tps": s["tokens"] / s["measured_s"] if s["measured_s"] > 0 else None,
-                "target_only_tps": self.cost_model.target_only_tps,
-                "finish_reason": out.finish_reason,
-            }
+            info["episode_summary"] = episode_summary(self._stats, self.cost_model, out.finish_reason)
         return obs, reward, terminated, truncated, info
 
     def _make_builder(self) -> ObservationBuilder:

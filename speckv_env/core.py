@@ -32,8 +32,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-DEFAULT_GAMMAS: tuple[int, ...] = tuple(range(9))
+GAMMA_MAX = 8
+"""The largest gamma by default: profiling records acceptance runs up to it, the envs offer 0..it."""
+DEFAULT_GAMMAS: tuple[int, ...] = tuple(range(GAMMA_MAX + 1))
 COMPRESSION_LEVELS: tuple[str, ...] = ("none", "int8", "nf4")
+
+EMA_RATE = 0.2
+"""Rate of the observation's acceptance EMA: ``ema += EMA_RATE * (event - ema)``."""
+EMA_START = 0.5
+"""The acceptance EMA at the start of an episode."""
 
 ENTROPY_HIGH = 12.0  # nats; log(49152) = 10.8, log(128256) = 11.76
 COST_RATIO_HIGH = 4.0
@@ -47,7 +54,8 @@ OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (
         "accept_ema",
         0.0,
         1.0,
-        "exponential moving average (rate 0.2) of past draft-token acceptance events, starts at 0.5",
+        f"exponential moving average (rate {EMA_RATE:g}) of past draft-token acceptance events, "
+        f"starts at {EMA_START:g}",
     ),
     (
         "accept_mean",
@@ -70,7 +78,7 @@ OBS_HIGH = np.array([s[2] for s in OBS_SPEC], dtype=np.float32)
 OBS_DIM = len(OBS_SPEC)
 OBS_INDEX = {n: i for i, n in enumerate(OBS_NAMES)}
 
-EMA_KEEP = 1.0 - 0.2  # 1 - ObservationBuilder.EMA_RATE
+EMA_KEEP = 1.0 - EMA_RATE
 EMA_FILL: tuple[float, ...] = tuple(1.0 - EMA_KEEP**m for m in range(129))
 """``1 - EMA_KEEP ** m`` (exactly 0.0 for m = 0): the EMA after m accepted events is
 ``ema + (1 - ema) * EMA_FILL[m]``. Shared by the scalar and the vectorised update, so both
@@ -268,7 +276,7 @@ class CostModel:
         return cls.from_dict(d, where=str(p))
 
     @classmethod
-    def unit(cls, gamma_max: int = 8, draft_ratio: float = 0.1, verify_slope: float = 0.05) -> CostModel:
+    def unit(cls, gamma_max: int = GAMMA_MAX, draft_ratio: float = 0.1, verify_slope: float = 0.05) -> CostModel:
         """A synthetic cost model (target step = 1 time unit), for tests and examples."""
         return cls(
             t_draft=draft_ratio,
@@ -283,12 +291,12 @@ class ObservationBuilder:
     """Builds the observation vector (see :data:`OBS_SPEC`) from pre-choice information only.
 
     The acceptance EMA is updated per run of events: ``m`` accepted events move it to
-    ``ema + (1 - ema) * (1 - 0.8**m)`` and a rejection to ``ema * 0.8`` (the same recursion as
-    ``ema += 0.2 * (e - ema)`` event by event, grouped so that the vectorised replay can
+    ``ema + (1 - ema) * (1 - EMA_KEEP**m)`` and a rejection to ``ema * EMA_KEEP`` (the same recursion
+    as ``ema += EMA_RATE * (e - ema)`` event by event, grouped so that the vectorised replay can
     reproduce it bit for bit with the table :data:`EMA_FILL`).
     """
 
-    EMA_RATE = 0.2
+    EMA_RATE = EMA_RATE
 
     def __init__(self, gamma_max: int, max_new_tokens: int, compression: str, cost_ratio: float) -> None:
         self.gamma_max = max(int(gamma_max), 1)
@@ -301,7 +309,7 @@ class ObservationBuilder:
         self.reset()
 
     def reset(self) -> None:
-        self.ema = 0.5
+        self.ema = EMA_START
         self.hits = 0
         self.tests = 0
         self.last_gamma = 0
@@ -396,6 +404,39 @@ def get_reward(name: str) -> RewardFn:
         return REWARDS[name]
     except KeyError:
         raise ValueError(f"unknown reward {name!r}: choose one of {', '.join(REWARDS)}") from None
+
+
+def step_tables(cost: CostModel, sampling: bool, gamma_max: int, reward_fn: RewardFn) -> tuple[np.ndarray, np.ndarray]:
+    """Modelled step time and reward of every step outcome, as two ``(gamma_max + 1,
+    gamma_max + 1)`` float64 tables indexed ``[g_eff, k]`` (k <= g_eff; zeros above the diagonal).
+
+    A replayed step's time and reward depend only on (g_eff, k), the cost model and whether the
+    episode samples, so the replay environments look them up here instead of recomputing them."""
+    g1 = gamma_max + 1
+    times = np.zeros((g1, g1))
+    rewards = np.zeros((g1, g1))
+    for g in range(g1):
+        for k in range(g + 1):
+            t = cost.step_time(g, k, sampling)
+            times[g, k] = t
+            rewards[g, k] = float(reward_fn(StepOutcome(g, k, [0] * (k + 1), False), t, cost))
+    return times, rewards
+
+
+def episode_summary(stats: dict[str, Any], cost: CostModel, finish_reason: str | None) -> dict[str, Any]:
+    """``info["episode_summary"]`` at an episode's last step, from the running ``stats`` (steps,
+    tokens, modelled_s, measured_s) the environments keep."""
+    tokens, modelled, measured = stats["tokens"], stats["modelled_s"], stats.get("measured_s", 0.0)
+    return {
+        "tokens": tokens,
+        "steps": stats["steps"],
+        "modelled_s": modelled,
+        "modelled_tps": tokens / modelled if modelled > 0 else float("nan"),
+        "measured_s": measured if measured > 0 else None,
+        "measured_tps": tokens / measured if measured > 0 else None,
+        "target_only_tps": cost.target_only_tps,
+        "finish_reason": finish_reason,
+    }
 
 
 @dataclass

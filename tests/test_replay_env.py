@@ -68,7 +68,7 @@ def test_fast_path_identical_to_base_step(reward: str) -> None:
     ds, cms = _dataset(), _cms()
     fast = SpecKVReplayEnv(traces=ds, cost_models=cms, reward=reward)
     slow = SpecKVReplayEnv(traces=ds, cost_models=cms, reward=reward)
-    slow._fast = False
+    slow._trace_backend = None  # the generic SpecKVBaseEnv.step path
     rng = np.random.default_rng(1)
     for ep in range(len(ds)):
         o1, i1 = fast.reset(seed=ep, options={"episode": ep})

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent, make_agent
+from speckv_env.core import OBS_INDEX
 
 DEFAULT_AGENTS: tuple[str, ...] = (
     "fixed",
@@ -35,6 +36,7 @@ DEFAULT_AGENTS: tuple[str, ...] = (
     "oracle",
 )
 TARGET_US = {"speckv_mlp": 20.0}
+I_COST_RATIO = OBS_INDEX["cost_ratio"]
 
 
 def _observation_pool(n: int = 512, seed: int = 0):
@@ -110,10 +112,10 @@ def bench_agents(
 
             model = agent.torch_model().eval()  # type: ignore[attr-defined]
 
-            def torch_decide(o: np.ndarray) -> int:
+            def torch_decide(o: np.ndarray, model: Any = model, mlp: Any = agent) -> int:
                 with torch.inference_mode():
                     z = float(model(torch.from_numpy(o).unsqueeze(0)))
-                return agent.table_for(float(o[9])).index_logit(z)  # type: ignore[attr-defined]
+                return mlp.table_for(float(o[I_COST_RATIO])).index_logit(z)
 
             results["speckv_mlp[torch]"] = time_decisions(torch_decide, pool, max(n // 10, 100), max(warmup // 10, 20))
     out = {

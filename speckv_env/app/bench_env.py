@@ -27,7 +27,7 @@ import numpy as np
 
 import speckv_env  # noqa: F401  (registers SpecKVReplay-v0)
 from replay.trace import synthetic_dataset
-from speckv_env.core import CostModel
+from speckv_env.core import DEFAULT_GAMMAS, CostModel
 
 
 def _single_runner(env: gym.Env, n_actions: int, seed: int = 0) -> Callable[[float], float]:
@@ -87,7 +87,7 @@ def bench_env(
     traces = synthetic_dataset(64, n_range=(100, 300), seed=0)
     cm = CostModel.unit()
     runners: dict[str, Callable[[float], float]] = {
-        "replay_single": _single_runner(gym.make("SpecKVReplay-v0", traces=traces, cost_model=cm), 9),
+        "replay_single": _single_runner(gym.make("SpecKVReplay-v0", traces=traces, cost_model=cm), len(DEFAULT_GAMMAS)),
         "cartpole_single": _single_runner(gym.make("CartPole-v1"), 2),
     }
     for e in num_envs:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from speckv_env.core import GAMMA_MAX
+
 MODES = {"greedy": 0.0, "sample": 0.7}
 
 
@@ -303,7 +305,7 @@ def profile(
     n_train: int | None = 40,
     modes: Sequence[str] = ("greedy", "sample"),
     max_new_tokens: int = 128,
-    gamma_max: int = 8,
+    gamma_max: int = GAMMA_MAX,
     device: str = "auto",
     resume: bool = False,
     progress: bool = True,
