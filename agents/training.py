@@ -162,7 +162,7 @@ def collect_rollouts(
     if behaviour is not None:
         behaviour.bind(env)
         begin_episode(behaviour, env, info)
-    O = np.empty((steps, len(obs)), np.float32)
+    OBS = np.empty((steps, len(obs)), np.float32)
     G = np.empty(steps, np.int64)
     K = np.empty(steps, np.int64)
     E = np.empty(steps, np.int64)
@@ -174,7 +174,7 @@ def collect_rollouts(
         it = tqdm(it, desc="rollouts", leave=False)
     for i in it:
         a = behaviour.act(obs) if behaviour is not None else int(rng.integers(len(gammas)))
-        O[i] = obs
+        OBS[i] = obs
         obs, r, term, trunc, info = env.step(a)
         G[i], K[i], E[i], T[i] = info["gamma"], info["accepted"], info["emitted"], info["modelled_time"]
         if term or trunc:
@@ -182,7 +182,7 @@ def collect_rollouts(
             if behaviour is not None:
                 begin_episode(behaviour, env, info)
     ev = np.array([step_events(g, k) for g, k in zip(G, K)], dtype=np.int64).reshape(-1, 2)
-    return {"obs": O, "gamma": G, "accepted": K, "hits": ev[:, 0], "misses": ev[:, 1], "emitted": E, "time": T}
+    return {"obs": OBS, "gamma": G, "accepted": K, "hits": ev[:, 0], "misses": ev[:, 1], "emitted": E, "time": T}
 
 
 class ReplayVecEnvAdapter:

@@ -1487,7 +1487,6 @@ def _prose_paragraphs(raw: str) -> list[tuple[str, str]]:
     lines = raw.splitlines()
     paras: list[tuple[str, str]] = []
     section, buf = "", []
-    skip_indented = False
 
     def flush():
         if buf:

@@ -38,10 +38,10 @@ def main(threads: int) -> None:
             x = torch.randn(k, i)
             packs = [torch.ops.mkl._mkl_reorder_linear_weight(w, k) for w in ws]
             fns = {
-                "lin": lambda w, p: F.linear(x, w),
-                "Wx": lambda w, p: w @ x.t(),
-                "pad": lambda w, p: w @ (x.repeat(2, 1) if k == 1 else x).t(),
-                "mkl": lambda w, p: torch.ops.mkl._mkl_linear(x, p, w, None, k),
+                "lin": lambda w, p, x=x: F.linear(x, w),
+                "Wx": lambda w, p, x=x: w @ x.t(),
+                "pad": lambda w, p, x=x, k=k: w @ (x.repeat(2, 1) if k == 1 else x).t(),
+                "mkl": lambda w, p, x=x, k=k: torch.ops.mkl._mkl_linear(x, p, w, None, k),
             }
             row = []
             for label, fn in fns.items():

@@ -102,9 +102,9 @@ def run_shard(model, tok, shard: dict, max_new: int, topk: int, temperature: flo
         attn[b, L - n :] = 1
     torch.manual_seed(seed * 100003 + shard["index"])
     kw = (
-        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         if shard["mode"] == "sample"
-        else dict(do_sample=False)
+        else {"do_sample": False}
     )
     out = model.generate(
         input_ids=input_ids,

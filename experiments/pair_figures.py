@@ -87,7 +87,8 @@ def markdown(fig: dict) -> str:
         rows.append(
             f"| {comp} | {mode} | "
             + " | ".join("-" if x is None else f"{x:.3f}" for x in alphas)
-            + f" | **{mean:.3f}** | {mean_clean:.3f} | {a['loop_fraction']:.2f} | {a['best_fixed_gamma']} | {a['modelled_speedup']:.2f}x |"
+            + f" | **{mean:.3f}** | {mean_clean:.3f} | {a['loop_fraction']:.2f}"
+            + f" | {a['best_fixed_gamma']} | {a['modelled_speedup']:.2f}x |"
         )
     return "\n".join(rows)
 

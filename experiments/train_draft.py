@@ -654,7 +654,8 @@ def ship(run_dir: str | Path, notes: str = "") -> Path:
         "## Training",
         "",
         "- Loss: soft cross-entropy to the target's top-k distribution renormalised over the head tokens "
-        "+ `--hard-weight` x cross-entropy on the target's argmax (values in the commands below); AdamW (betas 0.9/0.98, wd 0.01), warmup + cosine, "
+        "+ `--hard-weight` x cross-entropy on the target's argmax (values in the commands below); "
+        "AdamW (betas 0.9/0.98, wd 0.01), warmup + cosine, "
         "grad clip 1.0, body + norm + head trained, embedding frozen; 2 CPU threads.",
         f"- {summ['steps']} steps ({summ['epochs']} full epochs), {summ['wall_s'] / 60:.1f} min wall; best "
         f"checkpoint at step {best.get('step')} (val top-1 agreement {best.get('val_agree', float('nan')):.4f}, "
@@ -696,7 +697,8 @@ def ship(run_dir: str | Path, notes: str = "") -> Path:
         "",
         "```",
         "export OMP_WAIT_POLICY=PASSIVE   # spinning OpenMP threads collapse throughput on a shared CPU",
-        f"python experiments/gen_distill_data.py --prompts experiments/data/distill_prompts.jsonl --out runs/draft/data "
+        "python experiments/gen_distill_data.py --prompts experiments/data/distill_prompts.jsonl "
+        "--out runs/draft/data "
         f"--batch {plan.get('batch')} --max-new {plan.get('max_new')} --topk {plan.get('topk')} --time-budget 38 "
         f"--seed {plan.get('seed')}   # then resumed with --time-budget 7",
         f"python experiments/train_draft.py {tr.get('argv', '')}".rstrip(),

@@ -190,8 +190,9 @@ def _read_embedding(target_path: str | Path, dtype: torch.dtype = torch.float32)
     if not f.exists():
         raise DraftLoadError(f"the draft needs the target's embedding from {f}, which does not exist")
     with safe_open(str(f), framework="pt") as st:
-        key = EMBED_KEY if EMBED_KEY in st.keys() else "lm_head.weight"
-        if key not in st.keys():
+        names = set(st.keys())  # a safetensors handle has keys() but no `in`
+        key = EMBED_KEY if EMBED_KEY in names else "lm_head.weight"
+        if key not in names:
             raise DraftLoadError(f"{f} has no {EMBED_KEY} tensor to take the draft's input embedding from")
         return st.get_tensor(key).to(dtype)
 
@@ -314,7 +315,7 @@ def load_draft(
         raise DraftLoadError(f"draft config {cfg_file} is malformed: {e}") from None
     try:
         with safe_open(str(w_file), framework="pt") as st:
-            sd = {k: st.get_tensor(k) for k in st.keys()}
+            sd = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118 (a safetensors handle is not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DraftLoadError(f"draft weights {w_file} are malformed: {e}") from None
     dev = resolve_device(device)

@@ -40,7 +40,7 @@ def lookup_table(ids: Sequence[int] | np.ndarray, start: int, max_ngram: int) ->
     start = max(int(start), 0)
     props = np.full(max(L + 1 - start, 0), -1, dtype=np.int64)
     ns = np.zeros_like(props)
-    last: list[dict] = [dict() for _ in range(max_ngram + 1)]
+    last: list[dict] = [{} for _ in range(max_ngram + 1)]
     for i in range(1, L + 1):
         if i >= start:
             for n in range(min(max_ngram, i), 0, -1):

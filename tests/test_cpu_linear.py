@@ -86,7 +86,7 @@ def test_engine_is_lossless_with_planned_kernels(seed):
     ids = torch.tensor([prompt])
     ref = target.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=3, pad_token_id=0)[0, 6:].tolist()
     for m in (target, draft):
-        shapes = {tuple(l.weight.shape) for l in m.modules() if type(l) is nn.Linear}
+        shapes = {tuple(layer.weight.shape) for layer in m.modules() if type(layer) is nn.Linear}
         assert cpu_linear.install(m, dict.fromkeys(shapes, ALL_WX)) > 0
     try:
         eng = SpeculativeEngine(target, draft, eos_token_id=3)

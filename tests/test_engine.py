@@ -155,7 +155,7 @@ def test_greedy_lossless_against_the_same_compressed_target(tmp_path, tiny_pair,
     ct = load_model(str(tmp_path / "t"), compression=compression, device="cpu")
     rng = random.Random(11)
     eng = SpeculativeEngine(ct, draft, eos_token_id=3)
-    for trial in range(2):
+    for _trial in range(2):
         prompt = [rng.randrange(4, 64) for _ in range(rng.randint(2, 8))]
         ref = hf_greedy(ct, prompt, 24)
         for kind in (0, 1, 3, 8, "random"):

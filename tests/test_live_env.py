@@ -236,7 +236,7 @@ def test_engine_bench_compares_methods_and_restores_the_plans(tiny_smol_pair):
 
     plan = {n: max(n, 2) + 1 for n in range(1, cpu_linear.MAX_ROWS + 1)}
     for m in (tiny_smol_pair.target, tiny_smol_pair.draft):
-        shapes = {tuple(l.weight.shape) for l in m.modules() if type(l) is torch.nn.Linear}
+        shapes = {tuple(layer.weight.shape) for layer in m.modules() if type(layer) is torch.nn.Linear}
         cpu_linear.install(m, dict.fromkeys(shapes, plan))
     pair = dataclasses.replace(tiny_smol_pair, cpu_kernels=True)
     try:

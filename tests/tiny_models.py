@@ -47,7 +47,7 @@ def make_tiny_lookup_draft(target, weights=(0.3, 0.5, 0.6, 0.7), noise: float = 
     cfg = copy.deepcopy(target.config)
     cfg.speckv_draft = {"head_size": cfg.vocab_size, "lookup_weights": list(weights)}
     draft = SpecKVDraftForCausalLM(cfg)
-    sd = {k: v for k, v in target.state_dict().items()}
+    sd = dict(target.state_dict())
     draft.load_state_dict(sd, strict=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
