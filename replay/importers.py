@@ -85,6 +85,36 @@ def import_speckv_paper(
     n_steps, tokens, drafted_tokens, elapsed_sec.
     """
     step_csv, experiment_csv = Path(step_csv), Path(experiment_csv)
+    s, e = _read_paper_csvs(step_csv, experiment_csv)
+    sizes = _check_paper_runs(s, e, step_csv, experiment_csv)
+    e = _with_paper_ids(e)
+    position, drafted = _paper_positions(s, sizes, max_new_tokens, step_csv)
+    steps = _paper_step_rows(s, e, sizes, position, drafted, max_new_tokens)
+    runs = pd.DataFrame(
+        {
+            "run_id": e["run_id"],
+            "compression": e["compression"],
+            "gamma": e["gamma"],
+            "task": e["task"],
+            "prompt_id": e["prompt_id"],
+            "split": e["split"],
+            "n_steps": sizes,
+            "tokens": steps.groupby("run_id", sort=False)["tokens_produced"].sum().to_numpy(),
+            "drafted_tokens": steps.groupby("run_id", sort=False)["drafted"].sum().to_numpy(),
+            "elapsed_sec": e["elapsed_sec"].astype(float),
+        }
+    )
+    if (runs["tokens"].to_numpy() != e["num_tokens"].to_numpy()).any():
+        i = int(np.nonzero(runs["tokens"].to_numpy() != e["num_tokens"].to_numpy())[0][0])
+        raise TraceFormatError(
+            f"{step_csv}: run {i} produces {runs['tokens'].iloc[i]} tokens "
+            f"but {experiment_csv} says {e['num_tokens'].iloc[i]}"
+        )
+    return steps, runs
+
+
+def _read_paper_csvs(step_csv: Path, experiment_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The paper's two CSV files, with the columns the import needs (named in the error)."""
     need_s = [
         "compression",
         "gamma",
@@ -107,6 +137,11 @@ def import_speckv_paper(
         miss = [c for c in need if c not in df.columns]
         if miss:
             raise TraceFormatError(f"{f}: missing column(s) {', '.join(miss)}")
+    return s, e
+
+
+def _check_paper_runs(s: pd.DataFrame, e: pd.DataFrame, step_csv: Path, experiment_csv: Path) -> np.ndarray:
+    """Check that the step file's runs match the experiment file's rows; returns the run sizes."""
     if len(s) == 0 or s["step"].iloc[0] != 0:
         raise TraceFormatError(f"{step_csv}: the first row must start a run (step == 0)")
     run = (s["step"] == 0).cumsum().to_numpy() - 1
@@ -140,6 +175,11 @@ def import_speckv_paper(
     ):
         raise TraceFormatError(f"{step_csv}: tokens_produced must be accepted + 1 with 0 <= accepted <= gamma")
 
+    return sizes
+
+
+def _with_paper_ids(e: pd.DataFrame) -> pd.DataFrame:
+    """The experiment rows with prompt_id, split and run_id columns."""
     # prompt ids: order of first appearance within each task
     prompt_ids: dict[tuple[str, str], tuple[str, int]] = {}
     for task, prompt in zip(e["task"], e["prompt"]):
@@ -151,6 +191,13 @@ def import_speckv_paper(
     e["split"] = [paper_split(prompt_ids[(t, p)][1]) for t, p in zip(e["task"], e["prompt"])]
     e["run_id"] = [f"speckv-paper/{c}/g{g}/{pid}" for c, g, pid in zip(e["compression"], e["gamma"], e["prompt_id"])]
 
+    return e
+
+
+def _paper_positions(
+    s: pd.DataFrame, sizes: np.ndarray, max_new_tokens: int, step_csv: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each step's output position and the tokens it could draft (the paper's clip)."""
     tp = s["tokens_produced"].to_numpy().astype(np.int64)
     position = np.cumsum(tp) - tp
     starts = np.cumsum(sizes) - sizes
@@ -164,8 +211,23 @@ def import_speckv_paper(
             f"{step_csv}: row {i + 2}: accepted {accepted[i]} exceeds the {drafted[i]} tokens "
             f"that could be drafted at position {position[i]}"
         )
+    return position, drafted
+
+
+def _paper_step_rows(
+    s: pd.DataFrame,
+    e: pd.DataFrame,
+    sizes: np.ndarray,
+    position: np.ndarray,
+    drafted: np.ndarray,
+    max_new_tokens: int,
+) -> pd.DataFrame:
+    """The ``speckv-steps/2`` rows of the imported runs."""
+    tp = s["tokens_produced"].to_numpy().astype(np.int64)
+    gamma = s["gamma"].to_numpy().astype(np.int64)
+    accepted = s["accepted"].to_numpy().astype(np.int64)
     rep = lambda col: np.repeat(e[col].to_numpy(), sizes)
-    steps = pd.DataFrame(
+    return pd.DataFrame(
         {
             "schema": STEPS_SCHEMA_VERSION,
             "source": "speckv-paper",
@@ -195,27 +257,6 @@ def import_speckv_paper(
             "draft_fingerprint": "",
         }
     )
-    runs = pd.DataFrame(
-        {
-            "run_id": e["run_id"],
-            "compression": e["compression"],
-            "gamma": e["gamma"],
-            "task": e["task"],
-            "prompt_id": e["prompt_id"],
-            "split": e["split"],
-            "n_steps": sizes,
-            "tokens": steps.groupby("run_id", sort=False)["tokens_produced"].sum().to_numpy(),
-            "drafted_tokens": steps.groupby("run_id", sort=False)["drafted"].sum().to_numpy(),
-            "elapsed_sec": e["elapsed_sec"].astype(float),
-        }
-    )
-    if (runs["tokens"].to_numpy() != e["num_tokens"].to_numpy()).any():
-        i = int(np.nonzero(runs["tokens"].to_numpy() != e["num_tokens"].to_numpy())[0][0])
-        raise TraceFormatError(
-            f"{step_csv}: run {i} produces {runs['tokens'].iloc[i]} tokens "
-            f"but {experiment_csv} says {e['num_tokens'].iloc[i]}"
-        )
-    return steps, runs
 
 
 # ---- cost model ------------------------------------------------------------------------------

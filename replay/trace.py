@@ -608,18 +608,7 @@ def synthetic_trace(
     cm = cost_model or CostModel.unit(gamma_max)
     L = run_lengths(accept, gamma_max)
     mnt = n if finish_reason == "length" else n + 8
-    g_rec = min(record_gamma, gamma_max)
-    pos, gs, ks, ds, vs = [], [], [], [], []
-    t = 0
-    while t < n:
-        g = min(g_rec, mnt - 1 - t)
-        k = min(int(L[t]), g)
-        pos.append(t)
-        gs.append(g)
-        ks.append(k)
-        ds.append(cm.draft_forwards(g, k, mode == "sample") * cm.t_draft)
-        vs.append(cm.verify_time(g) + cm.t_overhead)
-        t += k + 1
+    path = _fixed_gamma_path(L, mnt, min(record_gamma, gamma_max), cm, mode == "sample")
     return Trace(
         trace_id=trace_id or f"synthetic-{compression}-{task}-{mode}-{seed}",
         tokens=tokens,
@@ -642,13 +631,27 @@ def synthetic_trace(
         temperature=1.0 if mode == "sample" else 0.0,
         seed=seed,
         prompt_len=16,
-        step_pos=pos,
-        step_gamma=gs,
-        step_accepted=ks,
-        step_draft_s=ds,
-        step_verify_s=vs,
+        **path,
         meta={"synthetic": True},
     )
+
+
+def _fixed_gamma_path(L: np.ndarray, max_new_tokens: int, gamma: int, cm: CostModel, sampling: bool) -> dict:
+    """The recorded-path fields (``step_*``) of playing a trace with runs ``L`` at a fixed gamma,
+    timed by ``cm`` (engine clip)."""
+    pos, gs, ks, ds, vs = [], [], [], [], []
+    t = 0
+    while t < L.shape[0]:
+        g = min(gamma, max_new_tokens - 1 - t)
+        k = min(int(L[t]), g)
+        pos.append(t)
+        gs.append(g)
+        ks.append(k)
+        ds.append(cm.draft_forwards(g, k, sampling) * cm.t_draft)
+        vs.append(cm.verify_time(g) + cm.t_overhead)
+        t += k + 1
+    cols = {"step_pos": pos, "step_gamma": gs, "step_accepted": ks, "step_draft_s": ds, "step_verify_s": vs}
+    return {name: np.asarray(v, dtype=_LIST_FIELDS[name]) for name, v in cols.items()}
 
 
 def synthetic_dataset(
