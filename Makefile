@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # OpenMP threads: the runtime's default (spin, then sleep) for single-process decoding (demo,
 # bench); tests/conftest.py and `speckv profile` choose PASSIVE (parallel processes).
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,18 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/speckv demo
 
-test: install
+# the gates: lint, format and types over the whole tree (configured in pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
+
+# the fast subset: everything but the tests that load the embedded default pair
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install
 	$(VENV)/bin/speckv bench engine --json experiments/results/bench_engine.json

@@ -210,7 +210,7 @@ class Agent:
 
     kind: ClassVar[str] = "agent"
     #: whether learn() changes the policy (the training loop skips calling it otherwise)
-    learns: ClassVar[bool] = False
+    learns: bool = False  # a class default; an agent may decide per instance (cost_aware with estimate="beta")
 
     def __init__(self, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
         self.gammas: tuple[int, ...] = check_gammas(gammas)
@@ -319,12 +319,12 @@ def _read_doc(p: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise AgentFormatError(f"{p}: empty file, not a saved agent")
     if data.lstrip()[:1] == b"{":
         try:
-            doc = json.loads(data.decode("utf-8"))
+            parsed = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise AgentFormatError(f"{p}: not valid agent JSON (truncated or corrupted?): {e}") from None
-        if not isinstance(doc, dict):
-            raise AgentFormatError(f"{p}: agent JSON must be an object, got {type(doc).__name__}")
-        return doc, {}
+        if not isinstance(parsed, dict):
+            raise AgentFormatError(f"{p}: agent JSON must be an object, got {type(parsed).__name__}")
+        return parsed, {}
     # safetensors: 8-byte little-endian header size, JSON header, tensor data
     if len(data) < 8:
         raise AgentFormatError(f"{p}: truncated ({len(data)} bytes): neither agent JSON nor safetensors")

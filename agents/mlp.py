@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -166,9 +166,10 @@ class SpecKVMLP(CostModelMixin, Agent):
         h1, h2 = self.hidden
         net = nn.Sequential(nn.Linear(OBS_DIM, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1))
         with torch.no_grad():
-            for i, (w, b) in zip((0, 2, 4), (("W1", "b1"), ("W2", "b2"), ("W3", "b3"))):
-                net[i].weight.copy_(torch.from_numpy(self.params[w]))
-                net[i].bias.copy_(torch.from_numpy(self.params[b]))
+            for i, (wname, bname) in zip((0, 2, 4), (("W1", "b1"), ("W2", "b2"), ("W3", "b3"))):
+                layer = cast(nn.Linear, net[i])
+                layer.weight.copy_(torch.from_numpy(self.params[wname]))
+                layer.bias.copy_(torch.from_numpy(self.params[bname]))
         mean = torch.from_numpy(self.params["mean"].copy())
         std = torch.from_numpy(self.params["std"].copy())
 
@@ -271,9 +272,9 @@ class SpecKVMLP(CostModelMixin, Agent):
             if log is not None:
                 log(ep, losses[-1])
         with torch.no_grad():
-            for i, (w, b) in zip((0, 2, 4), (("W1", "b1"), ("W2", "b2"), ("W3", "b3"))):
-                self.params[w] = model.net[i].weight.detach().numpy().astype(np.float32).copy()
-                self.params[b] = model.net[i].bias.detach().numpy().astype(np.float32).copy()
+            for i, (wname, bname) in zip((0, 2, 4), (("W1", "b1"), ("W2", "b2"), ("W3", "b3"))):
+                self.params[wname] = model.net[i].weight.detach().numpy().astype(np.float32).copy()
+                self.params[bname] = model.net[i].bias.detach().numpy().astype(np.float32).copy()
         self._build_fast()
         self.trained = True
         self.train_loss = losses[-1] if losses else None

@@ -88,7 +88,7 @@ class OracleAgent(Agent):
                 "OracleAgent works on replayed traces only: the env's backend has no .trace "
                 "(use gym.make('SpecKVReplay-v0', traces=...))"
             )
-        self.reset(trace=trace, cost_model=backend.cost_model)
+        self.reset(trace=trace, cost_model=getattr(backend, "cost_model", None))
 
     def act(self, obs: np.ndarray) -> int:
         if not self._best:

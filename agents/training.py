@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -52,6 +52,7 @@ def _factory(
         if env_kwargs:
             raise ValueError("env_kwargs applies to traces= only; bake options into env_factory")
         return env_factory
+    assert traces is not None
     return replay_env_factory(traces, **(env_kwargs or {}))
 
 
@@ -181,7 +182,7 @@ def collect_rollouts(
             obs, info = env.reset()
             if behaviour is not None:
                 begin_episode(behaviour, env, info)
-    ev = np.array([step_events(g, k) for g, k in zip(G, K)], dtype=np.int64).reshape(-1, 2)
+    ev = np.array([step_events(int(g), int(k)) for g, k in zip(G, K)], dtype=np.int64).reshape(-1, 2)
     return {"obs": OBS, "gamma": G, "accepted": K, "hits": ev[:, 0], "misses": ev[:, 1], "emitted": E, "time": T}
 
 
@@ -232,16 +233,16 @@ class ReplayVecEnvAdapter:
                 self.venv.close()
 
             def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-                return [getattr(self.venv, attr_name)] * len(self._get_indices(indices))
+                return [getattr(self.venv, attr_name)] * len(list(self._get_indices(indices)))
 
             def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
                 setattr(self.venv, attr_name, value)
 
             def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
-                return [getattr(self.venv, method_name)(*args, **kwargs)] * len(self._get_indices(indices))
+                return [getattr(self.venv, method_name)(*args, **kwargs)] * len(list(self._get_indices(indices)))
 
             def env_is_wrapped(self, wrapper_class: Any, indices: Any = None) -> list[bool]:
-                return [False] * len(self._get_indices(indices))
+                return [False] * len(list(self._get_indices(indices)))
 
             def get_images(self):
                 return [None] * self.num_envs
@@ -255,7 +256,7 @@ def make_vec_env(
     seed: int = 0,
     traces: Sequence[Any] | None = None,
     env_kwargs: dict[str, Any] | None = None,
-):
+) -> Any:
     """An SB3 VecEnv. With ``traces=``: the numpy-batched replay vector env through
     :class:`ReplayVecEnvAdapter` (falls back to DummyVecEnv if replay.vector is missing);
     with ``env_factory=``: SB3's DummyVecEnv over ``n_envs`` factory-made envs."""
@@ -266,9 +267,9 @@ def make_vec_env(
             env_factory = replay_env_factory(traces, **(env_kwargs or {}))
         else:
             v = SpecKVReplayVectorEnv(num_envs=n_envs, traces=traces, autoreset_mode="same-step", **(env_kwargs or {}))
-            venv = ReplayVecEnvAdapter(v)
-            venv.seed(seed)
-            return venv
+            adapter: Any = ReplayVecEnvAdapter(v)
+            adapter.seed(seed)
+            return adapter
     if env_factory is None:
         raise ValueError("make_vec_env needs env_factory= or traces=")
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -364,7 +365,7 @@ def train_agent(
                 venv = make_vec_env(n_envs=n_envs, seed=seed, traces=traces, env_kwargs=env_kwargs)
             else:
                 venv = make_vec_env(factory, n_envs=n_envs, seed=seed)
-            agent.train(
+            cast(Any, agent).train(  # a PPOAgent
                 venv,
                 steps,
                 tb_log_dir=str(writer.run_dir) if writer.run_dir else None,
@@ -380,7 +381,9 @@ def train_agent(
                 log.append({"epoch": ep, "loss": loss})
                 writer.scalar("losses/bce", loss, ep)
 
-            agent.fit(data["obs"], data["hits"], data["misses"], log=on_epoch, progress=progress, **(fit_kwargs or {}))
+            cast(Any, agent).fit(
+                data["obs"], data["hits"], data["misses"], log=on_epoch, progress=progress, **(fit_kwargs or {})
+            )
         elif agent.learns:
             log = run_online(agent, env, steps, seed=seed, writer=writer, progress=progress)
         else:

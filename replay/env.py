@@ -214,10 +214,9 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         return obs, reward, terminated, bool(out.done) and not terminated, info
 
     # ---- fast path (TraceBackend) --------------------------------------------------------
-    def _step_tables(self) -> tuple[list[list[float]], list[list[float]]]:
+    def _step_tables(self, b: TraceBackend) -> tuple[list[list[float]], list[list[float]]]:
         """Per (cost model, sampling): modelled time and reward for every (g_eff, k), as lists
         (python floats index faster than numpy scalars)."""
-        b = self._trace_backend
         key = (id(b.cost_model), b.sampling)
         tab = self._tables.get(key)
         if tab is None:
@@ -227,9 +226,10 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         obs, info = super().reset(seed=seed, options=options)
-        if self._trace_backend is not None:
-            self._tt, self._rt = self._step_tables()
-            info["trace_id"] = self._trace_backend.trace.trace_id
+        b = self._trace_backend
+        if b is not None:
+            self._tt, self._rt = self._step_tables(b)
+            info["trace_id"] = b.trace.trace_id
         return obs, info
 
     def step(self, action: Any):

@@ -33,6 +33,7 @@ gamma is) and t_target = c_step (a target-only step is one full target forward).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,7 +358,7 @@ def load_step_log(
             cms.add(cm, f"fitted to the SpecKV paper's {c} runs")
     else:
         steps = read_step_log(src)
-        items = [src] if isinstance(src, (str, Path)) else list(src)
+        items: list[PathLike] = [src] if isinstance(src, (str, os.PathLike)) else list(src)
         for folder in dict.fromkeys(Path(it) if Path(it).is_dir() else Path(it).parent for it in items):
             cms.update(load_cost_models(folder))
     keep = np.ones(len(steps), dtype=bool)

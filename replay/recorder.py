@@ -130,7 +130,7 @@ class RecordSteps(gym.Wrapper):
                 cols[c].append(r[c] if c in r else const[c])
         table = pa.table(cols, schema=STEPS_ARROW_SCHEMA)
         write_parquet_atomic(table, self.folder / f"steps-{self.session}-{self._episodes:06d}.parquet", overwrite=False)
-        self._save_cost_model(u.cost_model)
+        self._save_cost_model(u.cost_model)  # type: ignore[attr-defined]  # u: the unwrapped SpecKV env
         self._episodes += 1
         self._rows = []
 

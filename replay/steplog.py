@@ -12,6 +12,7 @@ budget and ``eos`` when it stops before; the fingerprint is unknown (``''``).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def read_step_log(src: PathLike | Sequence[PathLike]) -> pd.DataFrame:
     """Read step-log files (a file, a folder of them, or a list); every row comes back in the
     ``speckv-steps/2`` form. Raises :class:`TraceFormatError` naming the file for anything
     malformed, and for a run_id found in two files."""
-    items = [src] if isinstance(src, (str, Path)) else list(src)
+    items: list[PathLike] = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     frames = []
     seen: dict[str, str] = {}
     for it in items:

@@ -128,7 +128,7 @@ class Trace:
     sig_entropy: np.ndarray
     sig_margin: np.ndarray
     gamma_max: int = GAMMA_MAX
-    max_new_tokens: int | None = None  # default: len(tokens)
+    max_new_tokens: int = 0  # 0 (or None): len(tokens)
     finish_reason: str = "length"
     pair: str = ""
     target: str = ""
@@ -154,7 +154,7 @@ class Trace:
     def __post_init__(self) -> None:
         for name, dt in _LIST_FIELDS.items():
             setattr(self, name, np.ascontiguousarray(np.asarray(getattr(self, name)), dtype=dt))
-        if self.max_new_tokens is None:
+        if not self.max_new_tokens:  # 0 or None
             self.max_new_tokens = int(self.tokens.shape[0])
         self.gamma_max = int(self.gamma_max)
         self.max_new_tokens = int(self.max_new_tokens)

@@ -211,7 +211,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
         obs = fresh[_OBS].view(np.float64)
         for i, t in enumerate(trs):
             ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
-            obs[:, i] = ob.observe_values(*(float(x) for x in self._sig[:, base[i]]), 0)
+            top1, entropy, margin = (float(x) for x in self._sig[:, base[i]])
+            obs[:, i] = ob.observe_values(top1, entropy, margin, 0)
         side = fresh[_SIDE].view(np.float64)
         side[_HITS1] = 1.0
         side[_TESTS2] = 2.0

@@ -49,7 +49,7 @@ class DraftLoadError(ModelLoadError):
 
 def default_draft_path() -> Path:
     """Folder of the draft shipped inside the package (``speckv_env/assets/draft``)."""
-    return Path(str(resources.files("speckv_env").joinpath("assets", "draft")))
+    return Path(str(resources.files("speckv_env").joinpath("assets").joinpath("draft")))
 
 
 class SpecKVDraftForCausalLM(LlamaForCausalLM):
@@ -59,8 +59,10 @@ class SpecKVDraftForCausalLM(LlamaForCausalLM):
     :meth:`forward_head` returns the head logits ``[..., K]`` (what training uses).
     """
 
-    _tied_weights_keys = None
+    _tied_weights_keys = None  # type: ignore[assignment]  # no tied weights; transformers types it as a dict
     _keys_to_ignore_on_load_missing = [EMBED_KEY]
+
+    head_ids: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(self, config: LlamaConfig):
         config.tie_word_embeddings = False
@@ -123,13 +125,13 @@ class SpecKVDraftForCausalLM(LlamaForCausalLM):
     def forward(self, *args, labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
         lk = self.lookup
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        rows = None
+        rows: np.ndarray | None = None
         if lk is not None and input_ids is not None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             rows = self._context_rows(input_ids, cache)
         out = super().forward(*args, **kwargs)
         out.logits = self.expand_logits(out.logits)
-        if rows is not None:
+        if lk is not None and rows is not None:
             keep = out.logits.shape[1]
             pos = range(rows.shape[1] - keep, rows.shape[1])
             mixed = []
@@ -344,7 +346,7 @@ def load_draft(
             f"draft weights {w_file} do not match {cfg_file}: missing {missing}, unexpected {unexpected}"
         )
     model.model.embed_tokens.weight.requires_grad_(False)
-    model.to(device=dev, dtype=dtype)
+    model.to(device=dev, dtype=dtype)  # type: ignore[call-arg]  # transformers wraps to() in a decorator mypy misreads
     model.eval()
     return model
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent, make_agent
-from speckv_env.core import OBS_INDEX
+from speckv_env.core import DEFAULT_GAMMAS, OBS_INDEX
 
 DEFAULT_AGENTS: tuple[str, ...] = (
     "fixed",
@@ -49,10 +49,10 @@ def _observation_pool(n: int = 512, seed: int = 0):
     env = gym.make("SpecKVReplay-v0", traces=synthetic_dataset(8, seed=seed), cost_model=CostModel.unit())
     rng = np.random.default_rng(seed)
     obs, info = env.reset(seed=seed)
-    pool = []
+    pool: list[np.ndarray] = []
     while len(pool) < n:
         pool.append(obs)
-        obs, r, term, trunc, info = env.step(int(rng.integers(env.action_space.n)))
+        obs, r, term, trunc, info = env.step(int(rng.integers(len(DEFAULT_GAMMAS))))
         if term or trunc:
             obs, info = env.reset()
     return env, pool

@@ -36,7 +36,7 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from speckv_env import __version__
 
@@ -689,11 +689,12 @@ def cmd_compare(a: argparse.Namespace) -> Output:
     settings = {"progress": not a.quiet, **a.settings}
     res = run_comparison(logs=a.logs_path, out_dir=a.out, source=a.source, quick=a.quick, **settings)
     out = Path(a.out)
-    data = {
+    splits = cast(dict[str, Any], res["splits"])
+    data: dict[str, Any] = {
         "report": str(out / "report.md"),
         "results": str(out / "results.json"),
         "runtime_s": res.get("runtime_s"),
-        "verdicts": {k: s["verdict"]["sentence"] for k, s in res["splits"].items() if "verdict" in s},
+        "verdicts": {k: s["verdict"]["sentence"] for k, s in splits.items() if "verdict" in s},
     }
     lines = [f"report: {data['report']}"] + [f"[{k}] {v}" for k, v in data["verdicts"].items()]
     return Output(data, "\n".join(lines))

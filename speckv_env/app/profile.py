@@ -107,9 +107,11 @@ def check_resume(
             _refuse(folder, what, seen[what], want, f"pass {flag} {min(seen[what])}")
     for mode in modes:
         had = seen.get(f"sampling[{mode}]")
-        want = None if mode == "greedy" else (MODES[mode], 1.0)
-        if had and had != {want}:
-            _refuse(folder, f"(temperature, top_p) in mode {mode}", had, want, "this version records other settings")
+        sampling = None if mode == "greedy" else (MODES[mode], 1.0)
+        if had and had != {sampling}:
+            _refuse(
+                folder, f"(temperature, top_p) in mode {mode}", had, sampling, "this version records other settings"
+            )
     return seen
 
 
@@ -244,7 +246,7 @@ def select_profile_prompts(
             if per_task is not None:
                 ps = ps[:per_task]
             lists.append(ps)
-    out = []
+    out: list[Any] = []
     for i in range(max((len(ps) for ps in lists), default=0)):
         out.extend(ps[i] for ps in lists if i < len(ps))
     return out
