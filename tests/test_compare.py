@@ -69,9 +69,12 @@ def test_outputs_written(comparison):
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "## Verdict" in report and "best-fixed(train)" in report
     assert any(p.name.startswith("events") for p in (out / "tb").rglob("*"))
+    chosen = doc["splits"]["heldout"]["primary"]["policy"]
     for split in ("heldout", "loto", "loco"):
         v = doc["splits"][split]["verdict"]
-        assert v["outcome"] in ("beats", "worse", "inconclusive") and v["sentence"]
+        run_there = chosen in doc["splits"][split]["policies"]
+        assert v["sentence"] and v["outcome"] in (("beats", "worse", "inconclusive") if run_there else ("none",))
+        assert split != "heldout" or run_there
 
 
 def test_oracle_never_beaten(comparison):
@@ -262,3 +265,133 @@ def test_train_main_and_compare_main(tmp_path):
     )
     assert (tmp_path / "cmp" / "report.md").is_file()
     assert res["splits"]["heldout"]["verdict"]["best_learned"] is None
+
+
+# ---- the primary contrast, the fixed baseline's information, cost models across folders ----------
+
+
+def test_primary_contrast_recorded_and_chosen_on_validation(comparison):
+    out, _, res = comparison
+    doc = json.loads((out / "results.json").read_text())
+    pr = doc["splits"]["heldout"]["primary"]
+    assert {"policy", "baseline", "rel", "lo", "hi", "p", "selected_on"} <= set(pr)
+    assert pr["selected_on"] == "validation" and pr["baseline"] == "best-fixed(train)"
+    assert pr["lo"] <= pr["rel"] <= pr["hi"]
+    val = doc["splits"]["heldout"]["validation"]["tokens_per_s"]
+    learned = list(pr["validation_tokens_per_s"])
+    assert pr["policy"] == max(learned, key=lambda p: val[p]["value"])
+    v = doc["splits"]["heldout"]["policies"][pr["policy"]]["subsets"]["all"]["vs_best_fixed"]
+    assert v["primary"] and v["p"] == pr["p"] and v["rel"] == pr["rel"]
+    # every other contrast is secondary, with a Holm-adjusted p-value no smaller than its own
+    for name, m in doc["splits"]["heldout"]["policies"].items():
+        t = m["subsets"]["all"]["vs_best_fixed"]
+        if name not in (pr["policy"], "best-fixed(train)", "oracle"):
+            assert t["p_holm"] >= t["p"] - 1e-12 and t["family"] >= 1
+    assert pr["policy"] in doc["splits"]["heldout"]["verdict"]["sentence"]
+    assert "primary contrast" in doc["splits"]["heldout"]["verdict"]["sentence"]
+    # learners are trained on the train prompts; validation and test prompts are held out
+    fold = doc["splits"]["heldout"]["folds"][0]
+    assert fold["n_validation"] > 0
+    assert not set(fold["validation_trace_ids"]) & set(fold["test_trace_ids"])
+
+
+def _fake_split(data, idx, times):
+    """Metrics of a split whose policies have the given per-episode times on episodes ``idx``."""
+    from speckv_env.app.compare import CompareConfig
+    from speckv_env.app.metrics import split_metrics
+    from speckv_env.app.results import EvalResult
+
+    def res(t):
+        return EvalResult(idx, t[None], np.ones((1, idx.size)), np.ones((1, idx.size)), np.ones((idx.size, 9)))
+
+    return split_metrics(data, {k: res(v) for k, v in times.items()}, CompareConfig.quick(n_boot=200))
+
+
+def test_selection_never_looks_at_test_results():
+    from speckv_env.app.metrics import judge
+
+    trs = _traces(40, seed=11)
+    data = _Data(trs, _cost_models(), DEFAULT_GAMMAS)
+    val = np.flatnonzero(data.split == "validation")
+    test = np.flatnonzero(data.split == "test")
+    base_v, base_t = data.N[val] / 2.0, data.N[test] / 2.0  # 2 tokens/s
+    val_times = {"best-fixed(train)": base_v, "oracle": base_v / 2, "mlp-time": base_v / 1.1, "ucb1": base_v / 1.05}
+
+    def run(test_speed):
+        tt = {"best-fixed(train)": base_t, "oracle": base_t / 3}
+        tt.update({k: base_t / s for k, s in test_speed.items()})
+        splits = {
+            "heldout": {"policies": _fake_split(data, test, tt), "_val_metrics": _fake_split(data, val, val_times)}
+        }
+        judge(splits)
+        return splits["heldout"]["primary"]
+
+    a = run({"mlp-time": 1.1, "ucb1": 1.05})
+    assert a["policy"] == "mlp-time" and a["selected_on"] == "validation"
+    # on the test prompts ucb1 now looks far better, and mlp-time far worse: the choice stays
+    b = run({"mlp-time": 0.7, "ucb1": 1.5})
+    assert b["policy"] == "mlp-time" and b["rel"] < 0
+    # changing the validation results does change it
+    val_times["ucb1"] = base_v / 1.2
+    assert run({"mlp-time": 1.1, "ucb1": 1.05})["policy"] == "ucb1"
+
+
+def test_loco_baseline_uses_the_held_out_cost_model(comparison):
+    _, trs, res = comparison
+    cms = _cost_models()
+    by_id = {t.trace_id: t for t in trs}
+    for f in res["splits"]["loco"]["folds"]:
+        held = f["held_out"].split("=", 1)[1]
+        train = [by_id[i] for i in f["train_trace_ids"]]
+        # the training episodes (other compressions' acceptance) priced under the held-out model
+        times = {g: sum(fixed_gamma_time(t, cms[held], g) for t in train) for g in DEFAULT_GAMMAS}
+        assert f["best_fixed_gamma"][held] == min(DEFAULT_GAMMAS, key=lambda g: (times[g], g))
+    # the two cost models differ enough that the choice differs from the global training-best
+    assert any(
+        f["best_fixed_gamma"][f["held_out"].split("=")[1]] != f["best_fixed_gamma"]["*"]
+        for f in res["splits"]["loco"]["folds"]
+    )
+    # pricing the fixed gammas' steps under any model agrees with the replay
+    data = _Data(trs, cms, DEFAULT_GAMMAS)
+    idx = np.arange(len(trs))
+    for g in (0, 1, 3, 8):
+        for c in COMPRESSIONS:
+            want = [fixed_gamma_time(t, cms[c], g) for t in trs]
+            np.testing.assert_allclose(data.fixed_time_under(g, idx, cms[c]), want, rtol=1e-12)
+
+
+def _real_like(cm: CostModel, device: str) -> CostModel:
+    cm.pair, cm.device, cm.meta = "p|d", device, {}
+    return cm
+
+
+def test_cost_models_of_several_folders_are_matched_not_overwritten(tmp_path):
+    from replay.costs import CostModelConflictError
+    from replay.trace import TraceWriter, synthetic_trace
+    from speckv_env.app.compare_data import load_traces
+
+    fast = _real_like(CostModel.unit(8, draft_ratio=0.05), "cpu")
+    slow = _real_like(CostModel.unit(8, draft_ratio=0.5), "gpu")
+    for cm in (fast, slow):
+        cm.compression = "fp16"
+    for name, dev, cm in (("a", "cpu", fast), ("b", "gpu", slow)):
+        t = synthetic_trace(40, 8, 0.7, seed=1, compression="fp16", trace_id=f"{name}-0")
+        t.meta, t.pair, t.device = {}, "p|d", dev
+        with TraceWriter(tmp_path / name, batch_size=10) as w:
+            w.write(t)
+            w.save_cost_model(cm)
+    trs, cms = load_traces([tmp_path / "a", tmp_path / "b"], None, None)
+    data = _Data(trs, cms, DEFAULT_GAMMAS)
+    got = {t.trace_id: cm.t_draft for t, cm in zip(data.traces, data.cm)}
+    assert got == {"a-0": fast.t_draft, "b-0": slow.t_draft}  # each folder's model for its own trace
+    assert len(set(data.cost_group())) == 2
+    # the same key with other times is an error, never a silent replacement
+    other = _real_like(CostModel.unit(8, draft_ratio=0.3), "cpu")
+    other.compression = "fp16"
+    with TraceWriter(tmp_path / "c", batch_size=10) as w:
+        t = synthetic_trace(40, 8, 0.7, seed=2, compression="fp16", trace_id="c-0")
+        t.meta, t.pair, t.device = {}, "p|d", "cpu"
+        w.write(t)
+        w.save_cost_model(other)
+    with pytest.raises(CostModelConflictError):
+        load_traces([tmp_path / "a", tmp_path / "c"], None, None)

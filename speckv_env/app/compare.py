@@ -12,17 +12,20 @@ Data
     :func:`run_paper_comparison` (per recorded step, restricted to what the log determines).
 
 Splits (each gives one pooled evaluation set; every test episode is evaluated once per split)
-    * ``heldout``: train on split ``train`` (+ ``val``/``validation``: no model selection is
-      done, so they are training data), evaluate on split ``test``.
+    * ``heldout``: learners train on split ``train``; every policy is also evaluated on split
+      ``validation``, where the controller of the primary contrast is chosen; evaluate on
+      split ``test``. The fixed baseline is chosen on train + validation.
     * ``loto`` (leave one task out): one fold per task; train on all episodes of the other
       tasks, evaluate on every episode of the held-out task; folds pooled.
     * ``loco`` (leave one compression out): the same with compression levels.
     A split whose attribute has a single value (e.g. one compression) is skipped.
 
 Policies
-    ``fixed-g`` for every g in the gamma set; ``best-fixed(train)``: per compression, the fixed
-    gamma of least total modelled time on the fold's TRAINING episodes (for a compression
-    absent from training, as in leave-one-compression-out, the global training-best gamma);
+    ``fixed-g`` for every g in the gamma set; ``best-fixed(train)``: per compression (cost
+    model), the fixed gamma of least total modelled time on the fold's TRAINING episodes; for a
+    compression absent from training (leave-one-compression-out), of all training episodes
+    priced under the held-out compression's cost model, the information the learned controllers
+    are given too (:func:`.folds.best_fixed_choice`);
     ``hf-heuristic``; ``cost-aware`` (EMA acceptance + Leviathan's formula, the true cost
     model); ``mlp-time`` / ``mlp-tokens`` (the SpecKV MLP with the tokens/s rule and with the
     paper's tokens/step rule: the same trained network); the bandits ``epsilon-greedy``,
@@ -47,11 +50,23 @@ How bandits are evaluated ("continue-per-episode")
 Metrics (per policy, over the evaluated episodes; also per task and per compression)
     tokens/s = total tokens / total modelled time (and the per-episode mean); speedup =
     target-only time (N x t_target) / modelled time; tokens/step; mean gamma (chosen);
-    regret vs the oracle = total time / oracle time - 1; gap captured =
-    (T_bestfixed - T) / (T_bestfixed - T_oracle); 95% percentile bootstrap intervals over
-    episodes (``n_boot`` >= 1000 resamples, shared by all policies, so paired), and a paired
-    bootstrap test of tokens/s against ``best-fixed(train)`` (difference, its interval,
-    two-sided p; see :mod:`agents.stats`).
+    regret vs the oracle = total time / oracle time - 1; gap captured (tokens/s) =
+    (tps - tps_bestfixed) / (tps_oracle - tps_bestfixed), and in time units
+    (``gap_captured_time``); 95% percentile cluster-bootstrap intervals over prompts (``n_boot``
+    >= 1000 resamples, shared by all policies, so paired), and a paired bootstrap test of
+    tokens/s against ``best-fixed(train)`` (difference, relative difference with intervals,
+    two-sided p, a bound "< 2/(B+1)" at the resampling floor; see :mod:`agents.stats`).
+
+Primary contrast and verdict (:func:`.metrics.judge`)
+    The learned controller with the highest tokens/s on the validation prompts, against
+    best-fixed(train) on the test prompts: ``splits.heldout.primary`` (``policy``,
+    ``baseline``, ``rel``, ``lo``, ``hi``, ``p``, ``selected_on``). Every other contrast is
+    secondary, Holm-adjusted per split and subset (``p_holm``). The verdict of each split is
+    about that one controller.
+
+Learning curves
+    The bandits and PPO train in chunks of doubling budget; after each a frozen copy is
+    evaluated on the validation prompts (:func:`.evaluate.train_with_curve`).
 
 Modules
     :mod:`.compare_data` (settings, policy names, the traces as arrays), :mod:`.folds` (splits
@@ -85,9 +100,17 @@ from .compare_data import (
     _Data,
     load_traces,
 )
-from .evaluate import eval_online, eval_vector, mlp_tokens_twin, oracle_result, thin, train_learner
+from .evaluate import (
+    eval_online,
+    eval_vector,
+    mlp_tokens_twin,
+    oracle_result,
+    thin,
+    train_learner,
+    train_with_curve,
+)
 from .folds import Fold, best_fixed_choice, best_fixed_result, describe_fold, make_folds
-from .metrics import policy_metrics, split_metrics, verdict
+from .metrics import judge, policy_metrics, split_metrics
 from .paper import paper_env, run_paper_comparison
 from .results import EvalResult, concat_folds, jsonable, select, stack_seeds
 
@@ -113,6 +136,25 @@ __all__ = [
     "run_paper_comparison",
     "train_main",
 ]
+
+
+BEST_FIXED_RULE = (
+    "per cost model (compression), the fixed gamma of least total modelled time on the fold's training "
+    "episodes (held-out split: train + validation prompts); for a compression absent from training "
+    "(leave-one-compression-out), least total modelled time of all training episodes priced under the held-out "
+    "compression's cost model"
+)
+INFORMATION = (
+    "what each side knows: the learned controllers learn from the fold's training episodes and, at test time, "
+    "are given the test episode's true cost model (cost-aware and mlp-time decide with it); best-fixed(train) "
+    "sees the same training episodes and the same cost model (in leave-one-compression-out: the training "
+    "episodes' acceptance priced under the held-out compression's cost model). Neither sees a test episode"
+)
+PRIMARY_RULE = (
+    "primary contrast (declared): the learned controller with the highest tokens/s on the validation prompts "
+    "(learners trained on the train prompts only) against best-fixed(train), on the test prompts; every other "
+    "contrast is secondary, Holm-adjusted per split and subset"
+)
 
 
 @dataclass
@@ -180,6 +222,7 @@ def run_comparison(
     results["runtime_s"] = time.time() - t0
     for s in splits_out.values():
         s.pop("_pooled", None)
+        s.pop("_val_metrics", None)
     (out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     from .report import write_report
 
@@ -209,28 +252,60 @@ def _run_split(
     tb: Path | None,
     curves: dict[str, list[dict[str, Any]]],
 ) -> dict[str, Any]:
-    """Every policy on every fold of ``split``, pooled over the folds, with its metrics."""
+    """Every policy on every fold of ``split``, pooled over the folds, with its metrics; where
+    the folds have validation episodes, every policy's metrics there too (``_val_metrics``)."""
     folds = make_folds(data, split)
     if not folds:
         return {"skipped": f"split {split!r} does not apply to this data (one value, or no train/test)"}
     meta = {"task": data.task, "compression": data.compression, "split": data.split, "id": data.trace_id}
     per_policy: dict[str, list[EvalResult]] = {}
+    per_val: dict[str, list[EvalResult]] = {}
     fold_info = []
     for fold in folds:
-        choice = best_fixed_choice(base.fixed, data, fold.train)
-        per_policy.setdefault(BEST_FIXED, []).append(best_fixed_result(base.fixed, data, fold.test, choice, cfg.gammas))
-        for g in cfg.gammas:
-            if "fixed" in pol:
-                per_policy.setdefault(f"fixed-{g}", []).append(select(base.fixed[g], fold.test))
-        for name, r in base.static.items():
-            per_policy.setdefault(name, []).append(select(r, fold.test))
-        per_policy.setdefault("oracle", []).append(select(base.oracle, fold.test))
-        fold_info.append(describe_fold(fold.name, fold.held_out, fold.train, fold.test, meta, choice))
+        choice = best_fixed_choice(base.fixed, data, fold.seen)
+        _reference_policies(per_policy, fold.test, data, cfg, pol, base, choice)
+        refs = None
+        if fold.val.size:
+            _reference_policies(per_val, fold.val, data, cfg, pol, base, choice)
+            refs = (per_val["oracle"][-1].time[0], per_val[BEST_FIXED][-1].time[0])
+        fold_info.append(describe_fold(fold.name, fold.held_out, fold.seen, fold.test, meta, choice, fold.val))
         keep_curves = split == "heldout" or len(folds) == 1
-        for name, rs in _learned_on_fold(fold, data, cfg, pol, tb, curves if keep_curves else None).items():
+        got, got_val = _learned_on_fold(fold, data, cfg, pol, tb, curves if keep_curves else None, refs)
+        for name, rs in got.items():
             per_policy.setdefault(name, []).append(stack_seeds(rs))
+        for name, rs in got_val.items():
+            per_val.setdefault(name, []).append(stack_seeds(rs))
     pooled = {name: concat_folds(rs) for name, rs in per_policy.items() if len(rs) == len(folds)}
-    return {"folds": fold_info, "policies": split_metrics(data, pooled, cfg), "_pooled": pooled}
+    out: dict[str, Any] = {"folds": fold_info, "policies": split_metrics(data, pooled, cfg), "_pooled": pooled}
+    val_pooled = {name: concat_folds(rs) for name, rs in per_val.items() if len(rs) == len(folds)}
+    if val_pooled:
+        vm = split_metrics(data, val_pooled, cfg)
+        out["_val_metrics"] = vm
+        out["validation"] = {
+            "episodes": int(val_pooled[BEST_FIXED].idx.size),
+            "tokens_per_s": {name: vm[name]["subsets"]["all"]["tokens_per_s"] for name in vm},
+        }
+    return out
+
+
+def _reference_policies(
+    per_policy: dict[str, list[EvalResult]],
+    idx: np.ndarray,
+    data: _Data,
+    cfg: CompareConfig,
+    pol: set[str],
+    base: _Baselines,
+    choice: Mapping[str, int],
+) -> None:
+    """Append best-fixed(train), the fixed gammas, the static heuristics and the oracle on
+    episodes ``idx`` (evaluated once on every episode, selected here)."""
+    per_policy.setdefault(BEST_FIXED, []).append(best_fixed_result(base.fixed, data, idx, choice, cfg.gammas))
+    for g in cfg.gammas:
+        if "fixed" in pol:
+            per_policy.setdefault(f"fixed-{g}", []).append(select(base.fixed[g], idx))
+    for name, r in base.static.items():
+        per_policy.setdefault(name, []).append(select(r, idx))
+    per_policy.setdefault("oracle", []).append(select(base.oracle, idx))
 
 
 def _learned_on_fold(
@@ -240,9 +315,13 @@ def _learned_on_fold(
     pol: set[str],
     tb: Path | None,
     curves: dict[str, list[dict[str, Any]]] | None,
-) -> dict[str, list[EvalResult]]:
+    refs: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[dict[str, list[EvalResult]], dict[str, list[EvalResult]]]:
     """Train every learned policy on the fold's training episodes (every seed) and evaluate it
-    on its test episodes; learning curves go into ``curves`` unless it is None."""
+    on its test episodes and on its validation episodes (if any); learning curves go into
+    ``curves`` unless it is None (the bandits' and PPO's with a frozen snapshot evaluated on the
+    validation prompts at several training budgets, when ``refs`` gives the oracle's and
+    best-fixed(train)'s times there). Returns (test results, validation results)."""
     from tqdm.auto import tqdm
 
     learners = [p for p in ("speckv_mlp", *BANDITS, "ppo") if p in pol]
@@ -253,37 +332,53 @@ def _learned_on_fold(
         if not (p == "ppo" and fold.split not in cfg.ppo_splits)
         and not (p in BANDITS and fold.split not in cfg.bandit_splits)
     ]
-    env = None
+    envs: dict[str, Any] = {}
     bar = tqdm(jobs, desc=f"{fold.name}", leave=False, disable=not cfg.progress)
     got: dict[str, list[EvalResult]] = {}
+    got_val: dict[str, list[EvalResult]] = {}
     for p, s in bar:
         bar.set_postfix_str(f"{p} seed {s}")
         run = f"SpecKVReplay-v0__{fold.name.replace(':', '-')}__{p}__{s}"
-        agent = train_learner(p, data, fold.train, cfg, s, tb, run)
-        if curves is not None:
-            curves.setdefault(p if p == "speckv_mlp" else DISPLAY[p], []).append(
-                {"seed": s, "fold": fold.name, "log": thin(getattr(agent, "train_log", []))}
-            )
-        if p == "speckv_mlp":
-            got.setdefault("mlp-time", []).append(eval_vector(agent, data, fold.test, fold.name))
-            got.setdefault("mlp-tokens", []).append(eval_vector(mlp_tokens_twin(agent), data, fold.test, fold.name))
-        elif p == "ppo":
-            got.setdefault("ppo", []).append(eval_vector(agent, data, fold.test, fold.name))
+        curve = None
+        if p != "speckv_mlp" and curves is not None and refs is not None:
+            agent, curve = train_with_curve(p, data, fold.train, cfg, s, tb, run, fold.val, refs)
         else:
-            if env is None:
-                from replay.env import SpecKVReplayEnv
+            agent = train_learner(p, data, fold.train, cfg, s, tb, run)
+        if curves is not None:
+            entry = {"seed": s, "fold": fold.name, "log": thin(getattr(agent, "train_log", []))}
+            if curve is not None:
+                entry["heldout"] = curve
+            curves.setdefault(p if p == "speckv_mlp" else DISPLAY[p], []).append(entry)
+        for part, idx, dest in (("test", fold.test, got), ("val", fold.val, got_val)):
+            if idx.size:
+                for name, r in _evaluate_learned(p, agent, data, idx, f"{fold.name}:{part}", s, envs).items():
+                    dest.setdefault(name, []).append(r)
+    return got, got_val
 
-                env = SpecKVReplayEnv(traces=[data.traces[i] for i in fold.test], **data.env_kwargs())
-            got.setdefault(DISPLAY[p], []).append(eval_online(agent, env, fold.test, s))
-    return got
+
+def _evaluate_learned(
+    p: str, agent: Any, data: _Data, idx: np.ndarray, key: str, seed: int, envs: dict[str, Any]
+) -> dict[str, EvalResult]:
+    """A trained learner on episodes ``idx``: batched for the MLP (both rules) and PPO, episode
+    by episode from a copy of the trained state for the bandits (``envs``: cached envs by key)."""
+    if p == "speckv_mlp":
+        return {
+            "mlp-time": eval_vector(agent, data, idx, key),
+            "mlp-tokens": eval_vector(mlp_tokens_twin(agent), data, idx, key),
+        }
+    if p == "ppo":
+        return {"ppo": eval_vector(agent, data, idx, key)}
+    if key not in envs:
+        from replay.env import SpecKVReplayEnv
+
+        envs[key] = SpecKVReplayEnv(traces=[data.traces[i] for i in idx], **data.env_kwargs())
+    return {DISPLAY[p]: eval_online(agent, envs[key], idx, seed)}
 
 
 def _assemble(
     data: _Data, cfg: CompareConfig, splits_out: Mapping[str, Any], curves: Any, runtime: float, logs: Any
 ) -> dict[str, Any]:
-    for s in splits_out.values():
-        if "policies" in s:
-            s["verdict"] = verdict(s["policies"])
+    judge(splits_out)
     return {
         "format": "speckv-compare/1",
         "source": "traces",
@@ -293,8 +388,9 @@ def _assemble(
         "bandit_evaluation": "continue-per-episode: each test episode starts from the state learned on the "
         "training episodes and keeps learning within the episode; nothing carries across "
         "test episodes",
-        "best_fixed_rule": "per compression, least total modelled time on the fold's training episodes; "
-        "global training-best for a compression absent from training",
+        "best_fixed_rule": BEST_FIXED_RULE,
+        "information": INFORMATION,
+        "primary_rule": PRIMARY_RULE,
         "splits": splits_out,
         "learning_curves": curves,
         "runtime_s": runtime,

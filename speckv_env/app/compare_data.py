@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from speckv_env.core import DEFAULT_GAMMAS, CostModel
+from speckv_env.core import DEFAULT_GAMMAS, CostModel, compression_level
 
 POLICY_GROUPS = (
     "fixed",
@@ -117,17 +117,25 @@ class CompareConfig:
 
 
 class _Data:
-    """All traces with their per-episode constants, and cached vector envs."""
+    """All traces with their per-episode constants, and cached vector envs.
+
+    ``cost_models``: a :class:`replay.costs.CostModelSet` (models found beside logs: each trace
+    is matched by pair, compression, device and draft fingerprint, and conflicts are errors) or
+    a mapping by compression (in-memory models, looked up by compression)."""
 
     def __init__(self, traces: Sequence[Any], cost_models: Mapping[str, CostModel], gammas: Sequence[int]) -> None:
         from replay.backend import resolve_cost_model
+        from replay.costs import CostModelSet, Episode
 
         self.traces = list(traces)
         if not self.traces:
             raise ValueError("no traces to compare on")
-        self.cms = dict(cost_models)
+        self.cms: Mapping[str, CostModel] = cost_models if isinstance(cost_models, CostModelSet) else dict(cost_models)
         self.gammas = tuple(gammas)
-        self.cm = [resolve_cost_model(self.cms, t.compression, f"trace {t.trace_id!r}") for t in self.traces]
+        if isinstance(self.cms, CostModelSet):
+            self.cm = [self.cms.match(Episode.of_trace(t)) for t in self.traces]
+        else:
+            self.cm = [resolve_cost_model(self.cms, t.compression, f"trace {t.trace_id!r}") for t in self.traces]
         self.N = np.array([t.n for t in self.traces], dtype=np.float64)
         self.t_target = np.array([cm.t_target for cm in self.cm], dtype=np.float64)
         self.task = np.array([t.task for t in self.traces])
@@ -135,7 +143,52 @@ class _Data:
         self.mode = np.array([t.mode for t in self.traces])
         self.split = np.array([t.split for t in self.traces])
         self.trace_id = np.array([t.trace_id for t in self.traces])
+        self.prompt = np.array([prompt_key(t) for t in self.traces])
         self._venvs: dict[Any, Any] = {}
+        self._counts: dict[int, np.ndarray] = {}
+
+    def cost_group(self) -> np.ndarray:
+        """A label per episode naming its cost model: the compression, or where one compression
+        has several models (several devices or pairs), compression, device and pair."""
+        ids = {id(cm): cm for cm in self.cm}
+        per_comp: dict[str, set[int]] = {}
+        for c, cm in zip(self.compression, self.cm):
+            per_comp.setdefault(str(c), set()).add(id(cm))
+        return np.array(
+            [
+                str(c) if len(per_comp[str(c)]) == 1 else f"{c} ({ids[id(cm)].device}, {ids[id(cm)].pair})"
+                for c, cm in zip(self.compression, self.cm)
+            ]
+        )
+
+    def fixed_counts(self, g: int) -> np.ndarray:
+        """Per episode, the steps of fixed gamma ``g`` as counts ``(episodes, g + 1, g + 1)`` of
+        (gamma drafted, accepted): they do not depend on the cost model, so the episode can be
+        priced under any model (:meth:`fixed_time_under`)."""
+        from replay.steprule import step
+
+        if g not in self._counts:
+            out = np.zeros((len(self.traces), g + 1, g + 1))
+            for i, tr in enumerate(self.traces):
+                L, acc, t = tr.L, tr.accept, 0
+                while t < tr.n:
+                    ge, k, _, _ = step(int(L[t]), bool(acc[t]), g, tr.max_new_tokens - 1 - t)
+                    out[i, ge, k] += 1
+                    t += k + 1
+            self._counts[g] = out
+        return self._counts[g]
+
+    def fixed_time_under(self, g: int, idx: np.ndarray, cm: CostModel) -> np.ndarray:
+        """Modelled time of fixed gamma ``g`` on episodes ``idx``, every step priced by ``cm``
+        (each episode keeps its own decoding mode)."""
+        counts = self.fixed_counts(g)[idx]
+        out = np.zeros(len(idx))
+        for sampling in (False, True):
+            sel = (self.mode[idx] == "sample") == sampling
+            if sel.any():
+                tab = np.nan_to_num(cm.step_time_table(list(range(g + 1)), sampling))
+                out[sel] = (counts[sel] * tab[None]).sum(axis=(1, 2))
+        return out
 
     def groups(self, idx: np.ndarray) -> list[tuple[tuple[str, str], np.ndarray]]:
         out = []
@@ -163,6 +216,7 @@ class _Data:
 
     def summary(self) -> dict[str, Any]:
         """The data set as results.json describes it."""
+        labels = self.cost_group()
         return {
             "episodes": len(self.traces),
             "tokens": float(self.N.sum()),
@@ -170,32 +224,59 @@ class _Data:
             "compressions": sorted(set(self.compression)),
             "modes": sorted(set(self.mode)),
             "splits": {s: int((self.split == s).sum()) for s in sorted(set(self.split))},
+            "prompts": len(set(self.prompt)),
             "pairs": sorted({t.pair for t in self.traces}),
             "devices": sorted({t.device for t in self.traces}),
             "synthetic": bool(all(t.meta.get("synthetic") for t in self.traces)),
-            "cost_models": {k: v.to_dict() for k, v in self.cms.items()},
+            "cost_models": {g: self.cm[int(np.flatnonzero(labels == g)[0])].to_dict() for g in sorted(set(labels))},
         }
 
 
-def load_traces(logs: Any, traces: Any, cost_models: Any) -> tuple[list[Any], dict[str, CostModel]]:
+def prompt_key(t: Any) -> str:
+    """The prompt an episode decodes (the cluster of the bootstrap): task and prompt id, or the
+    trace id when the trace records no prompt id."""
+    return f"{t.task}/{t.prompt_id}" if t.prompt_id else str(t.trace_id)
+
+
+def load_traces(logs: Any, traces: Any, cost_models: Any) -> tuple[list[Any], Mapping[str, CostModel]]:
     """Traces and cost models from ``logs`` (a folder/file or list; None: the shipped data set),
-    or ``traces`` + ``cost_models`` in memory; ``cost_models`` also overrides those found on disk."""
-    from replay.trace import load_cost_models, read_traces
+    or ``traces`` + ``cost_models`` in memory.
+
+    Cost models found beside several folders are collected in a
+    :class:`replay.costs.CostModelSet`: each trace is later matched by pair, compression, device
+    and draft fingerprint, and two different models for one key are an error (a later folder
+    never silently replaces an earlier folder's model). ``cost_models`` given with ``logs``
+    replace the found ones for the compressions they name (re-scoring; no matching checks)."""
+    from replay.costs import CostModelSet, Episode
+    from replay.costs import load_cost_models as load_set
+    from replay.trace import read_traces
 
     if traces is not None:
         if cost_models is None:
             raise ValueError("traces= needs cost_models= ({compression: CostModel})")
         cms = cost_models if isinstance(cost_models, Mapping) else {t.compression: cost_models for t in traces}
-        return list(traces), dict(cms)
+        return list(traces), cms if isinstance(cms, CostModelSet) else dict(cms)
     if logs is None:
         from replay.env import default_logs
 
         logs = default_logs()
     paths = [Path(p) for p in ([logs] if isinstance(logs, (str, Path)) else logs)]
     trs = read_traces(paths)
-    cms: dict[str, CostModel] = {}
-    for p in paths:
-        cms.update(load_cost_models(p if p.is_dir() else p.parent))
-    if cost_models:
-        cms.update(cost_models)
-    return trs, cms
+    found = CostModelSet()
+    for folder in dict.fromkeys(p if p.is_dir() else p.parent for p in paths):
+        found.update(load_set(folder))
+    if not cost_models:
+        return trs, found
+    explicit = dict(cost_models) if isinstance(cost_models, Mapping) else {"*": cost_models}
+    # one model per (trace's) explicit key, else the trace's matched model: a plain mapping by
+    # compression is then enough only if it is unambiguous, so resolve per trace here
+    resolved: dict[str, CostModel] = {}
+    for t in trs:
+        key = next((k for k in (t.compression, compression_level(t.compression), "*") if k in explicit), None)
+        cm = explicit[key] if key is not None else found.match(Episode.of_trace(t))
+        prev = resolved.setdefault(t.compression, cm)
+        if prev is not cm:
+            raise ValueError(
+                f"compression {t.compression!r} has several cost models in these logs; pass cost_models= for it"
+            )
+    return trs, resolved

@@ -180,6 +180,68 @@ def train_learner(
     return train_agent(name, steps=cfg.bandit_steps, **common)
 
 
+def checkpoints(name: str, cfg: CompareConfig) -> list[int]:
+    """Training budgets at which a frozen snapshot of an online learner is evaluated on the
+    held-out (validation) prompts: doubling steps up to the full budget (for PPO whole
+    rollouts of ``n_steps x n_envs``, as stable-baselines3 trains)."""
+    if name == "ppo":
+        roll = int(cfg.ppo_kwargs.get("n_steps", 256)) * cfg.ppo_n_envs
+        n = max(1, -(-cfg.ppo_steps // roll))
+        return sorted({roll * k for k in (1, 2, 4, 8, 16, 32, 64) if k < n} | {roll * n})
+    steps = cfg.bandit_steps
+    return sorted({max(1, steps >> k) for k in range(6)})
+
+
+def train_with_curve(
+    name: str,
+    data: _Data,
+    idx: np.ndarray,
+    cfg: CompareConfig,
+    seed: int,
+    tb: Path | None,
+    run: str,
+    held_out: np.ndarray,
+    refs: tuple[np.ndarray, np.ndarray],
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Train online learner ``name`` (a bandit or PPO) on episodes ``idx`` in chunks up to
+    :func:`checkpoints`, and after each chunk evaluate a frozen copy (no learning) on the
+    held-out episodes ``held_out`` (the validation prompts, never the test prompts). ``refs``:
+    the oracle's and best-fixed(train)'s per-episode times there. Returns the trained agent
+    and the curve: per checkpoint the training steps, held-out tokens/s, time regret against
+    the oracle and gap captured (tokens/s)."""
+    from agents.training import train_agent
+
+    trs = [data.traces[i] for i in idx]
+    common: dict[str, Any] = {"traces": trs, "tb_log_dir": tb, "progress": False, "env_kwargs": data.env_kwargs()}
+    if name == "ppo":
+        common.update(n_envs=cfg.ppo_n_envs)
+    agent: Any = name
+    done, log, curve = 0, [], []
+    T_o, T_f = refs
+    n_tok = data.N[held_out].sum()
+    tps_o, tps_f = n_tok / T_o.sum(), n_tok / T_f.sum()
+    for k, target in enumerate(checkpoints(name, cfg)):
+        kw: dict[str, Any] = {"agent_kwargs": dict(cfg.ppo_kwargs)} if name == "ppo" and k == 0 else {}
+        agent = train_agent(agent, steps=target - done, seed=seed + 7919 * k, run_name=f"{run}__{k}", **common, **kw)
+        log += [{**r, "global_step": r["global_step"] + done} for r in agent.train_log if "global_step" in r]
+        done = int(getattr(agent, "timesteps", 0) or target)
+        frozen = agent if name == "ppo" else copy.deepcopy(agent)  # PPO's act_batch changes nothing
+        T = eval_vector(frozen, data, held_out, ("curve", name)).time[0]
+        tps = n_tok / T.sum()
+        curve.append(
+            {
+                "steps": done,
+                "tokens_per_s": float(tps),
+                "regret_time": float(T.sum() / T_o.sum() - 1.0),
+                "gap_captured": float((tps - tps_f) / (tps_o - tps_f)) if tps_o > tps_f else float("nan"),
+                "oracle_tokens_per_s": float(tps_o),
+                "best_fixed_tokens_per_s": float(tps_f),
+            }
+        )
+    agent.train_log = log
+    return agent, curve
+
+
 def mlp_tokens_twin(mlp: Any) -> Any:
     """The same trained SpecKV MLP deciding with the paper's tokens-per-step rule."""
     from agents.base import make_agent

@@ -25,7 +25,7 @@ import numpy as np
 from .compare_data import BANDITS, BEST_FIXED, DISPLAY, CompareConfig
 from .evaluate import eval_online, mlp_tokens_twin, thin
 from .folds import describe_fold, paper_best_fixed, paper_folds
-from .metrics import paper_metrics, verdict
+from .metrics import judge, paper_metrics
 from .results import EvalResult, concat_folds, jsonable, stack_seeds
 
 PAPER_POLICIES = ("fixed", "hf_heuristic", "cost_aware", "speckv_mlp", *BANDITS)
@@ -90,16 +90,23 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
             splits_out[split] = {"skipped": f"split {split!r} does not apply"}
             continue
         per_policy: dict[str, list[EvalResult]] = {}
-        fold_info = [_paper_fold(f, split, pr, cfg, pol, tb, per_policy, curves) for f in folds]
+        per_val: dict[str, list[EvalResult]] = {}
+        fold_info = [_paper_fold(f, split, pr, cfg, pol, tb, (per_policy, per_val), curves) for f in folds]
         pooled = {n: concat_folds(rs) for n, rs in per_policy.items() if len(rs) == len(folds)}
         splits_out[split] = {
             "folds": fold_info,
             "policies": paper_metrics(pooled, pr.meta, pr.t_target, cfg),
             "_pooled": pooled,
         }
-    for s in splits_out.values():
-        if "policies" in s:
-            s["verdict"] = verdict(s["policies"])
+        val_pooled = {n: concat_folds(rs) for n, rs in per_val.items() if len(rs) == len(folds)}
+        if val_pooled:
+            vm = paper_metrics(val_pooled, pr.meta, pr.t_target, cfg)
+            splits_out[split]["_val_metrics"] = vm
+            splits_out[split]["validation"] = {
+                "episodes": int(val_pooled[BEST_FIXED].idx.size),
+                "tokens_per_s": {n: vm[n]["subsets"]["all"]["tokens_per_s"] for n in vm},
+            }
+    judge(splits_out)
     results = _paper_results(cfg, pr, runs, steps_df, cms, splits_out, curves)
     from .plots import write_paper_plots
 
@@ -107,6 +114,7 @@ def run_paper_comparison(out_dir: str | Path, cfg: CompareConfig) -> dict[str, A
     results["runtime_s"] = time.time() - t0
     for s in splits_out.values():
         s.pop("_pooled", None)
+        s.pop("_val_metrics", None)
     (out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     from .report import write_paper_report
 
@@ -121,32 +129,39 @@ def _paper_fold(
     cfg: CompareConfig,
     pol: set[str],
     tb: Path | None,
-    per_policy: dict[str, list[EvalResult]],
+    out: tuple[dict[str, list[EvalResult]], dict[str, list[EvalResult]]],
     curves: dict[str, list[dict[str, Any]]],
 ) -> dict[str, Any]:
-    """Evaluate every policy on one fold, appending to ``per_policy``; returns the fold's record."""
+    """Evaluate every policy on one fold, appending to ``out`` = (test results, validation
+    results: only where the fold has validation runs); returns the fold's record. The fixed
+    baseline is chosen on the fold's seen runs (train + validation), learners train on train."""
     from agents.base import make_agent
 
     gammas = pr.gammas
-    env_tr = pr.env(f["train"])
-    env_te = pr.env(f["test"])
-    # fixed gammas on train (to choose the best) and on test
+    env_tr = pr.env(f.get("seen", f["train"]))
     fixed_tr = {g: pr.evaluate(make_agent("fixed", g=g, gammas=gammas), env_tr, 0, False) for g in gammas}
-    fixed_te = {g: pr.evaluate(make_agent("fixed", g=g, gammas=gammas), env_te, 0, False) for g in gammas}
-    choice, bf = paper_best_fixed(fixed_tr, fixed_te, pr.meta["compression"], gammas)
-    per_policy.setdefault(BEST_FIXED, []).append(bf)
-    if "fixed" in pol:
-        for g in gammas:
-            per_policy.setdefault(f"fixed-{g}", []).append(fixed_te[g])
-    for name in ("hf_heuristic", "cost_aware"):
-        if name in pol:
-            per_policy.setdefault(DISPLAY[name], []).append(
-                pr.evaluate(make_agent(name, gammas=gammas), env_te, 0, False)
-            )
-    info = describe_fold(f["name"], f["held_out"], fixed_tr[gammas[0]].idx, bf.idx, pr.meta, choice)
-    got = _paper_learners(f, split, pr, cfg, pol, tb, env_te, curves)
-    for name, rs in got.items():
-        per_policy.setdefault(name, []).append(stack_seeds(rs))
+    envs = {"test": pr.env(f["test"]), **({"val": pr.env(f["val"])} if "val" in f else {})}
+    info: dict[str, Any] = {}
+    for part, env in envs.items():
+        dest = out[0] if part == "test" else out[1]
+        fixed_te = {g: pr.evaluate(make_agent("fixed", g=g, gammas=gammas), env, 0, False) for g in gammas}
+        choice, bf = paper_best_fixed(fixed_tr, fixed_te, pr.meta["compression"], gammas)
+        dest.setdefault(BEST_FIXED, []).append(bf)
+        if "fixed" in pol:
+            for g in gammas:
+                dest.setdefault(f"fixed-{g}", []).append(fixed_te[g])
+        for name in ("hf_heuristic", "cost_aware"):
+            if name in pol:
+                dest.setdefault(DISPLAY[name], []).append(pr.evaluate(make_agent(name, gammas=gammas), env, 0, False))
+        if part == "test":
+            val = None
+            if "val" in envs:
+                val = np.array([pr.run_index[r["run_id"]] for r in envs["val"].backend.runs])
+            info = describe_fold(f["name"], f["held_out"], fixed_tr[gammas[0]].idx, bf.idx, pr.meta, choice, val)
+    got = _paper_learners(f, split, pr, cfg, pol, tb, envs, curves)
+    for part, res in got.items():
+        for name, rs in res.items():
+            (out[0] if part == "test" else out[1]).setdefault(name, []).append(stack_seeds(rs))
     return info
 
 
@@ -157,11 +172,12 @@ def _paper_learners(
     cfg: CompareConfig,
     pol: set[str],
     tb: Path | None,
-    env_te: Any,
+    envs: Mapping[str, Any],
     curves: dict[str, list[dict[str, Any]]],
-) -> dict[str, list[EvalResult]]:
+) -> dict[str, dict[str, list[EvalResult]]]:
     """Train the learned policies on the fold's training runs (every seed) and evaluate them on
-    its test runs; learning curves of the held-out split go into ``curves``."""
+    each of ``envs`` (test, and validation where the fold has it); returns results by part;
+    learning curves of the held-out split go into ``curves``."""
     from tqdm.auto import tqdm
 
     from agents.training import train_agent
@@ -169,7 +185,7 @@ def _paper_learners(
     gammas = pr.gammas
     learners = [p for p in ("speckv_mlp", *BANDITS) if p in pol and (p == "speckv_mlp" or split in cfg.bandit_splits)]
     jobs = [(p, s) for p in learners for s in range(cfg.seeds)]
-    got: dict[str, list[EvalResult]] = {}
+    got: dict[str, dict[str, list[EvalResult]]] = {part: {} for part in envs}
     for p, s in tqdm(jobs, desc=f"paper {f['name']}", leave=False, disable=not cfg.progress):
         kw: dict[str, Any] = {
             "env_factory": lambda: pr.env(f["train"]),
@@ -186,11 +202,14 @@ def _paper_learners(
                 fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size},
                 **kw,
             )
-            got.setdefault("mlp-time", []).append(pr.evaluate(agent, env_te, s, False))
-            got.setdefault("mlp-tokens", []).append(pr.evaluate(mlp_tokens_twin(agent), env_te, s, False))
+            twin = mlp_tokens_twin(agent)
+            for part, env in envs.items():
+                got[part].setdefault("mlp-time", []).append(pr.evaluate(agent, env, s, False))
+                got[part].setdefault("mlp-tokens", []).append(pr.evaluate(twin, env, s, False))
         else:
             agent = train_agent(p, steps=cfg.bandit_steps, agent_kwargs={"gammas": gammas}, **kw)
-            got.setdefault(DISPLAY[p], []).append(pr.evaluate(agent, env_te, s, True))
+            for part, env in envs.items():
+                got[part].setdefault(DISPLAY[p], []).append(pr.evaluate(agent, env, s, True))
         if split == "heldout":
             curves.setdefault(p if p == "speckv_mlp" else DISPLAY[p], []).append(
                 {"seed": s, "fold": f["name"], "log": thin(getattr(agent, "train_log", []))}
@@ -257,7 +276,11 @@ def _paper_results(
         "bandit_evaluation": "continue-per-episode: each test run starts from the state learned on the training runs "
         "and keeps learning within the run; nothing carries across test runs",
         "best_fixed_rule": "per compression, highest modelled tokens/s on the fold's training runs "
-        "(per recorded step); global training-best for a compression absent from training",
+        "(held-out split: train + validation prompts; per recorded step); global training-best for a compression "
+        "absent from training",
+        "primary_rule": "the learned controller with the highest tokens/s on the validation prompt (learners "
+        "trained on the train prompts) against best-fixed(train) on the test prompt; every other contrast "
+        "secondary, Holm-adjusted",
         "paper_table": paper_table(runs, steps_df, cms),
         "splits": splits_out,
         "learning_curves": curves,

@@ -9,8 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from .results import align
-
 
 def _plt():
     import matplotlib
@@ -109,15 +107,33 @@ def _binned(
     return np.array(xs), np.array(ms), np.array(ss)
 
 
-def plot_learning_curves(results: Mapping[str, Any], path: Path) -> Path | None:
-    plt = _plt()
-    curves = results.get("learning_curves", {})
-    online = {p: c for p, c in curves.items() if p != "speckv_mlp"}
-    mlp = curves.get("speckv_mlp")
-    if not online and not mlp:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    ax = axes[0]
+def _heldout_curves(results: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, list[list[dict[str, Any]]]]]:
+    """Per online learner with held-out checkpoints: (training steps of the checkpoints, the
+    curve of every seed)."""
+    out = {}
+    for p, runs in (results.get("learning_curves") or {}).items():
+        cs = [r["heldout"] for r in runs if r.get("heldout")]
+        if cs:
+            n = min(len(c) for c in cs)
+            out[p] = (np.array([pt["steps"] for pt in cs[0][:n]], dtype=float), cs)
+    return out
+
+
+def _curve_panel(ax: Any, curves: Mapping[str, Any], key: str, scale: float = 1.0) -> None:
+    """Mean over seeds of ``key`` at each checkpoint, with a band of one sd."""
+    for p, (x, cs) in curves.items():
+        n = len(x)
+        y = np.array([[c[i][key] for i in range(n)] for c in cs], dtype=float) * scale
+        m = y.mean(0)
+        sd = y.std(0, ddof=1) if y.shape[0] > 1 else np.zeros_like(m)
+        ax.plot(x, m, marker="o", ms=3, label=f"{p} ({y.shape[0]} seeds)")
+        ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("training steps (log scale)")
+
+
+def _training_episode_panel(ax: Any, results: Mapping[str, Any], online: Mapping[str, Any]) -> None:
+    """Without held-out checkpoints (the paper's step logs): tokens/s of the training episodes."""
     for p, runs in online.items():
         r = _binned([run["log"] for run in runs], "global_step", "tokens_per_second")
         if r is None:
@@ -128,19 +144,37 @@ def plot_learning_curves(results: Mapping[str, Any], path: Path) -> Path | None:
     split = next((v for v in results["splits"].values() if "policies" in v), None)
     if split is not None:
         for ref, st in (("best-fixed(train)", "--"), ("oracle", ":")):
-            if ref not in split["policies"]:
-                continue
-            ax.axhline(
-                split["policies"][ref]["subsets"]["all"]["tokens_per_s"]["value"],
-                color="k",
-                ls=st,
-                lw=1,
-                label=f"{ref} (test set)",
-            )
+            if ref in split["policies"]:
+                val = split["policies"][ref]["subsets"]["all"]["tokens_per_s"]["value"]
+                ax.axhline(val, color="k", ls=st, lw=1, label=f"{ref} (test set)")
     ax.set_xscale("log")
     ax.set_xlabel("training steps (log scale)")
     ax.set_ylabel("episode modelled tokens/s (training episodes)")
-    ax.set_title("online learners and PPO while training", fontsize=10)
+    ax.set_title("online learners while training (training episodes)", fontsize=10)
+
+
+def plot_learning_curves(results: Mapping[str, Any], path: Path) -> Path | None:
+    """Left: the online learners' held-out tokens/s (a frozen snapshot on the validation prompts)
+    over training, beside best-fixed(train) and the oracle there (or, without held-out
+    checkpoints, tokens/s of the training episodes); right: the SpecKV MLP's training loss."""
+    plt = _plt()
+    curves = results.get("learning_curves", {})
+    online = {p: c for p, c in curves.items() if p != "speckv_mlp"}
+    mlp = curves.get("speckv_mlp")
+    if not online and not mlp:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax = axes[0]
+    held = _heldout_curves(results)
+    if held:
+        _curve_panel(ax, held, "tokens_per_s")
+        c0 = next(iter(held.values()))[1][0][0]
+        ax.axhline(c0["best_fixed_tokens_per_s"], color="k", ls="--", lw=1, label="best-fixed(train)")
+        ax.axhline(c0["oracle_tokens_per_s"], color="k", ls=":", lw=1, label="oracle (ceiling)")
+        ax.set_ylabel("modelled tokens/s on the validation prompts")
+        ax.set_title("held-out evaluation of a frozen snapshot during training", fontsize=10)
+    else:
+        _training_episode_panel(ax, results, online)
     ax.legend(fontsize=7)
     ax = axes[1]
     if mlp:
@@ -159,29 +193,27 @@ def plot_learning_curves(results: Mapping[str, Any], path: Path) -> Path | None:
     return path
 
 
-def plot_regret_curves(splits_out: Mapping[str, Any], data: Any, path: Path) -> Path | None:
+def plot_regret_curves(results: Mapping[str, Any], path: Path) -> Path | None:
+    """The online learners' held-out regret over training: time regret against the oracle and
+    the share of the fixed-to-oracle gap captured (tokens/s), frozen snapshots on the
+    validation prompts after each training chunk."""
     plt = _plt()
-    split = next((s for s, v in splits_out.items() if "_pooled" in v), None)
-    if split is None:
+    held = _heldout_curves(results)
+    if not held:
         return None
-    pooled = splits_out[split]["_pooled"]
-    ref = pooled["oracle"]
-    T_oracle = ref.time.mean(0)
-    tok = data.N[ref.idx]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name, r in pooled.items():
-        if name.startswith("fixed-") or name == "oracle":
-            continue
-        T = align(r, ref.idx).time.mean(0)
-        ls = "--" if name == "best-fixed(train)" else "-"
-        axes[0].plot(np.cumsum(tok), np.cumsum(T - T_oracle), ls=ls, label=name)
-        axes[1].plot(np.cumsum(tok), np.cumsum(T - T_oracle) / np.cumsum(T_oracle), ls=ls, label=name)
-    axes[0].set_xlabel("tokens generated (test episodes in order)")
-    axes[0].set_ylabel("cumulative modelled seconds lost vs oracle")
-    axes[1].set_xlabel("tokens generated (test episodes in order)")
-    axes[1].set_ylabel("cumulative time regret / oracle time")
-    axes[0].set_title(f"regret vs the clairvoyant oracle ({split} split)", fontsize=10)
-    axes[1].legend(fontsize=7, ncol=2)
+    _curve_panel(axes[0], held, "regret_time", 100.0)
+    c0 = next(iter(held.values()))[1][0][0]
+    tps_f, tps_o = c0["best_fixed_tokens_per_s"], c0["oracle_tokens_per_s"]
+    axes[0].axhline(100 * (tps_o / tps_f - 1), color="k", ls="--", lw=1, label="best-fixed(train)")
+    axes[0].set_ylabel("time regret vs oracle on validation prompts (%)")
+    axes[0].set_title("held-out regret while training (lower is better)", fontsize=10)
+    _curve_panel(axes[1], held, "gap_captured", 100.0)
+    axes[1].axhline(0, color="k", ls="--", lw=1, label="best-fixed(train) (0%)")
+    axes[1].set_ylabel("gap captured, tokens/s (%)")
+    axes[1].set_title("share of the fixed-to-oracle gap captured (validation prompts)", fontsize=10)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -193,7 +225,7 @@ def write_plots(results: Mapping[str, Any], splits_out: Mapping[str, Any], data:
         "throughput": plot_throughput(results, out / "throughput.png"),
         "gamma_choices": plot_gamma_choices(results, data.gammas, out / "gamma_choices.png"),
         "learning_curves": plot_learning_curves(results, out / "learning_curves.png"),
-        "regret_curves": plot_regret_curves(splits_out, data, out / "regret_curves.png"),
+        "regret_curves": plot_regret_curves(results, out / "regret_curves.png"),
     }
     return {k: str(v.name) for k, v in made.items() if v is not None}
 

@@ -9,16 +9,49 @@ from pathlib import Path
 from typing import Any
 
 SPLIT_TITLES = {
-    "heldout": "Held-out prompts (train on split train+val, test on split test)",
+    "heldout": "Held-out prompts (learners train on split train, the controller is chosen on split validation, "
+    "test on split test)",
     "loto": "Leave one task out (train on the other tasks, test on the held-out task; folds pooled)",
     "loco": "Leave one compression out (train on the other compression levels, test on the held-out one; folds pooled)",
 }
 
 
-def verdict_lines(results: dict) -> list[str]:
-    """The report's "Verdict" section: one line per split that has a verdict (none: no section)."""
+def verdict_lines(results: Mapping[str, Any]) -> list[str]:
+    """The report's "Verdict" section: the primary contrast, then one line per split that has a
+    verdict (none: no section)."""
     lines = [f"- **{split}**: {s['verdict']['sentence']}" for split, s in results["splits"].items() if "verdict" in s]
-    return ["## Verdict", "", *lines, ""] if lines else []
+    if not lines:
+        return []
+    return ["## Verdict", "", *primary_lines(results), *lines, ""]
+
+
+def primary_lines(results: Mapping[str, Any]) -> list[str]:
+    """The declared primary contrast of the held-out split, and how its controller was chosen."""
+    pr = results["splits"].get("heldout", {}).get("primary")
+    if not pr or pr.get("policy") is None:
+        return []
+    val = pr.get("validation_tokens_per_s", {})
+    ranked = ", ".join(f"{k} {v:.4g}" for k, v in sorted(val.items(), key=lambda kv: -kv[1]))
+    gap = pr["gap_captured"]
+    return [
+        f"**Primary contrast** (declared; the only one not adjusted for multiplicity): `{pr['policy']}` against "
+        f"`{pr['baseline']}` on the {pr['episodes']} test episodes ({pr.get('prompts')} prompts): "
+        f"{100 * pr['rel']:+.2f}% tokens/s, 95% CI [{100 * pr['lo']:+.2f}%, {100 * pr['hi']:+.2f}%], "
+        f"p {_ptext(pr)}"
+        + (f"; gap captured (tokens/s) {_ci(gap, pct=True)}. " if gap else ". ")
+        + f"`{pr['policy']}` was selected on the **{pr['selected_on']}** prompts (learned controllers, validation "
+        f"tokens/s: {ranked}); no test result entered the choice.",
+        *([f"> **Caution**: {pr['warning']}.", ""] if pr.get("warning") else [""]),
+        "The verdict of every split is about that controller; every other contrast in the tables is secondary "
+        "(p-values Holm-adjusted per split and subset).",
+        "",
+    ]
+
+
+def _ptext(t: Mapping[str, Any]) -> str:
+    """A p-value with its relation: "< 2/(B+1) = ..." at the floor, else "= 0.123"."""
+    txt = t.get("p_text") or _p(t.get("p"))
+    return txt if txt.startswith("<") else f"= {txt}"
 
 
 def _f(x: Any, nd: int = 4) -> str:
@@ -37,10 +70,21 @@ def _ci(m: Mapping[str, Any], nd: int = 4, pct: bool = False) -> str:
     return f"{_f(m['value'], nd)} [{_f(m['lo'], nd)}, {_f(m['hi'], nd)}]"
 
 
-def _p(p: float) -> str:
+def _p(p: float | None) -> str:
     if p is None or not math.isfinite(p):
         return "n/a"
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _p_cell(v: Mapping[str, Any]) -> str:
+    """Raw p (a bound "< 0.001" at the resampling floor) and the Holm-adjusted one."""
+    raw = f"< {v['p_floor']:.2g}" if v.get("p_at_floor") else _p(v.get("p"))
+    if v.get("primary"):
+        return f"{raw} (primary)"
+    ph = v.get("p_holm")
+    if ph is None:
+        return raw
+    return f"{raw} / {'≤ ' if v.get('p_holm_bound') else ''}{_p(ph)}"
 
 
 def _diff(v: Mapping[str, Any]) -> str:
@@ -54,7 +98,7 @@ def _order(pol: Mapping[str, Any], sub: str = "all") -> list[str]:
 def headline_table(pol: Mapping[str, Any], sub: str = "all") -> list[str]:
     rows = [
         "| policy | tokens/s [95% CI] | speedup | tokens/step | mean gamma | regret vs oracle (time) | gap captured "
-        "| Δ tokens/s vs best fixed [95% CI] | p vs best fixed | seeds (sd) |",
+        "| Δ tokens/s vs best fixed [95% CI] | p vs best fixed (raw / Holm) | seeds (sd) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in _order(pol, sub):
@@ -68,7 +112,7 @@ def headline_table(pol: Mapping[str, Any], sub: str = "all") -> list[str]:
             f"{_f(m['mean_gamma'], 3)} | {100 * m['regret_time']['value']:.1f}% | "
             f"{'—' if ref or p == 'oracle' else _ci(m['gap_captured'], pct=True)} | "
             f"{'(reference)' if ref else _diff(v)} | "
-            f"{'—' if ref else _p(v['p'])} | {seeds} |"
+            f"{'—' if ref else _p_cell(v)} | {seeds} |"
         )
     return rows
 
@@ -127,9 +171,14 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
         "",
         "Throughput is **modelled** tokens/s: exact replay of each policy over full-information traces, each "
         "step timed by the calibrated cost model of its compression (draft forwards x t_draft + t_verify[gamma]). "
-        "Speedup is over target-only decoding (N x t_target). Intervals: 95% percentile bootstrap over episodes "
-        f"(prompts), {cfg['n_boot']} resamples shared by all policies (paired). p: two-sided paired bootstrap test "
-        "of the tokens/s difference against best-fixed(train).",
+        "Speedup is over target-only decoding (N x t_target). Intervals: 95% percentile **cluster bootstrap over "
+        "prompts** (every trace of a drawn prompt, all compressions and modes, stays together; "
+        f"{d.get('prompts', '?')} prompts), {cfg['n_boot']} resamples shared by all policies (paired). "
+        "p: two-sided paired bootstrap test "
+        f"of the tokens/s difference against best-fixed(train); where no resample crosses zero it is below what "
+        f"{cfg['n_boot']} resamples resolve and is written as a bound, p < 2/(B+1). Secondary p-values are "
+        "Holm-adjusted (second number). Gap captured = (tokens/s - best fixed) / (oracle - best fixed), in tokens/s "
+        "(results.json also has it in time units, `gap_captured_time`).",
         "",
     ]
     L += verdict_lines(results)
@@ -159,7 +208,13 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
         "In leave-one-out splits every episode of the held-out task/compression is a test episode and nothing of it "
         "is seen in training (the trace ids of each fold are in results.json).",
         f"- **Best fixed gamma.** {results['best_fixed_rule']}. It is the reference of the paired tests and of "
-        '"gap captured" = (T_bestfixed - T_policy) / (T_bestfixed - T_oracle), in total modelled time.',
+        '"gap captured" = (tokens/s_policy - tokens/s_bestfixed) / (tokens/s_oracle - tokens/s_bestfixed).',
+        f"- **Information.** {results.get('information', '')}.",
+        f"- **Primary contrast.** {results.get('primary_rule', '')}.",
+        "- **Learning curves.** The bandits and PPO train in chunks of doubling budget; after each chunk a frozen "
+        "copy (no learning) is evaluated on the validation prompts (held out from training, never the test "
+        "prompts): `learning_curves.png` (tokens/s, beside best-fixed(train) and the oracle there) and "
+        "`regret_curves.png` (time regret against the oracle and gap captured), mean and spread over seeds.",
         f"- **Seeds.** {cfg['seeds']} seeds for every stochastic policy (bandit random streams, MLP initialisation and "
         "rollouts, PPO). The per-episode time is the mean over seeds (the prompt is the bootstrap unit); the last "
         "column gives the seeds and the sd of tokens/s across seeds.",
@@ -183,13 +238,13 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
 
 
 def _diff_p(w: Mapping[str, Any]) -> str:
-    return f"{w['diff']:+.3g} (p {_p(w['p'])})"
+    return f"{w['diff']:+.3g} (p {_ptext(w)})"
 
 
 def paper_table(pol: Mapping[str, Any], sub: str = "all") -> list[str]:
     rows = [
         "| policy | tokens/s [95% CI] | speedup | tokens/step [95% CI] | mean gamma | clipped steps "
-        "| Δ tokens/s vs best fixed [95% CI] | p | Δ tokens/step vs best fixed | seeds (sd) |",
+        "| Δ tokens/s vs best fixed [95% CI] | p (raw / Holm) | Δ tokens/step vs best fixed | seeds (sd) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in _order(pol, sub):
@@ -200,7 +255,7 @@ def paper_table(pol: Mapping[str, Any], sub: str = "all") -> list[str]:
         rows.append(
             f"| {'**' + p + '**' if ref else p} | {_ci(m['tokens_per_s'])} | {_f(m['speedup']['value'], 3)}x | "
             f"{_ci(m['tokens_per_step_ci'], 3)} | {_f(m['mean_gamma'], 3)} | {100 * m['clipped_fraction']:.1f}% | "
-            f"{'(reference)' if ref else _diff(v)} | {'—' if ref else _p(v['p'])} | "
+            f"{'(reference)' if ref else _diff(v)} | {'—' if ref else _p_cell(v)} | "
             f"{'—' if ref else _diff_p(w)} | {seeds} |"
         )
     return rows
@@ -274,7 +329,11 @@ def write_paper_report(results: Mapping[str, Any], path: Path) -> Path:
         f"- Seeds: {cfg['seeds']} for the bandits and the MLP. Bandits: {cfg['bandit_steps']} online training steps "
         f"on the training runs, then {results['bandit_evaluation']}.",
         f"- Best fixed gamma: {results['best_fixed_rule']}.",
-        f"- Intervals: 95% percentile bootstrap over recorded runs, {cfg['n_boot']} paired resamples.",
+        f"- Intervals: 95% percentile cluster bootstrap over prompts (all runs of a drawn prompt together), "
+        f"{cfg['n_boot']} paired resamples; p < 2/(B+1) where no resample crosses zero; secondary p-values "
+        "Holm-adjusted per split and subset. With few test prompts the interval is coarse: the number of prompts "
+        "is what it rests on.",
+        f"- Primary contrast: {results.get('primary_rule', '')}.",
         f"- Runtime: {results.get('runtime_s', 0):.1f} s.",
         "",
     ]
