@@ -97,8 +97,10 @@ def test_sampling_is_independent_of_gamma(tiny_pair, top_p):
     rng = random.Random(1)
     outs = {tuple(eng.generate([5, 6, 7], 40, schedule(k, rng), seed=77).tokens) for k in SCHEDULES}
     assert len(outs) == 1
-    other = eng.generate([5, 6, 7], 40, 3, seed=78).tokens
-    assert tuple(other) not in outs or len(other) < 3  # a different seed gives a different sample
+    # a different seed gives a different sample (the tiny pair's 40-token samples at T=0.9
+    # differ for these seeds: checked, not assumed, so an engine ignoring the seed fails here)
+    others = {tuple(eng.generate([5, 6, 7], 40, 3, seed=s).tokens) for s in (78, 79, 80)}
+    assert others.isdisjoint(outs) and len(others) == 3
 
 
 def _exact_two_token_dist(target, prompt, temperature, top_p, vocab):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -101,14 +100,28 @@ def test_load_pair_rejects_mismatched_tokenizers(tmp_path):
         load_pair(str(t), None, device="cpu")
 
 
-@pytest.mark.parametrize("compression", ["bf16", "int8", "nf4"])
+@pytest.mark.parametrize("compression", ["fp32", "bf16", "int8", "nf4"])
 def test_compressed_loading(tmp_path, compression):
+    """The loaded target's layers are what the compression says: every linear layer of the
+    decoder is bitsandbytes' int8 / 4-bit layer with int8 / packed-uint8 nf4 weights (the
+    output head stays a float layer), and an uncompressed target has every parameter in its dtype."""
+    import bitsandbytes as bnb
+
     t = _save_model(tmp_path, "target", WORDS)
     m = load_model(str(t), compression=compression, device="cpu")
-    cfg = json.dumps(m.config.to_dict(), default=str)
-    if compression in ("int8", "nf4"):
-        assert "bitsandbytes" in cfg or "load_in" in cfg
     assert m.speckv_compression == compression
+    body = [mod for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and name != "lm_head"]
+    assert body, "no linear layers found"
+    float_dtype = torch.bfloat16 if compression == "bf16" else torch.float32
+    if compression == "int8":
+        assert all(type(x) is bnb.nn.Linear8bitLt and x.weight.dtype == torch.int8 for x in body)
+    elif compression == "nf4":
+        assert all(type(x) is bnb.nn.Linear4bit for x in body)
+        assert all(x.weight.dtype == torch.uint8 and x.weight.quant_type == "nf4" for x in body)
+    else:
+        assert all(type(x) is torch.nn.Linear for x in body)
+        assert {p.dtype for p in m.parameters()} == {float_dtype}
+    assert type(m.lm_head) is torch.nn.Linear and m.lm_head.weight.dtype == float_dtype
 
 
 def test_int8_cast_warning_is_logged_once(tmp_path, caplog):
