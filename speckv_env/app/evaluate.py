@@ -212,7 +212,9 @@ def train_with_curve(
     from agents.training import train_agent
 
     trs = [data.traces[i] for i in idx]
-    common: dict[str, Any] = {"traces": trs, "tb_log_dir": tb, "progress": False, "env_kwargs": data.env_kwargs()}
+    # chunks log nothing themselves (each would restart the step count); the joined log is
+    # written to TensorBoard once at the end
+    common: dict[str, Any] = {"traces": trs, "tb_log_dir": None, "progress": False, "env_kwargs": data.env_kwargs()}
     if name == "ppo":
         common.update(n_envs=cfg.ppo_n_envs)
     agent: Any = name
@@ -222,7 +224,7 @@ def train_with_curve(
     tps_o, tps_f = n_tok / T_o.sum(), n_tok / T_f.sum()
     for k, target in enumerate(checkpoints(name, cfg)):
         kw: dict[str, Any] = {"agent_kwargs": dict(cfg.ppo_kwargs)} if name == "ppo" and k == 0 else {}
-        agent = train_agent(agent, steps=target - done, seed=seed + 7919 * k, run_name=f"{run}__{k}", **common, **kw)
+        agent = train_agent(agent, steps=target - done, seed=seed + 7919 * k, run_name=run, **common, **kw)
         log += [{**r, "global_step": r["global_step"] + done} for r in agent.train_log if "global_step" in r]
         done = int(getattr(agent, "timesteps", 0) or target)
         frozen = agent if name == "ppo" else copy.deepcopy(agent)  # PPO's act_batch changes nothing
@@ -239,6 +241,16 @@ def train_with_curve(
             }
         )
     agent.train_log = log
+    if tb is not None:
+        from agents.training import _log_episode, _Writer
+
+        w = _Writer(tb, run)
+        for rec in log:
+            _log_episode(w, rec)
+        for pt in curve:
+            w.scalar("heldout/tokens_per_second", pt["tokens_per_s"], pt["steps"])
+            w.scalar("heldout/regret_time", pt["regret_time"], pt["steps"])
+        w.close()
     return agent, curve
 
 
