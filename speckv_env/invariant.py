@@ -158,6 +158,13 @@ def row_invariant_attention(
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
     n_rep = getattr(module, "num_key_value_groups", 1)
+    window = kwargs.get("sliding_window")
+    if window is not None and kv_len >= window:
+        # a sliding-window cache keeps only the window, so key index != position from here on
+        raise RuntimeError(
+            f"row-invariant attention supports sliding-window models only within their window "
+            f"({window} tokens; this forward sees {kv_len}): load the pair with exact=False for longer contexts"
+        )
     if b != 1 or q_len > WIDTH:
         return _masked_sdpa(module, query, key, value, attention_mask, dropout, scaling)
     outs = []
