@@ -244,3 +244,47 @@ def test_exactness_is_flagged_in_info_and_trace_meta(exact):
     assert tr.meta["kernels"] == pair.kernels and pair.kernels.startswith("row-invariant" if exact else "stock")
     _, rinfo = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit()).reset(options={"episode": 0})
     assert rinfo["exact"] is exact
+
+
+@pytest.mark.slow
+@requires_default
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_real_pair_live_episodes_replay_exactly_under_other_policies(compression, default_prompts):
+    """A trace recorded on the real pair (uniform random behaviour policy) answers another policy
+    exactly: live episodes under a different random gamma sequence give the same tokens, gammas,
+    accepted counts and rewards as the replay of the trace, step by step (greedy and T = 0.7)."""
+    import gymnasium as gym
+
+    import speckv_env  # noqa: F401  (registers the envs)
+    from replay.env import SpecKVReplayEnv
+    from speckv_env.app.profile import record_episode
+    from speckv_env.core import CostModel
+    from speckv_env.pair import load_pair
+
+    pair = load_pair(compression=compression, device="cpu")
+    cm = CostModel.unit()
+    prompt = default_prompts[1]
+    for temperature, mode in ((0.0, "greedy"), (0.7, "sample")):
+        eng = SpeculativeEngine(pair.target, pair.draft, temperature=temperature, eos_token_id=pair.eos_token_id)
+        seed = 11
+        tr = record_episode(eng, pair, prompt, max_new_tokens=32, gamma_max=8, mode=mode, seed=seed)
+        assert tr.meta["exact"] is True
+        live = gym.make(
+            "SpecKV-v0", pair=pair, prompts=[prompt], cost_model=cm, max_new_tokens=32, temperature=temperature
+        )
+        rep = SpecKVReplayEnv(traces=[tr], cost_model=cm)
+        live.reset(options={"episode": 0, "episode_seed": seed})
+        rep.reset(options={"episode": 0})
+        rng = random.Random(99)  # not the recording's behaviour policy
+        done = False
+        while not done:
+            a = rng.randint(0, 8)
+            _, r_live, te, tu, i_live = live.step(a)
+            _, r_rep, te2, tu2, i_rep = rep.step(a)
+            assert (i_live["gamma"], i_live["accepted"], list(i_live["tokens"])) == (
+                i_rep["gamma"],
+                i_rep["accepted"],
+                list(i_rep["tokens"]),
+            ), (compression, mode)
+            assert r_live == pytest.approx(r_rep) and (te, tu) == (te2, tu2)
+            done = te or tu
