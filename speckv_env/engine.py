@@ -135,6 +135,17 @@ def _signals_from_logits(logits: torch.Tensor) -> DraftSignals:
     return DraftSignals(t1, max(float(ent), 0.0), t1 - t2)
 
 
+def _accepts(model, name: str) -> bool:
+    """Whether ``model.forward`` (or a class it inherits it from) takes the keyword ``name``."""
+    import inspect
+
+    for cls in type(model).__mro__:
+        fwd = cls.__dict__.get("forward")
+        if fwd is not None and name in inspect.signature(fwd).parameters:
+            return True
+    return False
+
+
 def cache_kwarg(model) -> str:
     """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     import inspect
@@ -166,10 +177,19 @@ def _crop(cache, new_len: int) -> None:
         cache.crop(new_len - cur)  # negative = remove that many from the end (transformers 4.x and 5.x)
 
 
-def _sample_from(probs: torch.Tensor, u: float) -> int:
-    """Inverse-CDF sample of a categorical distribution with one uniform in [0, 1)."""
-    c = torch.cumsum(probs, dim=-1)
-    i = int(torch.searchsorted(c, torch.tensor([u * float(c[-1])], dtype=c.dtype, device=c.device), right=True)[0])
+def _sample_from(probs: torch.Tensor, u: float, fallback: torch.Tensor | None = None) -> int:
+    """Inverse-CDF sample of a categorical distribution with one uniform in [0, 1).
+
+    The cumulative sum is taken in float64 (a float32 sum over a 49k-token vocabulary loses the
+    small tail's mass). An all-zero ``probs`` (a residual norm((p - q)+) when p and q agree to
+    the last bit, which exact arithmetic never rejects) samples ``fallback`` (the target's p)."""
+    c = torch.cumsum(probs.double(), dim=-1)
+    total = float(c[-1])
+    if total <= 0.0:
+        if fallback is None:
+            raise ValueError("cannot sample from an all-zero distribution")
+        return _sample_from(fallback, u)
+    i = int(torch.searchsorted(c, torch.tensor([u * total], dtype=c.dtype, device=c.device), right=True)[0])
     # guard against rounding at the top end and zero-probability tokens
     i = min(i, probs.shape[-1] - 1)
     while float(probs[i]) <= 0.0 and i > 0:
@@ -230,6 +250,10 @@ class SpeculativeEngine:
         self._cuda = self.device.type == "cuda" or self.draft_device.type == "cuda"
         self._t_kv = cache_kwarg(target)
         self._d_kv = cache_kwarg(draft)
+        self._t_keep1 = {"logits_to_keep": 1} if _accepts(target, "logits_to_keep") else {}
+        #: keep the draft's full-vocabulary logits of every position (traces need their signals);
+        #: off, only the acceptance flags are kept (``speckv profile`` turns it on)
+        self.record_signals = False
         from .invariant import is_row_invariant
 
         #: both models compute row-invariant forwards, so the output does not depend on gamma
@@ -295,17 +319,21 @@ class SpeculativeEngine:
         self._t_cache = _rollback_cache(DynamicCache(config=self.target.config))
         self._d_cache = _rollback_cache(DynamicCache(config=self.draft.config))
         t0 = self._now()
-        if len(ids) > 1:
+        if len(ids) > 1:  # the prompt's logits are not needed: keep one row (not 49k x prompt length)
             self.target(
-                input_ids=torch.tensor([ids[:-1]], device=self.device), use_cache=True, **{self._t_kv: self._t_cache}
+                input_ids=torch.tensor([ids[:-1]], device=self.device),
+                use_cache=True,
+                **{self._t_kv: self._t_cache},
+                **self._t_keep1,
             )
         self._t_pending = ids[-1]
-        t1 = self._now()
         self._d_pending = list(ids)
-        self.prefill_s = t1 - t0
+        self._started = True
+        self._ensure_q()  # the draft's prefill: q at position 0, not charged to the first step
+        self._obs_s = 0.0
+        self.prefill_s = self._now() - t0
         # position-keyed uniforms: row s = (draft proposal, accept test, residual) for output position s
         self._u = np.random.default_rng(self.seed).random((self.max_new_tokens + 1, 3))
-        self._started = True
 
     @property
     def position(self) -> int:
@@ -349,7 +377,8 @@ class SpeculativeEngine:
 
     @property
     def pos_signals(self) -> list[DraftSignals | None]:
-        """Per-position draft signals of this sequence (computed on first access)."""
+        """Per-position draft signals of this sequence (computed on first access; None everywhere
+        unless ``record_signals`` was on while decoding)."""
         return [r if (r is None or isinstance(r, DraftSignals)) else _signals_from_logits(r) for r in self._pos_rows]
 
     def _record(self, pos: int, row: torch.Tensor, accepted: bool) -> None:
@@ -359,7 +388,7 @@ class SpeculativeEngine:
             self.pos_accept.append(None)
             self._pos_rows.append(None)
         self.pos_accept[pos] = bool(accepted)
-        self._pos_rows[pos] = row
+        self._pos_rows[pos] = row if self.record_signals else None
 
     @torch.inference_mode()
     def finalize_record(self) -> None:
@@ -473,7 +502,7 @@ class SpeculativeEngine:
             q, d = dr.q_rows[i], dr.tokens[i]
             if float(u[t + i, 1]) * float(q[d]) < float(p[d]):  # u < p/q without dividing
                 continue
-            tok = _sample_from(torch.clamp(p - q, min=0.0), float(u[t + i, 2]))
+            tok = _sample_from(torch.clamp(p - q, min=0.0), float(u[t + i, 2]), fallback=p)
             return _Verdict(accepted=i, emitted=dr.tokens[:i] + [tok], events=[1] * i + [0])
         # all g accepted (or g == 0): draw the token at position t+g with the same rule
         s = t + g
@@ -489,7 +518,7 @@ class SpeculativeEngine:
         qb, pb = self._probs(qb_logits), self._probs(logits[g])
         db = _sample_from(qb, float(u[s, 0]))
         ev = int(float(u[s, 1]) * float(qb[db]) < float(pb[db]))
-        tok = db if ev else _sample_from(torch.clamp(pb - qb, min=0.0), float(u[s, 2]))
+        tok = db if ev else _sample_from(torch.clamp(pb - qb, min=0.0), float(u[s, 2]), fallback=pb)
         return _Verdict(
             accepted=g,
             emitted=dr.tokens + [tok],

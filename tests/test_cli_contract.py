@@ -332,17 +332,20 @@ def test_profile_resume_refuses_other_sampling_settings_and_another_draft(tmp_pa
 
     with TraceWriter(tmp_path) as w:
         t = synthetic_trace(32, seed=0, mode="sample", trace_id="s0")  # stored temperature 1.0
-        w.write(dataclasses.replace(t, meta={"draft_fingerprint": "aaaa"}))
+        w.write(dataclasses.replace(t, meta={"draft_fingerprint": "aaaa", "kernels": "stock"}))
     with pytest.raises(ValueError, match="temperature") as e:
         check_resume(tmp_path, max_new_tokens=32, gamma_max=8, modes=("sample",))
     assert str(tmp_path) in str(e.value)
     seen = check_resume(tmp_path, max_new_tokens=32, gamma_max=8, modes=("greedy",))
-    same = SimpleNamespace(name="synthetic", device=SimpleNamespace(type="synthetic"), draft_fingerprint="aaaa")
+    same = SimpleNamespace(
+        name="synthetic", device=SimpleNamespace(type="synthetic"), draft_fingerprint="aaaa", kernels="stock"
+    )
     check_resume_pair(tmp_path, seen, same)
     for change, what in (
         ({"draft_fingerprint": "bbbb"}, "draft fingerprint aaaa, this run asks for bbbb"),
         ({"device": SimpleNamespace(type="cuda")}, "device synthetic, this run asks for cuda"),
         ({"name": "other|pair"}, "pair synthetic, this run asks for other|pair"),
+        ({"kernels": "row-invariant:rowdot-c"}, "kernels stock, this run asks for row-invariant:rowdot-c"),
     ):
         with pytest.raises(ValueError, match="resuming would mix") as e:
             check_resume_pair(tmp_path, seen, SimpleNamespace(**{**vars(same), **change}))

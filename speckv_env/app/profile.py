@@ -178,6 +178,8 @@ def record_episode(
     """
     from replay.trace import Trace, make_trace_id
 
+    engine.record_signals = True  # the trace stores every position's draft signals
+
     ids = pair.encode_chat(prompt.text)
     rng = random.Random(seed)
     lo, hi = parse_behaviour(behaviour, gamma_max)
