@@ -611,6 +611,19 @@ def cmd_profile(a: argparse.Namespace) -> Output:
 def check_calibrate(a: argparse.Namespace) -> None:
     _check_pair(a)
     _check_out(a.out, "--out", folder=True)
+    if a.check_drift and not (Path(a.out) / f"cost-{a.compression}.json").is_file():
+        raise UsageError(f"--check: no saved cost model {Path(a.out) / f'cost-{a.compression}.json'}")
+
+
+def cmd_calibrate_check(a: argparse.Namespace) -> Output:
+    from speckv_env.calibrate import check_calibration, format_check
+    from speckv_env.core import CostModel
+    from speckv_env.pair import load_pair
+
+    saved = CostModel.load(Path(a.out) / f"cost-{a.compression}.json")
+    pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device)
+    r = check_calibration(pair, saved, tokens_per_gamma=a.tokens_per_gamma, tolerance=a.tolerance, progress=not a.quiet)
+    return Output(r, format_check(r))
 
 
 def cmd_calibrate(a: argparse.Namespace) -> Output:
@@ -618,9 +631,13 @@ def cmd_calibrate(a: argparse.Namespace) -> Output:
     from speckv_env.pair import load_pair
 
     _threads(a.threads)
+    if a.check_drift:
+        return cmd_calibrate_check(a)
     # calibration runs on a quiet machine: time the CPU row-count plans again too
     pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device, retime_cpu_plans=True)
-    cm = calibrate(pair, gamma_max=a.gamma_max, tokens_per_gamma=a.tokens_per_gamma, progress=not a.quiet)
+    cm = calibrate(
+        pair, gamma_max=a.gamma_max, tokens_per_gamma=a.tokens_per_gamma, repeats=a.repeats, progress=not a.quiet
+    )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cost-{cm.compression}.json"
@@ -859,6 +876,19 @@ def _add_calibrate(sub: Any) -> None:
     c.add_argument("--out", required=True, help="folder: writes cost-<compression>.json (beside traces)")
     c.add_argument("--gamma-max", type=_int_arg(0, MAX_GAMMA), default=8, help="measure gammas 0..this (default 8)")
     c.add_argument("--tokens-per-gamma", type=_int_arg(2), default=24, help="tokens decoded per gamma and prompt")
+    c.add_argument("--repeats", type=_int_arg(1), default=5, help="rounds over all gammas, random order (default 5)")
+    c.add_argument(
+        "--check",
+        dest="check_drift",
+        action="store_true",
+        help="re-measure a few points and report drift against the saved --out/cost-<compression>.json",
+    )
+    c.add_argument(
+        "--tolerance",
+        type=_float_arg(0.0, lo_open=True),
+        default=0.10,
+        help="--check: relative drift allowed per point (default 0.10)",
+    )
     _output_args(c, "print the written path and the cost model as JSON")
     c.set_defaults(fn=cmd_calibrate, check=check_calibrate, parser=c)
 
