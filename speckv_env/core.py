@@ -220,6 +220,8 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "cost model") -> CostModel:
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: malformed cost model (a JSON object expected, got {type(d).__name__})")
         if d.get("schema", "speckv-cost/1") != "speckv-cost/1":
             raise ValueError(f"{where}: unsupported cost model schema {d.get('schema')!r} (expected speckv-cost/1)")
         try:
@@ -266,11 +268,18 @@ class CostModel:
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
+        """Read a cost model saved by :meth:`save`. A missing file raises FileNotFoundError, and
+        anything else wrong (not a file, not UTF-8 JSON, not a cost model) ValueError, each
+        naming the file."""
         p = Path(path)
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"cost model file {p} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"{p}: is a folder, not a cost model file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not a cost model file (not UTF-8 text: {e})") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: not valid JSON ({e})") from e
         return cls.from_dict(d, where=str(p))
