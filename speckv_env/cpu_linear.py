@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -75,6 +76,14 @@ class PlannedLinear(nn.Linear):
         if b is not None:
             y = y + b
         return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, m.weight)
+
+
+def _shape(w: torch.Tensor) -> tuple[int, int]:
+    return int(w.shape[0]), int(w.shape[1])
 
 
 def _eligible(m: nn.Module) -> bool:
@@ -160,7 +169,8 @@ def plans_for(
     shapes: dict[tuple[int, int], list[torch.Tensor]] = {}
     for m in model.modules():
         if _eligible(m):
-            shapes.setdefault(tuple(m.weight.shape), []).append(m.weight)
+            w = _weight(m)
+            shapes.setdefault(_shape(w), []).append(w)
     host = _host_key()
     cache: dict = {}
     path = _cache_file()
@@ -207,9 +217,9 @@ def install(
         plans = plans_for(model, max_rows, refresh=refresh)
     count = 0
     for m in model.modules():
-        if _eligible(m) and tuple(m.weight.shape) in plans:
-            setattr(m, _ATTR, dict(plans[tuple(m.weight.shape)]))
-            m.__class__ = PlannedLinear
+        if _eligible(m) and _shape(_weight(m)) in plans:
+            setattr(m, _ATTR, dict(plans[_shape(_weight(m))]))
+            cast(Any, m).__class__ = PlannedLinear
             count += 1
     return count
 
@@ -220,7 +230,7 @@ def uninstall(model: nn.Module) -> None:
         if hasattr(m, _ATTR):
             delattr(m, _ATTR)
             if type(m) is PlannedLinear:
-                m.__class__ = nn.Linear
+                cast(Any, m).__class__ = nn.Linear
 
 
 def installed(model: nn.Module) -> bool:
@@ -229,7 +239,7 @@ def installed(model: nn.Module) -> bool:
 
 def current_plans(model: nn.Module) -> dict[tuple[int, int], dict[int, int]]:
     """The plans installed on ``model`` now, by weight shape (empty with the stock path)."""
-    return {tuple(m.weight.shape): dict(getattr(m, _ATTR)) for m in model.modules() if hasattr(m, _ATTR)}
+    return {_shape(_weight(m)): dict(getattr(m, _ATTR)) for m in model.modules() if hasattr(m, _ATTR)}
 
 
 def describe(plans: dict[tuple[int, int], dict[int, int]]) -> Iterable[str]:

@@ -370,6 +370,7 @@ class SpeculativeEngine:
             raise RuntimeError("generation has finished: nothing to observe")
         self._ensure_q()
         if self._sig is None:
+            assert self._q is not None
             t0 = self._now()
             self._sig = _signals_from_logits(self._q)
             self._obs_s += self._now() - t0
@@ -489,7 +490,7 @@ class SpeculativeEngine:
         while k < g and dr.tokens[k] == tgt[k]:
             k += 1
         if g == 0:
-            events = [int(int(torch.argmax(self._q)) == tgt[0])]
+            events = [int(int(torch.argmax(dr.sigs[0])) == tgt[0])]  # the observation's proposal
         else:
             events = [1] * k + ([0] if k < g else [])
         return _Verdict(accepted=k, emitted=dr.tokens[:k] + [tgt[k]], events=events)
@@ -508,7 +509,7 @@ class SpeculativeEngine:
         s = t + g
         extra = 0.0
         if g == 0:
-            qb_logits = self._q
+            qb_logits = dr.sigs[0]  # the observation's distribution
         else:
             te = self._now()
             qb_logits = self._draft_forward([dr.tokens[-1]])[-1]

@@ -223,7 +223,7 @@ class SpecKVEnv(SpecKVBaseEnv):
 
             cost_model = cached_calibration(pair, gamma_max=max(gamma_max, 8))
         elif not isinstance(cost_model, CostModel):
-            cost_model = CostModel.load(cost_model)
+            cost_model = CostModel.load(str(cost_model))
         self.pair = pair
         backend = LiveBackend(
             pair,
@@ -238,7 +238,9 @@ class SpecKVEnv(SpecKVBaseEnv):
 
     @property
     def engine(self):
-        return self.backend.engine
+        backend = self.backend
+        assert isinstance(backend, LiveBackend)
+        return backend.engine
 
     def text(self) -> str:
         """The text emitted so far in this episode."""

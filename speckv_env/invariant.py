@@ -46,6 +46,8 @@ swap to a subclass defined here, reading its own weights), and :func:`undo` rest
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -116,7 +118,7 @@ def _bnb_invariant_class(base: type) -> type:
     if cls is None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return _fixed_width_rows(x, self.speckv_width, lambda xb: base.forward(self, xb))
+            return _fixed_width_rows(x, self.speckv_width, lambda xb: cast(Any, base).forward(self, xb))
 
         cls = type(f"RowInvariant{base.__name__}", (base,), {"forward": forward, "speckv_width": WIDTH})
         cls.__module__ = __name__
@@ -219,10 +221,10 @@ def make_row_invariant(model: nn.Module) -> int:
         if isinstance(m, RowInvariantLinear) or type(m) in _BNB_CLASSES.values():
             n += 1
         elif type(m) is nn.Linear:
-            m.__class__ = RowInvariantLinear
+            cast(Any, m).__class__ = RowInvariantLinear
             n += 1
         elif type(m) in bnb_types:
-            m.__class__ = _bnb_invariant_class(type(m))
+            cast(Any, m).__class__ = _bnb_invariant_class(type(m))
             n += 1
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "_attn_implementation", None) != ATTENTION:
@@ -244,9 +246,9 @@ def undo(model: nn.Module) -> None:
     inv = {v: k for k, v in _BNB_CLASSES.items()}
     for m in model.modules():
         if type(m) is RowInvariantLinear:
-            m.__class__ = nn.Linear
+            cast(Any, m).__class__ = nn.Linear
         elif type(m) in inv:
-            m.__class__ = inv[type(m)]
+            cast(Any, m).__class__ = inv[type(m)]
     orig = getattr(model, _ORIG_ATTN, None)
     if orig is not None:
         _set_attention(model, orig)

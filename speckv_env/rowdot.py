@@ -33,7 +33,7 @@ _state: dict[str, object] = {}
 
 
 def _source() -> Path:
-    return Path(str(resources.files("speckv_env").joinpath("csrc", "rowdot.c")))
+    return Path(str(resources.files("speckv_env") / "csrc" / "rowdot.c"))
 
 
 def _compiler() -> str | None:
