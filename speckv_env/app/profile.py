@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +52,29 @@ def parse_behaviour(spec: str, gamma_max: int) -> tuple[int, int]:
 
 
 #: the traces' columns that say how they were recorded (read on --resume)
-_SETTING_COLUMNS = ["max_new_tokens", "gamma_max", "mode", "temperature", "top_p", "pair", "device", "meta"]
+SETTING_COLUMNS = ["max_new_tokens", "gamma_max", "mode", "temperature", "top_p", "pair", "device", "meta"]
 
 
 def recorded_settings(folder: str | Path) -> dict[str, set]:
     """How the traces already in ``folder`` were recorded: every value seen of the budget,
     ``gamma_max``, (temperature, top_p) per mode, pair, device and draft fingerprint."""
-    import json
-
     from replay.trace import read_table_checked
+
+    return settings_of_tables(
+        read_table_checked(f, columns=SETTING_COLUMNS) for f in sorted(Path(folder).glob("*.parquet"))
+    )
+
+
+def settings_of_tables(tables: Iterable[Any]) -> dict[str, set]:
+    """:func:`recorded_settings` of Arrow tables holding (at least) :data:`SETTING_COLUMNS`,
+    wherever they were read from (a folder, or a storage URI: :mod:`.distributed`)."""
+    import json
 
     seen: dict[str, set] = {
         k: set() for k in ("max_new_tokens", "gamma_max", "pair", "device", "draft_fingerprint", "kernels")
     }
-    for f in sorted(Path(folder).glob("*.parquet")):
-        t = read_table_checked(f, columns=_SETTING_COLUMNS).to_pydict()
+    for table in tables:
+        t = table.to_pydict()
         for k in ("max_new_tokens", "gamma_max", "pair", "device"):
             seen[k].update(t[k])
         for mode, temp, top_p in zip(t["mode"], t["temperature"], t["top_p"]):
@@ -254,6 +262,25 @@ def select_profile_prompts(
     return out
 
 
+def make_engines(pair: Any, modes: Sequence[str], gamma_max: int) -> dict[str, Any]:
+    """One engine per recording mode over a loaded pair."""
+    from speckv_env.engine import SpeculativeEngine
+
+    return {
+        m: SpeculativeEngine(
+            pair.target, pair.draft, temperature=MODES[m], eos_token_id=pair.eos_token_id, max_gamma=gamma_max
+        )
+        for m in modes
+    }
+
+
+def episode_key(pair_name: str, compression: str, prompt_id: str, mode: str) -> str:
+    """The trace id of a prompt's episode in a mode (the resume key)."""
+    from replay.trace import make_trace_id
+
+    return make_trace_id(pair_name, compression, prompt_id, mode, episode_seed(prompt_id, mode))
+
+
 def _record_todo(
     writer: Any,
     pair: Any,
@@ -269,14 +296,7 @@ def _record_todo(
     """Record the (mode, prompt) episodes ``todo`` of one loaded pair; returns (written, stopped early)."""
     from tqdm import tqdm
 
-    from speckv_env.engine import SpeculativeEngine
-
-    engines = {
-        m: SpeculativeEngine(
-            pair.target, pair.draft, temperature=MODES[m], eos_token_id=pair.eos_token_id, max_gamma=gamma_max
-        )
-        for m in modes
-    }
+    engines = make_engines(pair, modes, gamma_max)
     written = 0
     bar = tqdm(todo, desc=f"profile {pair.compression}", unit="ep", disable=not progress)
     for mode, p in bar:
@@ -320,7 +340,7 @@ def profile(
     per_task: int | None = None,
 ) -> dict[str, Any]:
     """Record traces into ``out``; returns a summary (episodes written, skipped, seconds)."""
-    from replay.trace import TraceWriter, make_trace_id
+    from replay.trace import TraceWriter
     from speckv_env.calibrate import cached_calibration
     from speckv_env.pair import load_pair
 
@@ -342,7 +362,7 @@ def profile(
                 (mode, p)
                 for p in sel
                 for mode in modes
-                if make_trace_id(pair.name, pair.compression, p.id, mode, episode_seed(p.id, mode)) not in done_keys
+                if episode_key(pair.name, pair.compression, p.id, mode) not in done_keys
             ]
             skipped += len(sel) * len(modes) - len(todo)
             cm_path = outp / f"cost-{pair.compression}.json"
