@@ -740,8 +740,17 @@ def cmd_bench(a: argparse.Namespace) -> Output:
 
         _threads(a.threads)
         pair = load_pair(a.target, a.draft, compression=a.compression, device=a.device)
+        fast = (
+            None if a.no_fast else load_pair(a.target, a.draft, compression=a.compression, device=a.device, exact=False)
+        )
         r = run_engine_bench(
-            pair, bench_prompts(a.prompts_per_task), max_new_tokens=a.max_new_tokens, repeats=a.repeats
+            pair,
+            bench_prompts(a.prompts_per_task),
+            max_new_tokens=a.max_new_tokens,
+            repeats=a.repeats,
+            fast_pair=fast,
+            val_prompts=bench_prompts(a.val_prompts_per_task, split="validation"),
+            progress=not a.quiet,
         )
         text = format_engine_table(r)
     elif a.what == "env":
@@ -933,8 +942,15 @@ def _add_bench(sub: Any) -> None:
     _pair_args(b)
     b.add_argument("--out", default=None, help="also write the results to this JSON file")
     b.add_argument("--max-new-tokens", type=_int_arg(1), default=64, help="tokens per prompt (default 64)")
-    b.add_argument("--prompts-per-task", type=_int_arg(1), default=1, help="engine bench: prompts per task")
-    b.add_argument("--repeats", type=_int_arg(1), default=1, help="engine bench: repeats")
+    b.add_argument("--prompts-per-task", type=_int_arg(1), default=1, help="engine bench: test prompts per task")
+    b.add_argument(
+        "--val-prompts-per-task",
+        type=_int_arg(1),
+        default=1,
+        help="engine bench: validation prompts per task (they choose the engine's gamma)",
+    )
+    b.add_argument("--repeats", type=_int_arg(1), default=3, help="engine bench: interleaved repeats (default 3)")
+    b.add_argument("--no-fast", action="store_true", help="engine bench: skip the fast (exact=False) engine")
     b.add_argument(
         "--seconds", type=_float_arg(0.0, lo_open=True), default=2.0, help="env bench: seconds per measurement"
     )
