@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ __all__ = [
     "CompareConfig",
     "EvalResult",
     "Fold",
+    "LearnJob",
     "_Data",
     "best_fixed_choice",
     "compare_main",
@@ -182,6 +184,7 @@ def run_comparison(
     source: str | None = None,
     quick: bool = False,
     config: CompareConfig | None = None,
+    ray: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train and evaluate every policy on every split; write report.md, results.json, plots, tb/.
@@ -189,6 +192,8 @@ def run_comparison(
     ``logs``: a trace folder/file (or list); or ``traces=`` + ``cost_models=`` in memory;
     ``source="speckv-paper"``: the SpecKV paper's step logs (see :func:`run_paper_comparison`).
     ``quick=True``: :meth:`CompareConfig.quick`. ``overrides``: CompareConfig fields.
+    ``ray``: train and evaluate the learners (folds x seeds x agents) as Ray tasks on the cluster at
+    this address (``local``, ``auto`` or an address; :mod:`.distributed`), with the same results.
     Returns the results dict (also saved as results.json).
     """
     cfg = _config(config, quick, overrides)
@@ -210,10 +215,11 @@ def run_comparison(
     if unknown:
         raise ValueError(f"unknown policy group(s) {sorted(unknown)}: choose from {POLICY_GROUPS}")
     base = _baselines(data, cfg, pol)
+    done = None if ray is None else _learn_on_ray(ray, data, cfg, pol, base, tb)
     splits_out: dict[str, Any] = {}
     curves: dict[str, list[dict[str, Any]]] = {}
     for split in cfg.splits:
-        splits_out[split] = _run_split(split, data, cfg, pol, base, tb, curves)
+        splits_out[split] = _run_split(split, data, cfg, pol, base, tb, curves, done)
 
     results = _assemble(data, cfg, splits_out, curves, time.time() - t0, logs)
     from .plots import write_plots
@@ -251,9 +257,11 @@ def _run_split(
     base: _Baselines,
     tb: Path | None,
     curves: dict[str, list[dict[str, Any]]],
+    done: Mapping[tuple[str, str, str, int], Any] | None = None,
 ) -> dict[str, Any]:
     """Every policy on every fold of ``split``, pooled over the folds, with its metrics; where
-    the folds have validation episodes, every policy's metrics there too (``_val_metrics``)."""
+    the folds have validation episodes, every policy's metrics there too (``_val_metrics``).
+    ``done``: the learners' results by :attr:`LearnJob.key`, already computed (on Ray)."""
     folds = make_folds(data, split)
     if not folds:
         return {"skipped": f"split {split!r} does not apply to this data (one value, or no train/test)"}
@@ -264,13 +272,11 @@ def _run_split(
     for fold in folds:
         choice = best_fixed_choice(base.fixed, data, fold.seen)
         _reference_policies(per_policy, fold.test, data, cfg, pol, base, choice)
-        refs = None
         if fold.val.size:
             _reference_policies(per_val, fold.val, data, cfg, pol, base, choice)
-            refs = (per_val["oracle"][-1].time[0], per_val[BEST_FIXED][-1].time[0])
         fold_info.append(describe_fold(fold.name, fold.held_out, fold.seen, fold.test, meta, choice, fold.val))
-        keep_curves = split == "heldout" or len(folds) == 1
-        got, got_val = _learned_on_fold(fold, data, cfg, pol, tb, curves if keep_curves else None, refs)
+        jobs = _fold_jobs(fold, data, cfg, pol, base, choice, keep_curves=split == "heldout" or len(folds) == 1)
+        got, got_val = _learned_on_fold(jobs, data, cfg, tb, curves, done)
         for name, rs in got.items():
             per_policy.setdefault(name, []).append(stack_seeds(rs))
         for name, rs in got_val.items():
@@ -308,52 +314,136 @@ def _reference_policies(
     per_policy.setdefault("oracle", []).append(select(base.oracle, idx))
 
 
-def _learned_on_fold(
+@dataclass
+class LearnJob:
+    """One learner trained on one fold with one seed and evaluated there: the unit of work that
+    runs in parallel (folds x seeds x agents) on Ray."""
+
+    fold: Fold
+    policy: str
+    seed: int
+    curves: bool
+    """keep its learning curve (the held-out split, or a split of one fold)"""
+    refs: tuple[np.ndarray, np.ndarray] | None
+    """the oracle's and best-fixed(train)'s per-episode times on the fold's validation episodes"""
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.fold.split, self.fold.name, self.policy, self.seed)
+
+
+def _fold_jobs(
     fold: Fold,
     data: _Data,
     cfg: CompareConfig,
     pol: set[str],
-    tb: Path | None,
-    curves: dict[str, list[dict[str, Any]]] | None,
-    refs: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[dict[str, list[EvalResult]], dict[str, list[EvalResult]]]:
-    """Train every learned policy on the fold's training episodes (every seed) and evaluate it
-    on its test episodes and on its validation episodes (if any); learning curves go into
-    ``curves`` unless it is None (the bandits' and PPO's with a frozen snapshot evaluated on the
-    validation prompts at several training budgets, when ``refs`` gives the oracle's and
-    best-fixed(train)'s times there). Returns (test results, validation results)."""
-    from tqdm.auto import tqdm
-
+    base: _Baselines,
+    choice: Mapping[str, int],
+    keep_curves: bool,
+) -> list[LearnJob]:
+    """The learners to train on ``fold`` (every seed), in the order their results are pooled."""
+    refs = None
+    if fold.val.size:
+        bf = best_fixed_result(base.fixed, data, fold.val, choice, cfg.gammas)
+        refs = (select(base.oracle, fold.val).time[0], bf.time[0])
     learners = [p for p in ("speckv_mlp", *BANDITS, "ppo") if p in pol]
-    jobs = [
-        (p, s)
+    return [
+        LearnJob(fold, p, s, keep_curves, refs)
         for p in learners
         for s in range(cfg.seeds)
         if not (p == "ppo" and fold.split not in cfg.ppo_splits)
         and not (p in BANDITS and fold.split not in cfg.bandit_splits)
     ]
+
+
+def _learned_on_fold(
+    jobs: Sequence[LearnJob],
+    data: _Data,
+    cfg: CompareConfig,
+    tb: Path | None,
+    curves: dict[str, list[dict[str, Any]]],
+    done: Mapping[tuple[str, str, str, int], Any] | None = None,
+) -> tuple[dict[str, list[EvalResult]], dict[str, list[EvalResult]]]:
+    """Train every learned policy of ``jobs`` (one fold) and evaluate it on the fold's test and
+    validation episodes (:func:`run_learn_job`), or take its results from ``done``; learning
+    curves go into ``curves``. Returns (test results, validation results) by policy name."""
+    from tqdm.auto import tqdm
+
     envs: dict[str, Any] = {}
-    bar = tqdm(jobs, desc=f"{fold.name}", leave=False, disable=not cfg.progress)
+    bar = tqdm(jobs, desc=jobs[0].fold.name if jobs else "", leave=False, disable=not cfg.progress or done is not None)
     got: dict[str, list[EvalResult]] = {}
     got_val: dict[str, list[EvalResult]] = {}
-    for p, s in bar:
-        bar.set_postfix_str(f"{p} seed {s}")
-        run = f"SpecKVReplay-v0__{fold.name.replace(':', '-')}__{p}__{s}"
-        curve = None
-        if p != "speckv_mlp" and curves is not None and refs is not None:
-            agent, curve = train_with_curve(p, data, fold.train, cfg, s, tb, run, fold.val, refs)
-        else:
-            agent = train_learner(p, data, fold.train, cfg, s, tb, run)
-        if curves is not None:
-            entry = {"seed": s, "fold": fold.name, "log": thin(getattr(agent, "train_log", []))}
-            if curve is not None:
-                entry["heldout"] = curve
-            curves.setdefault(p if p == "speckv_mlp" else DISPLAY[p], []).append(entry)
-        for part, idx, dest in (("test", fold.test, got), ("val", fold.val, got_val)):
-            if idx.size:
-                for name, r in _evaluate_learned(p, agent, data, idx, f"{fold.name}:{part}", s, envs).items():
-                    dest.setdefault(name, []).append(r)
+    for job in bar:
+        bar.set_postfix_str(f"{job.policy} seed {job.seed}")
+        entry, test, val = done[job.key] if done is not None else run_learn_job(job, data, cfg, tb, envs)
+        if entry is not None:
+            curves.setdefault(job.policy if job.policy == "speckv_mlp" else DISPLAY[job.policy], []).append(entry)
+        for name, r in test.items():
+            got.setdefault(name, []).append(r)
+        for name, r in val.items():
+            got_val.setdefault(name, []).append(r)
     return got, got_val
+
+
+def run_learn_job(
+    job: LearnJob, data: _Data, cfg: CompareConfig, tb: Path | None, envs: dict[str, Any]
+) -> tuple[dict[str, Any] | None, dict[str, EvalResult], dict[str, EvalResult]]:
+    """Train ``job``'s learner on its fold's training episodes and evaluate it on the fold's test
+    and validation episodes; with ``job.curves``, its learning-curve entry (the bandits' and
+    PPO's with a frozen snapshot evaluated on the validation prompts at several training
+    budgets, when the fold has them). Returns (curve entry or None, test results, validation
+    results), results by policy name (``envs``: cached evaluation envs by key)."""
+    p, s, fold = job.policy, job.seed, job.fold
+    run = f"SpecKVReplay-v0__{fold.name.replace(':', '-')}__{p}__{s}"
+    curve = None
+    if p != "speckv_mlp" and job.curves and job.refs is not None:
+        agent, curve = train_with_curve(p, data, fold.train, cfg, s, tb, run, fold.val, job.refs)
+    else:
+        agent = train_learner(p, data, fold.train, cfg, s, tb, run)
+    entry = None
+    if job.curves:
+        entry = {"seed": s, "fold": fold.name, "log": thin(getattr(agent, "train_log", []))}
+        if curve is not None:
+            entry["heldout"] = curve
+    out: list[dict[str, EvalResult]] = [{}, {}]
+    for part, idx, dest in (("test", fold.test, out[0]), ("val", fold.val, out[1])):
+        if idx.size:
+            dest.update(_evaluate_learned(p, agent, data, idx, f"{fold.name}:{part}", s, envs))
+    return entry, out[0], out[1]
+
+
+def _learn_on_ray(
+    address: str, data: _Data, cfg: CompareConfig, pol: set[str], base: _Baselines, tb: Path | None
+) -> dict[tuple[str, str, str, int], Any]:
+    """Every learner of every split and fold (every seed) as Ray tasks: their results by key."""
+    from .distributed import map_tasks
+
+    jobs = []
+    for split in cfg.splits:
+        folds = make_folds(data, split)
+        for fold in folds:
+            choice = best_fixed_choice(base.fixed, data, fold.seen)
+            jobs += _fold_jobs(fold, data, cfg, pol, base, choice, keep_curves=split == "heldout" or len(folds) == 1)
+    shared = (uuid.uuid4().hex, data.traces, data.cms, cfg)
+    results = map_tasks(address, _learn_task, shared, jobs, files_to=tb, desc="learners (ray)", progress=cfg.progress)
+    return {job.key: r for job, r in zip(jobs, results)}
+
+
+_TASK_DATA: dict[str, _Data] = {}
+
+
+def _learn_task(shared: tuple[str, Any, Any, CompareConfig], job: LearnJob, scratch: Path | None) -> Any:
+    """:func:`run_learn_job` in a Ray worker (``shared``: a token naming the comparison, the
+    traces, cost models and settings; TensorBoard runs go to ``scratch``, copied to the
+    driver's tb/ folder)."""
+    import torch
+
+    torch.set_num_threads(1)
+    token, traces, cms, cfg = shared
+    if token not in _TASK_DATA:  # one data set per worker process, its vector envs cached across tasks
+        _TASK_DATA.clear()
+        _TASK_DATA[token] = _Data(traces, cms, cfg.gammas)
+    return run_learn_job(job, _TASK_DATA[token], cfg, scratch, {})
 
 
 def _evaluate_learned(
