@@ -25,7 +25,7 @@ def bench_live_overhead(
     prompts = bench_prompts(prompts_per_task)
     pair = pair or load_pair(None, None, device="cpu")
     env = gym.make("SpecKV-v0", pair=pair, prompts=prompts, max_new_tokens=max_new_tokens)
-    u = env.unwrapped
+    u: Any = env.unwrapped
     eng = u.engine
     gamma_seq = [random.Random(i).randint(0, 8) for i in range(4096)]
     encoded = [u.backend.prompt_ids(i) for i in range(len(prompts))]
