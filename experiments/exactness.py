@@ -103,23 +103,27 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="experiments/results/exactness.json")
-    ap.add_argument("--resume", action="store_true", help="keep the compressions already in --out")
+    ap.add_argument("--resume", action="store_true", help="keep the parts already in --out")
+    ap.add_argument("--skip-divergence", action="store_true", help="timing only (divergence from an earlier run)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     res = json.loads(out.read_text()) if a.resume and out.exists() else {}
-    res["settings"] = {k: v for k, v in vars(a).items() if k not in ("out", "resume")}
+    res.setdefault("settings", {}).update({k: v for k, v in vars(a).items() if k not in ("out", "resume")})
     prompts = _prompts(a.prompts_per_task)
     for comp in a.compressions.split(","):
-        if comp in res.get("compressions", {}):
+        entry = res.setdefault("compressions", {}).get(comp, {})
+        todo_div = not a.skip_divergence and "exact" not in entry
+        todo_time = a.timing_prompts > 0 and "timing" not in entry
+        if not (todo_div or todo_time):
             continue
         t0 = time.time()
         pairs = {
             "exact": load_pair(compression=comp, device="cpu", exact=True),
             "fast": load_pair(compression=comp, device="cpu", exact=False),
         }
-        entry: dict = {"kernels": {k: p.kernels for k, p in pairs.items()}}
-        for k, pair in pairs.items():
+        entry["kernels"] = {k: p.kernels for k, p in pairs.items()}
+        for k, pair in pairs.items() if todo_div else ():
             entry[k] = {
                 mode: divergence(pair, prompts, a.tokens, temp) for mode, temp in (("greedy", 0.0), ("sample", 0.7))
             }
@@ -129,15 +133,11 @@ def main(argv=None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        if a.timing_prompts:
-            entry["timing"] = timing(
-                pairs,
-                prompts[:: max(1, len(prompts) // a.timing_prompts)][: a.timing_prompts],
-                a.timing_tokens,
-                a.repeats,
-            )
-        entry["seconds"] = round(time.time() - t0, 1)
-        res.setdefault("compressions", {})[comp] = entry
+        if todo_time:
+            sel = prompts[:: max(1, len(prompts) // a.timing_prompts)][: a.timing_prompts]
+            entry["timing"] = timing(pairs, sel, a.timing_tokens, a.repeats)
+        entry["seconds"] = round(time.time() - t0, 1) + entry.get("seconds", 0)
+        res["compressions"][comp] = entry
         res["host"] = {"cpu": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
@@ -147,7 +147,11 @@ def main(argv=None) -> int:
     print(
         json.dumps(
             {
-                c: {k: {m: f"{d['changed']}/{d['outputs']}" for m, d in e[k].items()} for k in ("exact", "fast")}
+                c: {
+                    k: {m: f"{d['changed']}/{d['outputs']}" for m, d in e[k].items()}
+                    for k in ("exact", "fast")
+                    if k in e
+                }
                 for c, e in res["compressions"].items()
             },
             indent=1,
