@@ -561,13 +561,36 @@ def cmd_generate(a: argparse.Namespace) -> Output:
 # ---- profile / calibrate ----------------------------------------------------------------------
 
 
+def _check_ray(a: argparse.Namespace, *only_with_ray: str) -> None:
+    """--ray needs Ray installed (checked without importing it); ``only_with_ray`` flags need --ray."""
+    if a.ray is None:
+        given = [f for f in only_with_ray if getattr(a, f.lstrip("-").replace("-", "_")) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --ray")
+        return
+    from .distributed import RAY_MISSING, ray_available
+
+    if not ray_available():
+        raise UsageError(RAY_MISSING)
+
+
 def check_profile(a: argparse.Namespace) -> None:
     from .profile import check_profile_request
 
     _check_pair(a)
-    _check_out(a.out, "--out", folder=True)
+    _check_ray(a, "--ray-workers", "--ray-gpus")
+    uri = "://" in a.out
+    if uri and a.ray is None:
+        raise UsageError(f"--out {a.out}: a storage URI needs --ray (a local recording writes into a folder)")
+    check: Callable[..., Any] = check_profile_request
+    if uri:
+        from .distributed import check_profile_storage
+
+        check = check_profile_storage
+    else:
+        _check_out(a.out, "--out", folder=True)
     try:
-        check_profile_request(
+        check(
             a.out,
             modes=a.modes,
             behaviour=a.behaviour,
@@ -583,28 +606,36 @@ def cmd_profile(a: argparse.Namespace) -> Output:
     from .profile import profile
 
     _threads(a.threads)
-    s = profile(
-        a.out,
-        target=a.target,
-        draft=a.draft,
-        compressions=a.compressions,
-        tasks=a.tasks,
-        splits=a.splits,
-        n_train=a.n_train,
-        modes=a.modes,
-        max_new_tokens=a.max_new_tokens,
-        gamma_max=a.gamma_max,
-        device=a.device,
-        resume=a.resume,
-        progress=not a.quiet,
-        time_budget_s=a.time_budget,
-        behaviour=a.behaviour,
-        calibrate=not a.no_calibrate,
-        per_task=a.per_task,
-    )
+    kw: dict[str, Any] = {
+        "target": a.target,
+        "draft": a.draft,
+        "compressions": a.compressions,
+        "tasks": a.tasks,
+        "splits": a.splits,
+        "n_train": a.n_train,
+        "modes": a.modes,
+        "max_new_tokens": a.max_new_tokens,
+        "gamma_max": a.gamma_max,
+        "device": a.device,
+        "resume": a.resume,
+        "progress": not a.quiet,
+        "time_budget_s": a.time_budget,
+        "behaviour": a.behaviour,
+        "calibrate": not a.no_calibrate,
+        "per_task": a.per_task,
+    }
+    if a.ray is None:
+        s = profile(a.out, **kw)
+    else:
+        from .distributed import profile_on_ray
+
+        kw.update(workers=a.ray_workers, gpus_per_worker=a.ray_gpus, threads=a.threads)
+        s = profile_on_ray(a.out, a.ray, **kw)
     text = f"wrote {s['written']} episodes to {s['out']} ({s['skipped']} already there) in {s['seconds']:.0f} s" + (
         " (stopped at the time budget)" if s["stopped_early"] else ""
     )
+    if a.ray is not None:
+        text += f" on {s['workers']} Ray workers ({s['worker_restarts']} restarted)"
     return Output(s, text)
 
 
@@ -694,6 +725,9 @@ def cmd_train(a: argparse.Namespace) -> Output:
 
 
 def check_compare(a: argparse.Namespace) -> None:
+    _check_ray(a)
+    if a.ray is not None and a.logs == "speckv-paper":
+        raise UsageError("--ray runs comparisons on traces; the SpecKV paper's step logs compare here, without --ray")
     a.logs_path, a.source = _check_logs(a.logs)
     _check_out(a.out, "--out", folder=True)
     a.settings = parse_settings(a.set, compare_setting_types(), compare_setting_checks())
@@ -704,7 +738,7 @@ def cmd_compare(a: argparse.Namespace) -> Output:
 
     _threads(a.threads or 1)
     settings = {"progress": not a.quiet, **a.settings}
-    res = run_comparison(logs=a.logs_path, out_dir=a.out, source=a.source, quick=a.quick, **settings)
+    res = run_comparison(logs=a.logs_path, out_dir=a.out, source=a.source, quick=a.quick, ray=a.ray, **settings)
     out = Path(a.out)
     splits = cast(dict[str, Any], res["splits"])
     data: dict[str, Any] = {
@@ -816,6 +850,18 @@ def _pair_args(p: argparse.ArgumentParser, compression: bool = True) -> None:
     g.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default: torch's)")
 
 
+def _ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help=f"{what}. ADDRESS: local (default: start Ray on this machine), auto (the cluster running here) "
+        "or a cluster address (HOST:6379, ray://HOST:10001); needs pip install 'speckv-gym[ray]'",
+    )
+
+
 def _add_generate(sub: Any) -> None:
     g = sub.add_parser("generate", help="speculative decoding of one prompt", description="Decode one prompt.")
     _pair_args(g)
@@ -875,6 +921,16 @@ def _add_profile(sub: Any) -> None:
         action="store_true",
         help="do not measure the cost model here (write it later with `speckv calibrate --out` on a quiet machine)",
     )
+    _ray_args(p, "record episodes on a Ray cluster, one pair loaded per worker; --out may then be a storage URI")
+    p.add_argument(
+        "--ray-workers", type=_int_arg(1), default=None, help="--ray: workers (default: as many as the cluster holds)"
+    )
+    p.add_argument(
+        "--ray-gpus",
+        type=_float_arg(0.0),
+        default=None,
+        help="--ray: GPUs per worker (default 1 where the cluster has GPUs); CPU threads per worker: --threads",
+    )
     _output_args(p, "print the summary as JSON")
     p.set_defaults(fn=cmd_profile, check=check_profile, parser=p)
 
@@ -932,6 +988,7 @@ def _add_compare(sub: Any) -> None:
         help="comparison settings (CompareConfig fields, e.g. seeds=2 splits=heldout); an unknown key lists them",
     )
     c.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default 1)")
+    _ray_args(c, "train and evaluate the learners (folds x seeds x agents) as Ray tasks; the same results")
     _output_args(c, "print the report's path and the verdicts as JSON")
     c.set_defaults(fn=cmd_compare, check=check_compare, parser=c)
 
