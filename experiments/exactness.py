@@ -22,12 +22,13 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from speckv_env.engine import SpeculativeEngine
-from speckv_env.pair import load_pair
+from speckv_env.pair import ModelPair, load_pair
 from speckv_env.prompts import TASKS, load_prompts
 
 
@@ -44,7 +45,7 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def divergence(pair, prompts, tokens: int, temperature: float, seed: int = 0) -> dict:
+def divergence(pair: ModelPair, prompts: list, tokens: int, temperature: float, seed: int = 0) -> dict:
     """How many outputs change with gamma (gamma 8 and random gammas against gamma 0)."""
     eng = SpeculativeEngine(
         pair.target, pair.draft, temperature=temperature, eos_token_id=pair.eos_token_id, max_gamma=8
@@ -52,11 +53,11 @@ def divergence(pair, prompts, tokens: int, temperature: float, seed: int = 0) ->
     changed, firsts = 0, []
     for i, p in enumerate(prompts):
         ids = pair.encode_chat(p.text)
-        rng = random.Random(seed + i)
         g0 = eng.generate(ids, tokens, gamma=0, seed=seed + i).tokens
+        rand = random.Random(seed + i).choices(range(9), k=tokens)  # one gamma per step at most
         for other in (
             eng.generate(ids, tokens, gamma=8, seed=seed + i).tokens,
-            eng.generate(ids, tokens, gamma=lambda s, sig, r=rng: r.randint(0, 8), seed=seed + i).tokens,
+            eng.generate(ids, tokens, gamma=rand, seed=seed + i).tokens,
         ):
             d = _first_diff(g0, other)
             if d is not None:
@@ -70,7 +71,7 @@ def _tps(eng: SpeculativeEngine, ids: list[int], tokens: int, gamma: int) -> flo
     return len(r.tokens) / sum(s.draft_s + s.verify_s for s in r.steps)
 
 
-def timing(pairs: dict[str, object], prompts, tokens: int, repeats: int, gammas=(0, 3)) -> dict:
+def timing(pairs: Mapping[str, ModelPair], prompts: list, tokens: int, repeats: int, gammas=(0, 3)) -> dict:
     """Median decode tokens/s (prefill excluded) per path and gamma, paths interleaved ABBA."""
     engines = {
         k: SpeculativeEngine(p.target, p.draft, eos_token_id=p.eos_token_id, max_gamma=8) for k, p in pairs.items()
