@@ -687,6 +687,9 @@ def check_train(a: argparse.Namespace) -> None:
     import agents  # noqa: F401  (fills the registry)
     from agents.base import AGENTS
 
+    if a.live or a.quick:
+        return _check_live(a, train=True)
+
     if a.agent not in AGENTS:
         raise UsageError(f"unknown agent {a.agent!r}: choose one of {', '.join(sorted(AGENTS))}")
     a.logs_path, a.source = _check_logs(a.logs)
@@ -705,6 +708,9 @@ def check_train(a: argparse.Namespace) -> None:
 
 def cmd_train(a: argparse.Namespace) -> Output:
     from .compare import train_main
+
+    if a.live:
+        return _cmd_live(a, train=True)
 
     _threads(a.threads or 1)
     r = train_main(
@@ -726,6 +732,10 @@ def cmd_train(a: argparse.Namespace) -> Output:
 
 def check_compare(a: argparse.Namespace) -> None:
     _check_ray(a)
+    if a.live:
+        if a.ray is not None:
+            raise UsageError("--live decodes on this machine's models; it does not run with --ray")
+        return _check_live(a, train=False)
     if a.ray is not None and a.logs == "speckv-paper":
         raise UsageError("--ray runs comparisons on traces; the SpecKV paper's step logs compare here, without --ray")
     a.logs_path, a.source = _check_logs(a.logs)
@@ -735,6 +745,9 @@ def check_compare(a: argparse.Namespace) -> None:
 
 def cmd_compare(a: argparse.Namespace) -> Output:
     from .compare import run_comparison
+
+    if a.live:
+        return _cmd_live(a, train=False)
 
     _threads(a.threads or 1)
     settings = {"progress": not a.quiet, **a.settings}
@@ -749,6 +762,50 @@ def cmd_compare(a: argparse.Namespace) -> Output:
     }
     lines = [f"report: {data['report']}"] + [f"[{k}] {v}" for k, v in data["verdicts"].items()]
     return Output(data, "\n".join(lines))
+
+
+def _check_live(a: argparse.Namespace, train: bool) -> None:
+    """``--live`` (speckv_env/app/online.py): the settings are OnlineConfig fields; --logs gives
+    the replay traces the MLP and PPO pretrain on (and the cost model beside them)."""
+    from .online import LIVE_LEARNERS, OnlineConfig
+
+    if not a.live:
+        raise UsageError("--quick applies to --live training only")
+    a.logs_path, a.source = _check_logs(a.logs)
+    if a.source is not None:
+        raise UsageError("--live pretrains on full-information traces, not on --logs speckv-paper")
+    if train and a.agent not in LIVE_LEARNERS:
+        raise UsageError(f"--live trains a learner: one of {', '.join(LIVE_LEARNERS)} (got {a.agent!r})")
+    _check_out(a.out, "--out", folder=not train or Path(a.out).suffix not in (".json", ".safetensors"))
+    hints = typing.get_type_hints(OnlineConfig)
+    known = {f.name: hints[f.name] for f in dataclasses.fields(OnlineConfig)}
+    if train:
+        known = {k: v for k, v in known.items() if k not in ("learners", "replay_twins", "static")}
+    checks = {k: _at_least(1) for k in ("validation_prompts", "test_prompts", "max_new_tokens", "n_boot", "threads")}
+    checks.update({k: _at_least(0) for k in ("ppo_live_steps", "warmup_tokens", "seed", "temperature")})
+    checks.update(train_prompts=_at_least(1), train_passes=_at_least(1), gammas=compare_setting_checks()["gammas"])
+    a.settings = parse_settings(a.set, known, checks)
+    try:
+        OnlineConfig(**a.settings)  # learners, learn_from, ...: the config's own checks
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _cmd_live(a: argparse.Namespace, train: bool) -> Output:
+    from .online import run_live_comparison, train_live_main
+
+    settings = {"progress": not a.quiet, **({"threads": a.threads} if a.threads else {}), **a.settings}
+    if train:
+        r = train_live_main(a.agent, a.out, quick=a.quick, logs=a.logs_path, **settings)
+        text = f"saved {r['path']}\ntest (measured / modelled tokens/s): " + "; ".join(
+            f"{n} {v['measured_tps']:.4g} / {v['modelled_tps']:.4g}" for n, v in r["test"].items()
+        )
+        return Output(r, text)
+    res = run_live_comparison(a.out, quick=a.quick, logs=a.logs_path, **settings)
+    split = res["splits"]["heldout"]
+    data: dict[str, Any] = {"report": str(Path(a.out) / "report.md"), "results": str(Path(a.out) / "results.json")}
+    data.update(runtime_s=res["runtime_s"], verdicts={"heldout": split["verdict"]["sentence"]})
+    return Output(data, f"report: {data['report']}\n[heldout, live] {split['verdict']['sentence']}")
 
 
 # ---- bench / demo -----------------------------------------------------------------------------
@@ -971,6 +1028,8 @@ def _add_train(sub: Any) -> None:
         help="training settings (steps, seed, gammas, tensorboard) and the agent's own; an unknown key lists them",
     )
     t.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default 1)")
+    t.add_argument("--live", action="store_true", help="learn as it decodes on SpecKV-v0 (the real models)")
+    t.add_argument("--quick", action="store_true", help="with --live: the small budget (OnlineConfig.quick)")
     _output_args(t, "print the saved path and the test summary as JSON")
     t.set_defaults(fn=cmd_train, check=check_train, parser=t)
 
@@ -987,7 +1046,13 @@ def _add_compare(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="comparison settings (CompareConfig fields, e.g. seeds=2 splits=heldout); an unknown key lists them",
     )
-    c.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default 1)")
+    c.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default 1; --live: 2)")
+    c.add_argument(
+        "--live",
+        action="store_true",
+        help="learn and compare online on SpecKV-v0 (the real models): measured and modelled tokens/s; "
+        "--set takes OnlineConfig fields",
+    )
     _ray_args(c, "train and evaluate the learners (folds x seeds x agents) as Ray tasks; the same results")
     _output_args(c, "print the report's path and the verdicts as JSON")
     c.set_defaults(fn=cmd_compare, check=check_compare, parser=c)

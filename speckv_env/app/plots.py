@@ -279,3 +279,79 @@ def write_paper_plots(results: Mapping[str, Any], out: Path, gammas: Any) -> dic
         "tokens_per_step_vs_tokens_per_s": plot_paper_tokens_vs_speed(results, out / "paper_tokens_vs_speed.png"),
     }
     return {k: str(v.name) for k, v in made.items() if v is not None}
+
+
+# ---- the live (online) comparison --------------------------------------------------------------
+
+
+def plot_live_throughput(results: Mapping[str, Any], path: Path) -> Path | None:
+    """Measured tokens/s with intervals (bars) and modelled tokens/s (markers) per policy."""
+    plt = _plt()
+    pol = results["splits"]["heldout"]["policies"]
+    names = _order(pol)
+    get = lambda p, k, f: pol[p]["subsets"]["all"][k][f]
+    meas = np.array([get(p, "tokens_per_s", "value") for p in names])
+    lo = np.array([get(p, "tokens_per_s", "lo") for p in names])
+    hi = np.array([get(p, "tokens_per_s", "hi") for p in names])
+    mod = np.array([get(p, "modelled_tokens_per_s", "value") for p in names])
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(names) + 1.6))
+    y = np.arange(len(names))
+    colors = [
+        "#888888" if p.startswith("fixed-") else "#2ca02c" if p == "best-fixed(train)" else "#1f77b4" for p in names
+    ]
+    ax.barh(y, meas, xerr=[meas - lo, hi - meas], color=colors, capsize=2, label="measured (95% CI)")
+    ax.plot(mod, y, "k|", ms=12, mew=2, label="modelled (cost model)")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.axvline(get("best-fixed(train)", "tokens_per_s", "value"), color="#2ca02c", ls="--", lw=1)
+    ax.set_xlim(min(meas.min(), mod.min()) * 0.9, max(hi.max(), mod.max()) * 1.02)
+    ax.set_xlabel("tokens/s on the held-out test prompts")
+    ax.set_title(f"live: {pol['best-fixed(train)']['subsets']['all']['episodes']} test prompts", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_online_learning(results: Mapping[str, Any], path: Path) -> Path | None:
+    """The bandits' online learning curves, measured: left, measured tokens/s per training
+    episode of each learner beside every fixed gamma on the same prompts; right, the learner's
+    measured (solid) and modelled (dotted) tokens/s over best-fixed(train)'s on the same prompt."""
+    plt = _plt()
+    on = results.get("online") or {}
+    curves = on.get("online") or {}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for n, v in (on.get("fixed_measured_tps") or {}).items():
+        best = n == on.get("best_fixed")
+        x = np.arange(1, len(v) + 1)
+        axes[0].plot(x, v, color="k" if best else "#bbbbbb", lw=1.5 if best else 0.8, ls="--" if best else "-",
+                     label=f"{n} (best fixed, train)" if best else None)  # fmt: skip
+    for i, (n, pts) in enumerate(curves.items()):
+        x = np.array([p["episode"] + 1 for p in pts])
+        c = f"C{i}"
+        axes[0].plot(x, [p["measured_tps"] for p in pts], marker="o", ms=3, color=c, label=n)
+        axes[1].plot(x, [p["ratio_measured"] for p in pts], marker="o", ms=3, color=c, label=f"{n} measured")
+        axes[1].plot(x, [p["ratio_modelled"] for p in pts], ls=":", color=c, lw=1)
+    axes[0].set_ylabel("measured tokens/s (grey: fixed gammas, same prompts)")
+    axes[0].set_title("online learning, live, on the train prompts", fontsize=10)
+    axes[1].axhline(1.0, color="k", ls="--", lw=1)
+    axes[1].set_ylabel("tokens/s / best-fixed(train) on the same prompt")
+    axes[1].set_title("relative to best-fixed(train): measured (solid), modelled (dotted)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("training episode (prompt, in order)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_live_plots(results: Mapping[str, Any], out: Path) -> dict[str, str]:
+    made = {
+        "throughput": plot_live_throughput(results, out / "throughput.png"),
+        "gamma_choices": plot_gamma_choices(results, results["config"]["gammas"], out / "gamma_choices.png"),
+        "online_learning": plot_online_learning(results, out / "online_learning.png"),
+    }
+    return {k: str(v.name) for k, v in made.items() if v is not None}
