@@ -73,7 +73,7 @@ def live_run(tiny_smol_pair, tmp_path_factory):
         ppo_kwargs={"n_steps": 32, "batch_size": 32, "n_epochs": 1},
         ppo_live_steps=16,
     )
-    res = run_live_comparison(out, config=cfg, pair=tiny_smol_pair, cost_model=CostModel.unit())
+    res = run_live_comparison(out, config=cfg, pair=tiny_smol_pair, cost=CostModel.unit())
     return out, res
 
 
@@ -173,3 +173,45 @@ def test_live_comparison_on_the_default_pair(tmp_path):
     assert res["setup"]["pair"].startswith("SmolLM2-135M-Instruct") and res["setup"]["exact"]
     assert res["splits"]["heldout"]["same_tokens"] is True
     assert (tmp_path / "report.md").is_file()
+
+
+def test_learning_from_measured_time_prices_the_step_by_the_clock():
+    from types import SimpleNamespace
+
+    from speckv_env.app.online import _learning_signal
+
+    env = SimpleNamespace(unwrapped=SimpleNamespace(cost_model=CostModel.unit()))
+    info = {"emitted": 3, "modelled_time": 1.2, "measured_time": 2.0}
+    assert _learning_signal(0.5, info, "modelled", env) == (0.5, info)
+    r, seen = _learning_signal(0.5, info, "measured", env)
+    assert seen["modelled_time"] == 2.0 and r == pytest.approx(3 - 2.0 / CostModel.unit().t_target)
+    assert info["modelled_time"] == 1.2  # the env's info is not changed
+
+
+def test_train_live_saves_the_agent_and_its_measured_curve(tiny_smol_pair, tmp_path):
+    from agents.base import load_agent
+    from speckv_env.app.online import train_live_main
+
+    kw = {k: v for k, v in vars(_tiny_config()).items() if k not in ("learners", "replay_twins")}
+    r = train_live_main("ucb1", tmp_path, pair=tiny_smol_pair, cost=CostModel.unit(), **kw)
+    assert load_agent(r["path"]).kind == "ucb1"
+    assert [p["episode"] for p in r["curve"]] == [0, 1, 2] and all(p["measured_tps"] > 0 for p in r["curve"])
+    assert set(r["test"]) == {"ucb1", r["best_fixed"]} and r["test"]["ucb1"]["episodes"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "--live", "--set", "bogus=1"], "unknown key"),
+        (["compare", "--live", "--set", "learn_from=wall"], "learn_from must be one of"),
+        (["compare", "--live", "--set", "learners=ucb1,fixed"], "unknown live learner"),
+        (["compare", "--live", "--logs", "speckv-paper"], "not on --logs speckv-paper"),
+        (["train", "fixed", "--live"], "--live trains a learner"),
+        (["train", "ucb1", "--quick"], "--quick applies to --live"),
+    ],
+)
+def test_live_flags_refuse_bad_input_before_loading_models(tmp_path, capsys, args, message):
+    from speckv_env.app.cli import main
+
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err

@@ -77,6 +77,8 @@ class OnlineConfig:
     """passes over the train prompts in the online learning phase"""
     compression: str = "fp32"
     """target compression"""
+    exact: bool = True
+    """row-invariant forwards (SpecKV-v0's default: the tokens do not depend on the gammas)"""
     temperature: float = 0.0
     """0 = greedy; > 0 sampling (position-keyed, the same tokens for every policy)"""
     gammas: tuple[int, ...] = DEFAULT_GAMMAS
@@ -319,16 +321,16 @@ def select_live_prompts(cfg: OnlineConfig) -> dict[str, list[Any]]:
     return out
 
 
-def live_cost_model(cfg: OnlineConfig, logs: Any, cost_model: Any, pair: Any) -> tuple[CostModel, str]:
-    """The cost model that prices the live steps: ``cost_model`` (a CostModel or its file) if
-    given, else per ``cfg.cost_model``: "auto" = this host's cached calibration of this pair and
+def live_cost_model(cfg: OnlineConfig, logs: Any, cost: Any, pair: Any) -> tuple[CostModel, str]:
+    """The cost model that prices the live steps: ``cost`` (a CostModel) if given, else per
+    ``cfg.cost_model``: "auto" = this host's cached calibration of this pair and
     kernels if there is one, else the model saved beside the replay traces; "shipped"; "calibrate"
     (measure now, cached as ``SpecKV-v0`` does by default); or a path."""
     from speckv_env.calibrate import cached_calibration, cached_calibration_exists
 
-    if isinstance(cost_model, CostModel):
-        return cost_model, "given"
-    how = str(cost_model) if cost_model is not None else cfg.cost_model
+    if isinstance(cost, CostModel):
+        return cost, "given"
+    how = str(cost) if cost is not None else cfg.cost_model
     gmax = max(max(cfg.gammas), 8)
     if how == "calibrate" or (how == "auto" and cached_calibration_exists(pair, gmax)):
         return cached_calibration(pair, gamma_max=gmax), "calibration of this host (speckv_env.calibrate cache)"
@@ -341,7 +343,7 @@ def live_cost_model(cfg: OnlineConfig, logs: Any, cost_model: Any, pair: Any) ->
     return load_cost_models(folder)[cfg.compression], str(folder / f"cost-{cfg.compression}.json")
 
 
-def make_setup(cfg: OnlineConfig, pair: Any = None, cost_model: Any = None, logs: Any = None) -> LiveSetup:
+def make_setup(cfg: OnlineConfig, pair: Any = None, cost: Any = None, logs: Any = None) -> LiveSetup:
     """Load the pair (default: the embedded default pair on the CPU), pick the cost model and
     build one ``SpecKV-v0`` per prompt set (all over the same loaded pair)."""
     import gymnasium as gym
@@ -353,8 +355,8 @@ def make_setup(cfg: OnlineConfig, pair: Any = None, cost_model: Any = None, logs
     if pair is None:
         from speckv_env.pair import load_pair
 
-        pair = load_pair(None, None, compression=cfg.compression, device="cpu")
-    cm, src = live_cost_model(cfg, logs, cost_model, pair)
+        pair = load_pair(None, None, compression=cfg.compression, device="cpu", exact=cfg.exact)
+    cm, src = live_cost_model(cfg, logs, cost, pair)
     prompts = select_live_prompts(cfg)
     envs = {
         split: gym.make(
@@ -701,6 +703,14 @@ def evaluate_phases(
     return split
 
 
+def cost_model_kernels(cm: CostModel) -> str | None:
+    """The kernels a cost model was measured with, as its metadata records them (None: unknown)."""
+    meta = cm.meta or {}
+    if meta.get("kernels"):
+        return str(meta["kernels"])
+    return {True: "cpu-row-plans", False: "stock"}.get(meta.get("cpu_kernels"))  # older cost files
+
+
 def _describe_setup(setup: LiveSetup, cfg: OnlineConfig) -> dict[str, Any]:
     from .bench_engine import machine_info
 
@@ -713,7 +723,7 @@ def _describe_setup(setup: LiveSetup, cfg: OnlineConfig) -> dict[str, Any]:
         "exact": bool(pair.exact),
         "mode": "sample" if cfg.temperature > 0 else "greedy",
         "cost_model": {"source": setup.cost_source, **setup.cost_model.to_dict()},
-        "cost_model_kernels": (setup.cost_model.meta or {}).get("kernels"),
+        "cost_model_kernels": cost_model_kernels(setup.cost_model),
         "host": machine_info(),
         "prompts": {k: [f"{p.task}/{p.id}" for p in v] for k, v in setup.prompts.items()},
     }
@@ -751,7 +761,7 @@ def run_live_comparison(
     quick: bool = False,
     config: OnlineConfig | None = None,
     pair: Any = None,
-    cost_model: Any = None,
+    cost: CostModel | None = None,
     logs: Any = None,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -763,7 +773,7 @@ def run_live_comparison(
     t0, started = time.time(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    setup = make_setup(cfg, pair, cost_model, logs)
+    setup = make_setup(cfg, pair, cost, logs)
     learned = pretrain_on_replay(setup, cfg)
     torch.set_num_threads(cfg.threads)
     warm_up(setup, cfg)
@@ -805,7 +815,7 @@ def train_live_main(
     out: str | Path,
     quick: bool = False,
     pair: Any = None,
-    cost_model: Any = None,
+    cost: CostModel | None = None,
     logs: Any = None,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -819,7 +829,7 @@ def train_live_main(
     if agent not in LIVE_LEARNERS:
         raise ValueError(f"--live trains a learner: one of {', '.join(LIVE_LEARNERS)} (got {agent!r})")
     cfg = _config(None, quick, {**overrides, "learners": (agent,), "replay_twins": False})
-    setup = make_setup(cfg, pair, cost_model, logs)
+    setup = make_setup(cfg, pair, cost, logs)
     learned = pretrain_on_replay(setup, cfg)
     torch.set_num_threads(cfg.threads)
     warm_up(setup, cfg)

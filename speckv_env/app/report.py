@@ -469,6 +469,13 @@ def write_live_report(results: Mapping[str, Any], path: Path) -> Path:
         f"Every policy emitted the same tokens on every test prompt: {split.get('same_tokens')}.",
         "",
     ]
+    if s.get("cost_model_kernels") != s["kernels"]:
+        L += [
+            f"> **Note**: the cost model was measured with kernels `{s.get('cost_model_kernels')}`, the live pair "
+            f"runs `{s['kernels']}`: modelled tokens/s prices the steps as on those kernels, so measured / modelled "
+            "also shows the kernels' difference. The verdict is on measured tokens/s.",
+            "",
+        ]
     L += verdict_lines(results)
     L += ["## Held-out test prompts", "", *live_table(split["policies"]), ""]
     rows = subset_table(split["policies"], "task=")
