@@ -708,7 +708,8 @@ def cost_model_kernels(cm: CostModel) -> str | None:
     meta = cm.meta or {}
     if meta.get("kernels"):
         return str(meta["kernels"])
-    return {True: "cpu-row-plans", False: "stock"}.get(meta.get("cpu_kernels"))  # older cost files
+    old = meta.get("cpu_kernels")  # older cost files record only whether the row-count plans ran
+    return None if old is None else ("cpu-row-plans" if old else "stock")
 
 
 def _describe_setup(setup: LiveSetup, cfg: OnlineConfig) -> dict[str, Any]:
