@@ -1301,7 +1301,7 @@ def build_math() -> tuple[list[dict], list[dict]]:
     seen: set[str] = set()
 
     def draw(n: int, plain: bool) -> list[dict]:
-        out = []
+        out: list[dict] = []
         order = list(range(len(templates)))
         while len(out) < n:
             r.shuffle(order)
@@ -1486,7 +1486,8 @@ def _prose_paragraphs(raw: str) -> list[tuple[str, str]]:
     """(section title, paragraph) for plain prose paragraphs of an .rst source."""
     lines = raw.splitlines()
     paras: list[tuple[str, str]] = []
-    section, buf = "", []
+    section = ""
+    buf: list[str] = []
 
     def flush():
         if buf:
@@ -1592,7 +1593,9 @@ def build_summarization() -> tuple[list[dict], list[dict]]:
         by_unit: dict[str, list[dict]] = {}
         for p in passages:
             by_unit.setdefault(p["unit"], []).append(p)
-        suite, pool, used_units = [], [], set()
+        suite: list[dict] = []
+        pool: list[dict] = []
+        used_units = set()
         for u in units:  # suite: one passage per unit, from the first units in shuffled order
             if len(suite) >= n_suite:
                 break
@@ -1705,8 +1708,8 @@ def check(suites: dict[str, list[dict]], pool: list[dict]) -> None:
     pool_texts = [p["text"] for p in pool]
     assert len(pool_texts) == len(set(pool_texts)), "duplicate pool texts"
     assert not suite_texts & set(pool_texts), "suite and pool share a text"
-    suite_items = {_item(p["source"]) for recs in suites.values() for p in recs} - {None}
-    pool_items = {_item(p["source"]) for p in pool} - {None}
+    suite_items = {i for recs in suites.values() for p in recs if (i := _item(p["source"])) is not None}
+    pool_items = {i for p in pool if (i := _item(p["source"])) is not None}
     shared = suite_items & pool_items
     assert not shared, f"suite and pool share source items: {sorted(shared)[:5]}"
     for p in [q for recs in suites.values() for q in recs] + pool:

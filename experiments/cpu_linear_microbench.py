@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -24,6 +25,18 @@ SHAPES = {
     "down 576x1536": (576, 1536),
     "head 49152x576": (49152, 576),
 }
+
+Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def kernels(x: torch.Tensor, k: int) -> dict[str, Kernel]:
+    """The ways to compute ``x @ w.T`` for ``k`` rows ``x``, each called as ``fn(w, packed_w)``."""
+    return {
+        "lin": lambda w, p: F.linear(x, w),
+        "Wx": lambda w, p: w @ x.t(),
+        "pad": lambda w, p: w @ (x.repeat(2, 1) if k == 1 else x).t(),
+        "mkl": lambda w, p: torch.ops.mkl._mkl_linear(x, p, w, None, k),
+    }
 
 
 def main(threads: int) -> None:
@@ -37,14 +50,8 @@ def main(threads: int) -> None:
         for k in (1, 2, 4, 5, 8):
             x = torch.randn(k, i)
             packs = [torch.ops.mkl._mkl_reorder_linear_weight(w, k) for w in ws]
-            fns = {
-                "lin": lambda w, p, x=x: F.linear(x, w),
-                "Wx": lambda w, p, x=x: w @ x.t(),
-                "pad": lambda w, p, x=x, k=k: w @ (x.repeat(2, 1) if k == 1 else x).t(),
-                "mkl": lambda w, p, x=x, k=k: torch.ops.mkl._mkl_linear(x, p, w, None, k),
-            }
             row = []
-            for label, fn in fns.items():
+            for label, fn in kernels(x, k).items():
                 best = float("inf")
                 for _ in range(4):
                     flush.add_(1.0)

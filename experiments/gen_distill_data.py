@@ -34,6 +34,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,7 +75,7 @@ def plan_shards(rows: list[dict], tok, batch: int, sample_frac: float, seed: int
         items.append(
             {"id": str(r["id"]), "task": r.get("task", "?"), "mode": mode, "ids": ids, "split": r.get("split", "train")}
         )
-    shards = []
+    shards: list[dict[str, Any]] = []
     for mode in ("greedy", "sample"):
         sub = sorted([it for it in items if it["mode"] == mode], key=lambda it: len(it["ids"]))
         for i in range(0, len(sub), batch):

@@ -47,7 +47,7 @@ def figures(traces_dir: str, splits: list[str]) -> dict:
         cm = cms[comp]
         n_tok = sum(t.n for t in ts)
         fixed = {g: n_tok / sum(fixed_gamma_time(t, cm, g) for t in ts) for g in range(9)}
-        best = max(fixed, key=fixed.get)
+        best = max(fixed, key=lambda g: fixed[g])
         out[f"{comp}/{mode}/{task}"] = {
             "compression": comp,
             "mode": mode,

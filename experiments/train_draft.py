@@ -46,6 +46,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,9 @@ def choose_head(train: list[dict], k: int) -> tuple[torch.Tensor, Counter]:
 
 def make_batches(exs: list[dict], tokens_per_batch: int, max_batch: int, rng: random.Random | None) -> list[list[int]]:
     order = sorted(range(len(exs)), key=lambda i: len(exs[i]["prompt"]) + len(exs[i]["resp"]))
-    batches, cur, cur_max = [], [], 0
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
     for i in order:
         n = len(exs[i]["prompt"]) + len(exs[i]["resp"]) - 1
         m = max(cur_max, n)
@@ -408,23 +411,19 @@ def suite_prompts(task: str, split: str) -> list[dict]:
     try:
         from speckv_env.prompts import load_prompts
 
-        rows = load_prompts(task=task, split=split)
-        return [
-            r if isinstance(r, dict) else {"text": getattr(r, "text", str(r)), "id": getattr(r, "id", None)}
-            for r in rows
-        ]
+        return [{"text": r.text, "id": r.id} for r in load_prompts(task=task, split=split)]
     except ImportError:
         p = REPO / "speckv_env" / "data" / "prompts" / f"{task}.jsonl"
         if not p.exists():
             return []
-        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-        return [r for r in rows if r.get("split") == split]
+        records = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        return [r for r in records if r.get("split") == split]
 
 
 @torch.no_grad()
 def target_greedy(target, tok, texts: list[str], max_new: int, batch: int = 16) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, greedy response ids up to and including EOS) for each text, batched with left padding."""
-    res = []
+    res: list[tuple[list[int], list[int]]] = []
     enc_all = [
         tok(
             tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
@@ -433,7 +432,7 @@ def target_greedy(target, tok, texts: list[str], max_new: int, batch: int = 16) 
         for t in texts
     ]
     order = sorted(range(len(texts)), key=lambda i: len(enc_all[i]))
-    out = [None] * len(texts)
+    out: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
     for s in range(0, len(order), batch):
         idx = order[s : s + batch]
         L = max(len(enc_all[i]) for i in idx)
@@ -455,7 +454,9 @@ def target_greedy(target, tok, texts: list[str], max_new: int, batch: int = 16) 
             if tok.eos_token_id in r:
                 r = r[: r.index(tok.eos_token_id) + 1]
             out[i] = (enc_all[i], r)
-    res.extend(out)
+    for o in out:
+        assert o is not None  # every text was in one batch
+        res.append(o)
     return res
 
 
@@ -497,7 +498,7 @@ def evaluate(
     tok = load_tokenizer(None)
     target = load_model(None, device="cpu").eval()
     draft = load_draft(draft_dir, device="cpu")
-    res = {"draft": str(draft_dir), "max_new": max_new, "splits": {}}
+    res: dict[str, Any] = {"draft": str(draft_dir), "max_new": max_new, "splits": {}}
     for split in splits:
         per = {}
         for task in TASKS:

@@ -69,7 +69,7 @@ def step(L_t: int, a_t: bool | None, gamma: int, limit: int) -> tuple[int, int, 
 
 
 def step_arrays(
-    L_t: np.ndarray, a_t: np.ndarray, gamma: np.ndarray, limit: np.ndarray
+    L_t: np.ndarray, a_t: np.ndarray, gamma: np.ndarray | int, limit: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Many steps at once (vectorised form of :func:`step`, broadcasting): ``(g_eff, k, ones, rejected)``.
 

@@ -154,7 +154,8 @@ def _run_main(argv: list[str]) -> int:
     try:
         return cli.main(argv)
     except SystemExit as e:  # argparse's usage errors
-        return int(e.code)
+        assert isinstance(e.code, int), f"exit code {e.code!r} is not a number"
+        return e.code
 
 
 def _assert_one_error_line(stderr: str, cmd: str, fragment: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import TypeGuard
 
 import pytest
 
@@ -21,7 +22,7 @@ MAX_LINES = 80
 PENDING: set[tuple[str, str]] = set()
 
 
-def _is_table(node: ast.AST) -> bool:
+def _is_table(node: ast.AST) -> TypeGuard[ast.expr]:
     if not isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)):
         return False
     try:

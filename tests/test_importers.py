@@ -14,6 +14,7 @@ import speckv_env  # noqa: F401
 from replay.env import SpecKVReplayEnv
 from replay.importers import (
     PAPER_DIR,
+    StepLogBackend,
     UndeterminedOutcomeError,
     fit_cost_model,
     import_speckv_paper,
@@ -47,11 +48,13 @@ def test_import_shape_and_censoring(paper) -> None:
 def test_replay_at_recorded_gamma_reproduces_csv(paper) -> None:
     steps, _ = paper
     env = SpecKVReplayEnv(source="speckv-paper")
+    backend = env.backend
+    assert isinstance(backend, StepLogBackend)
     raw = pd.read_csv(PAPER_DIR / "phase2_step_results.csv")
     got: list[int] = []
-    for ep in range(env.backend.num_episodes()):
+    for ep in range(backend.num_episodes()):
         env.reset(seed=0, options={"episode": ep})
-        run = env.backend.run
+        run = backend.run
         for i, g in enumerate(run["gamma"]):
             _, _, term, trunc, info = env.step(env.gammas.index(g))
             assert info["accepted"] == info["recorded_accepted"] and not info["undetermined"]
@@ -62,10 +65,12 @@ def test_replay_at_recorded_gamma_reproduces_csv(paper) -> None:
 
 def test_counterfactual_gammas_only_where_determined(paper) -> None:
     env = SpecKVReplayEnv(source="speckv-paper")
+    backend = env.backend
+    assert isinstance(backend, StepLogBackend)
     n_checked = {"uncensored": 0, "censored": 0}
-    for ep in range(0, env.backend.num_episodes(), 7):
+    for ep in range(0, backend.num_episodes(), 7):
         env.reset(seed=0, options={"episode": ep})
-        run = env.backend.run
+        run = backend.run
         for i in range(len(run["gamma"])):
             d, k, pos = run["drafted"][i], run["accepted"][i], run["position"][i]
             if k < d:  # every gamma is answered
@@ -90,6 +95,7 @@ def test_counterfactual_gammas_only_where_determined(paper) -> None:
 def test_on_undetermined_clip_and_skip(policy: str) -> None:
     env = SpecKVReplayEnv(source="speckv-paper", on_undetermined=policy, compression="fp16")
     env.reset(seed=0, options={"episode": 0})  # a gamma = 2 run
+    assert isinstance(env.backend, StepLogBackend)
     run = env.backend.run
     i = next(j for j, (d, k) in enumerate(zip(run["drafted"], run["accepted"])) if k == d)
     for _ in range(i):
@@ -110,6 +116,7 @@ def test_post_draft_features_only_on_request() -> None:
     leaky = SpecKVReplayEnv(source="speckv-paper", paper_features=True)
     o1, _ = plain.reset(seed=0, options={"episode": 3})
     o2, _ = leaky.reset(seed=0, options={"episode": 3})
+    assert isinstance(plain.backend, StepLogBackend)
     run = plain.backend.run
     assert o1[:3].tolist() == [0.0, 0.0, 0.0]  # nothing is known before the first step
     assert o2[0] == np.float32(run["conf"][0])  # the current step's post-draft confidence
@@ -145,8 +152,10 @@ def test_write_read_step_log_and_env_from_logs(paper, tmp_path: Path) -> None:
     assert len(back) == len(sub) and (back["accepted"].to_numpy() == sub["accepted"].to_numpy()).all()
     env = gym.make("SpecKVReplay-v0", logs=tmp_path, split="train")
     env.reset(seed=0)
-    assert env.unwrapped.backend.num_episodes() == 3 * 4 * 3  # compressions x gammas x train prompts
-    assert isinstance(env.unwrapped.cost_model, CostModel)
+    u = env.unwrapped
+    assert isinstance(u, SpecKVReplayEnv)
+    assert u.backend.num_episodes() == 3 * 4 * 3  # compressions x gammas x train prompts
+    assert isinstance(u.cost_model, CostModel)
 
 
 def test_malformed_paper_files(tmp_path: Path) -> None:

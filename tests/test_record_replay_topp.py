@@ -14,7 +14,9 @@ from conftest import requires_default
 from tiny_models import make_tiny_pair
 
 import speckv_env  # noqa: F401
+from speckv_env.base_env import SpecKVBaseEnv
 from speckv_env.core import CostModel
+from speckv_env.env import LiveBackend
 
 pytestmark = requires_default
 
@@ -49,7 +51,9 @@ def test_record_then_replay_with_top_p(tiny_smol_pair, top_p: float) -> None:
         temperature=temperature,
         top_p=top_p,
     )
-    prompts = env.unwrapped.backend.prompts
+    u = env.unwrapped
+    assert isinstance(u, SpecKVBaseEnv) and isinstance(u.backend, LiveBackend)
+    prompts = u.backend.prompts
     eng = SpeculativeEngine(
         pair.target, pair.draft, temperature=temperature, top_p=top_p, eos_token_id=pair.eos_token_id
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from replay.backend import TraceBackend
 from replay.costs import CostModelConflictError, CostModelSet, load_cost_models
 from replay.env import SpecKVReplayEnv
 from replay.trace import synthetic_dataset, write_traces
@@ -41,9 +42,9 @@ def test_two_folders_each_trace_priced_by_its_own_machine(tmp_path: Path) -> Non
     cpu, gpu = _cm("cpu", 0.1), _cm("cuda", 0.01)
     a = _folder(tmp_path, "a", _traces("cpu"), [cpu])
     b = _folder(tmp_path, "b", _traces("cuda", seed=1), [gpu])  # the same file name, cost-fp32.json
-    for env in (SpecKVReplayEnv(logs=[a, b]), SpecKVReplayVectorEnv(2, logs=[a, b])):
-        traces = env.backend.traces if hasattr(env, "backend") else env.traces
-        cms = env.backend.cost_models if hasattr(env, "backend") else env._cms
+    single, vector = SpecKVReplayEnv(logs=[a, b]), SpecKVReplayVectorEnv(2, logs=[a, b])
+    assert isinstance(single.backend, TraceBackend)
+    for traces, cms in ((single.backend.traces, single.backend.cost_models), (vector.traces, vector._cms)):
         assert [cm.device for cm in cms] == [t.device for t in traces] and {cm.t_draft for cm in cms} == {0.1, 0.01}
 
 
@@ -74,7 +75,8 @@ def test_draft_fingerprint_is_matched_when_both_sides_record_it(tmp_path: Path) 
     e = _folder(tmp_path, "b", _traces("cpu", fp="aaaa", seed=1), [_cm("cpu", 0.1)])  # the model records none
     assert SpecKVReplayEnv(logs=e).cost_model.t_draft == 0.1
     f = _folder(tmp_path, "c", _traces("cpu", fp="aaaa", seed=2), [_cm("cpu", 0.1, fp="aaaa"), _cm("cpu", 0.2, "bbbb")])
-    assert {cm.t_draft for cm in SpecKVReplayEnv(logs=f).backend.cost_models} == {0.1}
+    backend = SpecKVReplayEnv(logs=f).backend
+    assert isinstance(backend, TraceBackend) and {cm.t_draft for cm in backend.cost_models} == {0.1}
 
 
 def test_explicit_models_win_and_mismatches_need_the_flag(tmp_path: Path) -> None:
@@ -101,9 +103,11 @@ def test_explicit_models_win_and_mismatches_need_the_flag(tmp_path: Path) -> Non
 def test_shipped_traces_and_cost_models_match() -> None:
     env = SpecKVReplayEnv()
     b = env.backend
+    assert isinstance(b, TraceBackend)
     for t, cm in zip(b.traces, b.cost_models):
         assert (cm.pair, cm.compression, cm.device) == (t.pair, t.compression, t.device)
         assert cm.meta["draft_fingerprint"] == t.meta["draft_fingerprint"]
     assert len({id(cm) for cm in b.cost_models}) == 3
     assert {t.split for t in b.traces} == {"train", "validation", "test"}
-    assert len(SpecKVReplayEnv(split="val", compression="int8", mode="greedy").backend.traces) == 32
+    val = SpecKVReplayEnv(split="val", compression="int8", mode="greedy").backend
+    assert isinstance(val, TraceBackend) and len(val.traces) == 32

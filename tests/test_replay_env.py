@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import speckv_env  # noqa: F401  (registers the environments)
+from replay.backend import TraceBackend
 from replay.env import SpecKVReplayEnv
 from replay.trace import synthetic_dataset, synthetic_trace
 from speckv_env.base_env import SpecKVBaseEnv
@@ -105,7 +106,8 @@ def test_seeded_determinism_through_make() -> None:
 
 def test_gammas_and_filters() -> None:
     env = SpecKVReplayEnv(traces=_dataset(), cost_models=_cms(), gammas=(0, 2, 4), compression="int8")
-    assert env.action_space.n == 3
+    assert isinstance(env.action_space, gym.spaces.Discrete) and env.action_space.n == 3
+    assert isinstance(env.backend, TraceBackend)
     assert all(t.compression == "int8" for t in env.backend.traces)
     _, info = env.reset(seed=0)
     _, _, _, _, info = env.step(2)
@@ -129,7 +131,9 @@ def test_logs_folder_with_cost_models(tmp_path) -> None:
             w.save_cost_model(cm)
     env = gym.make("SpecKVReplay-v0", logs=tmp_path, split="train")
     env.reset(seed=0)
-    assert all(t.split == "train" for t in env.unwrapped.backend.traces)
+    u = env.unwrapped
+    assert isinstance(u, SpecKVReplayEnv) and isinstance(u.backend, TraceBackend)
+    assert all(t.split == "train" for t in u.backend.traces)
 
 
 def test_default_logs_error_when_none_shipped(monkeypatch, tmp_path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from replay.env import SpecKVReplayEnv
-from replay.importers import read_step_log
+from replay.importers import StepLogBackend, read_step_log
 from replay.recorder import RecordSteps
 from replay.trace import Trace, synthetic_dataset
 from speckv_env.core import CostModel
@@ -21,7 +21,7 @@ from speckv_env.core import CostModel
 CM = CostModel(t_draft=0.1, t_verify=[1.0 + 0.05 * g for g in range(9)], t_target=1.0, pair="p", device="cpu")
 
 
-def _trace(accept: list[bool], finish: str, mnt: int | None = None, tid: str = "t") -> Trace:
+def _trace(accept: list[bool], finish: str, mnt: int = 0, tid: str = "t") -> Trace:
     n = len(accept)
     return Trace(
         trace_id=tid,
@@ -58,12 +58,14 @@ def _record(traces: list[Trace], folder: Path, actions: list[list[int]]) -> list
 
 def _replay(folder: Path, actions: list[list[int]], **kw) -> list[list[tuple]]:
     env = SpecKVReplayEnv(logs=folder, **kw)
-    assert env.backend.num_episodes() == len(actions)
+    backend = env.backend
+    assert isinstance(backend, StepLogBackend)
+    assert backend.num_episodes() == len(actions)
     out = []
     for ep, acts in enumerate(actions):
         env.reset(seed=0, options={"episode": ep})
         steps = []
-        for a in acts[: len(env.backend.run["gamma"])]:
+        for a in acts[: len(backend.run["gamma"])]:
             _, r, te, tr, info = env.step(a)
             steps.append((info["gamma"], info["accepted"], r, info["modelled_time"], te, tr))
         out.append(steps)

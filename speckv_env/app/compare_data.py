@@ -91,7 +91,7 @@ class CompareConfig:
     @classmethod
     def quick(cls, **kw: Any) -> CompareConfig:
         """Few seeds and steps, fewer bandits: seconds, for demos and tests."""
-        base = {
+        base: dict[str, Any] = {
             "seeds": 2,
             "bandit_steps": 1500,
             "mlp_rollout_steps": 1500,

@@ -9,6 +9,7 @@ clairvoyant oracle is a dynamic programme per trace (:func:`oracle_result`).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,28 +157,25 @@ def train_learner(
     """Train learner ``name`` (speckv_mlp, ppo or a bandit) on episodes ``idx``, budgets from ``cfg``."""
     from agents.training import train_agent
 
-    trs = [data.traces[i] for i in idx]
-    common = {
-        "traces": trs,
-        "seed": seed,
-        "tb_log_dir": tb,
-        "progress": False,
-        "env_kwargs": data.env_kwargs(),
-        "run_name": run,
-    }
+    train = functools.partial(
+        train_agent,
+        traces=[data.traces[i] for i in idx],
+        seed=seed,
+        tb_log_dir=tb,
+        progress=False,
+        env_kwargs=data.env_kwargs(),
+        run_name=run,
+    )
     if name == "speckv_mlp":
-        return train_agent(
+        return train(
             "speckv_mlp",
             steps=cfg.mlp_rollout_steps,
             agent_kwargs={"rule": "time"},
             fit_kwargs={"epochs": cfg.mlp_epochs, "batch_size": cfg.mlp_batch_size},
-            **common,
         )
     if name == "ppo":
-        return train_agent(
-            "ppo", steps=cfg.ppo_steps, n_envs=cfg.ppo_n_envs, agent_kwargs=dict(cfg.ppo_kwargs), **common
-        )
-    return train_agent(name, steps=cfg.bandit_steps, **common)
+        return train("ppo", steps=cfg.ppo_steps, n_envs=cfg.ppo_n_envs, agent_kwargs=dict(cfg.ppo_kwargs))
+    return train(name, steps=cfg.bandit_steps)
 
 
 def checkpoints(name: str, cfg: CompareConfig) -> list[int]:
@@ -218,7 +216,8 @@ def train_with_curve(
     if name == "ppo":
         common.update(n_envs=cfg.ppo_n_envs)
     agent: Any = name
-    done, log, curve = 0, [], []
+    done, log = 0, []
+    curve: list[dict[str, Any]] = []
     T_o, T_f = refs
     n_tok = data.N[held_out].sum()
     tps_o, tps_f = n_tok / T_o.sum(), n_tok / T_f.sum()

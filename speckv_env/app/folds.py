@@ -164,17 +164,33 @@ def paper_best_fixed(
     te_ids = fixed_te[gammas[0]].idx
 
     def best(sel: np.ndarray) -> int:
-        return int(max(gammas, key=lambda g: (fixed_tr[g].tokens[0][sel].sum() / fixed_tr[g].time[0][sel].sum(), -g)))
+        def key(g: int) -> tuple[float, int]:
+            tokens = fixed_tr[g].tokens
+            assert tokens is not None, "step-log results carry emitted tokens"
+            return tokens[0][sel].sum() / fixed_tr[g].time[0][sel].sum(), -g
+
+        return int(max(gammas, key=key))
 
     choice: dict[str, int] = {"*": best(np.ones(tr_ids.size, dtype=bool))}
     for c in sorted(set(compression[tr_ids])):
         choice[c] = best(compression[tr_ids] == c)
     rows = [fixed_te[choice.get(c, choice["*"])] for c in compression[te_ids]]
+    clipped, tokens = [], []
+    for r in rows:
+        assert r.clipped is not None and r.tokens is not None, "step-log results carry clipped steps and tokens"
+        clipped.append(r.clipped)
+        tokens.append(r.tokens)
+
+    def per_row(arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return np.array([[a[0, j] for j, a in enumerate(arrays)]])
+
     bf = EvalResult(
         te_ids,
-        *(np.array([[getattr(r, k)[0, j] for j, r in enumerate(rows)]]) for k in ("time", "steps", "gsum")),
+        per_row([r.time for r in rows]),
+        per_row([r.steps for r in rows]),
+        per_row([r.gsum for r in rows]),
         np.array([r.hist[j] for j, r in enumerate(rows)]),
-        np.array([[r.clipped[0, j] for j, r in enumerate(rows)]]),
-        np.array([[r.tokens[0, j] for j, r in enumerate(rows)]]),
+        per_row(clipped),
+        per_row(tokens),
     )
     return choice, bf

@@ -150,6 +150,7 @@ def paper_metrics(
     subsets = _subsets(meta["task"][idx], meta["compression"][idx])
     rng = np.random.default_rng(cfg.boot_seed)
     tt = t_target[idx]
+    assert ref.tokens is not None, "step-log results carry emitted tokens"
     F_T, F_N, F_S = ref.time.mean(0), ref.tokens.mean(0), ref.steps.mean(0)
     out: dict[str, Any] = {n: {"subsets": {}} for n in pooled}
     prompts = np.array([f"{t}/{q}" for t, q in zip(meta["task"][idx], meta["prompt_id"][idx])])
@@ -157,6 +158,7 @@ def paper_metrics(
         W = stats.cluster_weights(prompts[mask], cfg.n_boot, rng)
         for name, r in pooled.items():
             r = align(r, idx) if not np.array_equal(r.idx, idx) else r
+            assert r.tokens is not None and r.clipped is not None, "step-log results carry tokens and clipped steps"
             T, N, S = r.time.mean(0)[mask], r.tokens.mean(0)[mask], r.steps.mean(0)[mask]
             m: dict[str, Any] = {
                 "tokens_per_s": stats.ratio_ci(N, T, W, cfg.level),

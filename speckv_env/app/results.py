@@ -29,12 +29,15 @@ class EvalResult:
 def stack_seeds(results: Sequence[EvalResult]) -> EvalResult:
     """Seeds of one policy on the same episodes -> one EvalResult with a seed axis."""
     r0 = results[0]
+    hist = r0.hist.copy()
+    for r in results[1:]:
+        hist = hist + r.hist
     return EvalResult(
         r0.idx,
         np.concatenate([r.time for r in results]),
         np.concatenate([r.steps for r in results]),
         np.concatenate([r.gsum for r in results]),
-        sum(r.hist for r in results),
+        hist,
         None if r0.clipped is None else np.concatenate([r.clipped for r in results]),
         None if r0.tokens is None else np.concatenate([r.tokens for r in results]),
     )
