@@ -363,11 +363,16 @@ def _resources(ray: Any, device: str, workers: int | None, gpus: float | None, t
     """Per actor: GPUs (``gpus``, default 1 where the cluster has GPUs and ``device`` allows) and
     CPU threads (default 1); how many actors (default: as many as the cluster holds)."""
     total = ray.cluster_resources()
-    n_gpu = float(total.get("GPU", 0.0)) if device != "cpu" else 0.0
-    gpus = (1.0 if n_gpu > 0 else 0.0) if gpus is None else float(gpus)
+    n_cpu, n_gpu = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
+    gpus = (1.0 if n_gpu > 0 and device != "cpu" else 0.0) if gpus is None else float(gpus)
     threads = threads or 1
+    # a worker that no node can hold would wait for ever: refuse it
+    if gpus > n_gpu or (gpus > 0 and device == "cpu"):
+        raise ValueError(f"--ray-gpus {gpus:g} with --device {device}: the Ray cluster has {n_gpu:g} GPUs")
+    if threads > n_cpu:
+        raise ValueError(f"--threads {threads}: each Ray worker reserves as many CPUs; the cluster has {n_cpu:g}")
     if workers is None:
-        workers = int(n_gpu // gpus) if gpus > 0 else int(float(total.get("CPU", 1.0)) // threads)
+        workers = int(n_gpu // gpus) if gpus > 0 else int(n_cpu // threads)
     return {"gpus": gpus, "threads": threads, "workers": max(1, workers)}
 
 
