@@ -56,6 +56,7 @@ def test_constant_gamma_is_applied_and_outputs_agree(agreeing_pair):
     for g in (1, 2, 3):
         assert r["hf_assisted_observed_gamma"][f"constant-{g}"] == pytest.approx(g), r["hf_assisted_observed_gamma"]
         assert r["hf_assisted_candidates_per_round"][f"constant-{g}"] == pytest.approx(g)
+        assert r["hf_assisted_observed_gamma_unclipped"][f"constant-{g}"] == pytest.approx(g)
     assert set(r["hf_assisted_tps"]) == {"constant-1", "constant-2", "constant-3", "default", "prompt_lookup-10"}
     # HF's default as shipped: up to 20 tokens, drafting stops below confidence 0.4 (a random tiny
     # model is never that confident: one token per round)
@@ -72,6 +73,19 @@ def test_constant_gamma_is_applied_and_outputs_agree(agreeing_pair):
         assert key in r
     assert set(r["validation_prompts"]).isdisjoint(r["prompts"])
     assert "held-out gamma" in be.format_engine_table(r)
+
+
+@requires_default
+def test_rounds_clipped_by_the_budget_are_told_apart(agreeing_pair):
+    """11 tokens at constant 3: rounds of 4 tokens, the last round asks for 2 (11 - 8 - 1)."""
+    shipped = copy.deepcopy(agreeing_pair.draft.generation_config)
+    m = be._hf_method(agreeing_pair, "constant-3", 11, shipped)
+    out = m.run(agreeing_pair.encode_chat("Count to ten."))
+    assert len(out) == 11
+    assert m.rounds == [(3, 3), (3, 3), (2, 2)]
+    c = be._hf_counts([m])
+    assert c["unclipped"]["constant-3"] == 3 and c["observed"]["constant-3"] == pytest.approx(8 / 3)
+    assert agreeing_pair.draft.generation_config.num_assistant_tokens == shipped.num_assistant_tokens
 
 
 @requires_default
@@ -110,6 +124,7 @@ def test_heldout_gamma_ignores_the_test_prompts(agreeing_pair, monkeypatch):
     assert perturbed["engine_heldout_tps"] < max(perturbed["engine_tps"].values())
 
 
+@requires_default
 def test_validation_and_test_prompts_must_differ(agreeing_pair):
     p = _prompts("test", 1)
     with pytest.raises(ValueError, match="validation prompts"):

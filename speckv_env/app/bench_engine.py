@@ -12,7 +12,8 @@ Measured in one process, greedy, on the same loaded models:
   ``constant``, threshold 0 (no early stop); ``default`` = the draft's configuration as shipped
   (transformers' defaults: 20 tokens, constant schedule, confidence threshold 0.4). The draft's
   and the target's forward calls are counted per round, so ``hf_assisted_observed_gamma`` says
-  how many tokens HF really drafted per round;
+  how many tokens HF really drafted per round (over all rounds; ``..._unclipped`` over the
+  rounds not cut short by the end of the token budget);
 - HF prompt-lookup decoding (``prompt_lookup_num_tokens``): ``prompt_lookup-n``;
 - this engine at each fixed gamma; with a second, ``exact=False`` pair also the fast engine
   (and a lean target loop on its kernels);
@@ -102,11 +103,14 @@ def _sync(dev: torch.device) -> None:
 
 class CallCounter:
     """Counts a model's forward calls and their input lengths (the instance's ``forward`` is
-    wrapped; ``functools.wraps`` keeps its signature, which transformers inspects)."""
+    wrapped; ``functools.wraps`` keeps its signature, which transformers inspects). With
+    ``rounds``, its ``generate`` is wrapped too: per call (one round of HF's assisted
+    generation) the ``max_new_tokens`` HF asked the draft for and the forwards it ran."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, rounds: bool = False) -> None:
         self.model = model
         self.lengths: list[int] = []
+        self.rounds: list[tuple[int, int]] | None = [] if rounds else None
 
     def __enter__(self) -> CallCounter:
         orig = self.model.forward
@@ -118,10 +122,24 @@ class CallCounter:
             return orig(*args, **kwargs)
 
         self.model.forward = counted
+        if self.rounds is not None:
+            gen = self.model.generate
+
+            @functools.wraps(gen)
+            def generate(*args, **kwargs):
+                n0 = len(self.lengths)
+                out = gen(*args, **kwargs)
+                assert self.rounds is not None
+                self.rounds.append((int(kwargs.get("max_new_tokens") or 0), len(self.lengths) - n0))
+                return out
+
+            self.model.generate = generate
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.model.forward  # the class's forward again
+        del self.model.forward  # the class's methods again
+        if self.rounds is not None:
+            del self.model.generate
 
 
 def _hf_generate(model, ids: list[int], max_new_tokens: int, eos: list[int], **kw) -> list[int]:
@@ -188,6 +206,8 @@ class Method:
     group: str = "main"
     #: per call: (draft forward calls, target forward calls, drafted candidates) for HF assisted
     counts: list[tuple[int, int, int]] = field(default_factory=list)
+    #: per round of HF assisted generation: (tokens HF asked the draft for, draft forwards run)
+    rounds: list[tuple[int, int]] = field(default_factory=list)
     steps: list[tuple[int, int]] = field(default_factory=list)  # engine: (gamma, accepted) per step
 
 
@@ -212,9 +232,10 @@ def _hf_method(pair, label: str, max_new_tokens: int, shipped) -> Method:
         else:
             pair.draft.generation_config = _assisted_config(pair.draft, label, shipped)
             kw = {"assistant_model": pair.draft}
-        with CallCounter(pair.draft) as dc, CallCounter(pair.target) as tc:
+        with CallCounter(pair.draft, rounds=True) as dc, CallCounter(pair.target) as tc:
             out = _hf_generate(pair.target, ids, max_new_tokens, eos, **kw)
         pair.draft.generation_config = copy.deepcopy(shipped)
+        m.rounds.extend(dc.rounds or [])
         # candidates per round, from the target's inputs: the first call holds the prompt
         cand = sum(n - (len(ids) if i == 0 else 1) for i, n in enumerate(tc.lengths))
         m.counts.append((len(dc.lengths), len(tc.lengths), cand))
@@ -369,20 +390,24 @@ def _engine_stats(methods: Sequence[Method], prefix: str) -> tuple[dict[str, Any
     return acc, tps_step
 
 
-def _hf_counts(methods: Sequence[Method]) -> tuple[dict[str, float | None], dict[str, float | None]]:
-    """Per HF label: draft forward calls per round (None for prompt lookup, which has no draft)
-    and drafted candidates per round."""
-    observed: dict[str, float | None] = {}
-    cands: dict[str, float | None] = {}
+def _hf_counts(methods: Sequence[Method]) -> dict[str, dict[str, float | None]]:
+    """Per HF label: ``observed`` draft forward calls per round over all rounds (for prompt
+    lookup, which has no draft, the candidates per round), ``candidates`` drafted tokens per
+    round (from the target's inputs), and ``unclipped`` draft forwards per round over the
+    rounds where HF asked the draft for its full number of tokens (near the end of the budget
+    HF asks for fewer: ``min(num_assistant_tokens, max_length - length - 1)``)."""
+    out: dict[str, dict[str, float | None]] = {"observed": {}, "candidates": {}, "unclipped": {}}
     for m in methods:
         if m.name.startswith("hf:") and m.counts:
             label = m.name[3:]
             d, t, c = (sum(x[i] for x in m.counts) for i in range(3))
-            observed[label] = (
-                (d / t if t else None) if not label.startswith("prompt_lookup-") else (c / t if t else None)
-            )
-            cands[label] = c / t if t else None
-    return observed, cands
+            lookup = label.startswith("prompt_lookup-")
+            out["observed"][label] = (c if lookup else d) / t if t else None
+            out["candidates"][label] = c / t if t else None
+            full = max((req for req, _ in m.rounds), default=0)
+            drafted = [n for req, n in m.rounds if req == full]
+            out["unclipped"][label] = statistics.mean(drafted) if drafted else None
+    return out
 
 
 def _mismatches(tm: Timings, names: Sequence[str], reference: str) -> list[str]:
@@ -456,13 +481,14 @@ def _results(pair, fast_pair, methods: Sequence[Method], test: Timings, val: Tim
     """The JSON document from the test and validation timings."""
     names = [m.name for m in methods]
     hf = {n[3:]: summarize(test, n)["median"] for n in names if n.startswith("hf:")}
-    observed, cands = _hf_counts(methods)
+    counts = _hf_counts(methods)
     r: dict[str, Any] = {
         "hf_target_tps": summarize(test, "hf_target")["median"],
         "lean_target_tps": summarize(test, "lean_target")["median"],
         "hf_assisted_tps": hf,
-        "hf_assisted_observed_gamma": observed,
-        "hf_assisted_candidates_per_round": cands,
+        "hf_assisted_observed_gamma": counts["observed"],
+        "hf_assisted_observed_gamma_unclipped": counts["unclipped"],
+        "hf_assisted_candidates_per_round": counts["candidates"],
         "engine_tps": _tps(test, "engine"),
         "engine_validation_tps": _tps(val, "engine"),
     }
@@ -585,7 +611,9 @@ def format_engine_table(r: dict[str, Any]) -> str:
         lines.append(_row("  same, stock CPU kernels", r["hf_target_stock_tps"], sp.get("hf_target_stock")))
     for label, v in r["hf_assisted_tps"].items():
         og = r["hf_assisted_observed_gamma"].get(label)
-        lines.append(_row(f"HF {label}", v, sp.get(f"hf:{label}"), "" if og is None else f"observed gamma {og:.2f}"))
+        ou = r.get("hf_assisted_observed_gamma_unclipped", {}).get(label)
+        note = "" if og is None else f"observed gamma {og:.2f}" + ("" if ou is None else f" ({ou:.2f} unclipped)")
+        lines.append(_row(f"HF {label}", v, sp.get(f"hf:{label}"), note))
     for g, v in r["engine_tps"].items():
         a = r["acceptance"].get(g)
         note = f"tok/step {r['engine_tokens_per_step'][g]:.2f}" + ("" if a is None else f", accept {a:.3f}")
