@@ -150,3 +150,26 @@ def test_live_check_on_a_tiny_pair(tmp_path, monkeypatch):
     text = lc.format_live_check(r)
     assert "ABBA" in text and "measured - predicted" in text and "tokens not compared" not in text
     assert isinstance(lc.disagreements(r), list)
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_demo_live_part_predicts_under_the_host_cost_models(tmp_path, monkeypatch, quick):
+    from speckv_env.app import demo
+
+    seen: dict = {}
+    monkeypatch.setattr(
+        demo, "_calibrate_host", lambda progress: ({"fp32": "PAIR"}, {"fp32": "HOST-CM"}, {"nf4": "no bnb"})
+    )
+
+    def fake_live_check(traces, **kw):
+        seen.update(kw)
+        return {"compressions": {}, "skipped": {}, "prompts_per_task": kw["prompts_per_task"]}
+
+    monkeypatch.setattr(lc, "live_check", fake_live_check)
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
+    s = demo._live_part(tmp_path, tmp_path, report, None, quick, False)
+    assert seen["cost_models"] == {"fp32": "HOST-CM"} and seen["pairs"] == {"fp32": "PAIR"}
+    assert seen["compressions"] == ["fp32"] and seen["prompts_per_task"] == (1 if quick else 4)
+    assert ("quick demo: 4 held-out prompts" in s["live_text"]) == quick
+    assert "nf4 skipped: no bnb" in s["live_text"] and "## Live check" in report.read_text()
