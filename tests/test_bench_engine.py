@@ -167,6 +167,18 @@ def test_call_counter_keeps_the_signature_transformers_inspects():
     assert "forward" not in vars(m)  # the wrapper is gone
 
 
+def test_the_drafts_hidden_logits_to_keep_is_named_for_hf():
+    from tiny_models import make_tiny_lookup_draft
+
+    draft = make_tiny_lookup_draft(make_tiny_llama(vocab=64, hidden=32))
+    assert not draft._supports_logits_to_keep()  # the shipped draft's forward(*args, **kwargs)
+    with be.CallCounter(draft):
+        assert draft._supports_logits_to_keep()
+        out = draft(input_ids=torch.tensor([[1, 2, 3, 4]]), logits_to_keep=1)
+        assert out.logits.shape[1] == 1  # and it honours it
+    assert not draft._supports_logits_to_keep()
+
+
 def test_lean_loop_is_the_greedy_target():
     m = make_tiny_llama(vocab=64, hidden=32, eos=-1)
     ids = [1, 5, 9]

@@ -15,6 +15,8 @@ Measured in one process, greedy, on the same loaded models:
   how many tokens HF really drafted per round (over all rounds; ``..._unclipped`` over the
   rounds not cut short by the end of the token budget);
 - HF prompt-lookup decoding (``prompt_lookup_num_tokens``): ``prompt_lookup-n``;
+- for HF, the draft's ``forward`` names ``logits_to_keep`` (the shipped draft accepts it but its
+  signature hides it, and transformers would then compute every prompt position's logits);
 - this engine at each fixed gamma; with a second, ``exact=False`` pair also the fast engine
   (and a lean target loop on its kernels);
 - ``hf_target_stock``: target-only ``generate`` with PyTorch's stock kernels, what a user of
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import json
 import platform
 import random
@@ -103,7 +106,8 @@ def _sync(dev: torch.device) -> None:
 
 class CallCounter:
     """Counts a model's forward calls and their input lengths (the instance's ``forward`` is
-    wrapped; ``functools.wraps`` keeps its signature, which transformers inspects). With
+    wrapped; ``functools.wraps`` keeps its signature, which transformers inspects, and
+    :func:`advertised_signature` names ``logits_to_keep`` where the forward hides it). With
     ``rounds``, its ``generate`` is wrapped too: per call (one round of HF's assisted
     generation) the ``max_new_tokens`` HF asked the draft for and the forwards it ran."""
 
@@ -121,6 +125,9 @@ class CallCounter:
             self.lengths.append(int(ids.shape[-1]) if ids is not None else 0)
             return orig(*args, **kwargs)
 
+        sig = advertised_signature(orig)
+        if sig is not None:
+            counted.__signature__ = sig  # type: ignore[attr-defined]
         self.model.forward = counted
         if self.rounds is not None:
             gen = self.model.generate
@@ -140,6 +147,20 @@ class CallCounter:
         del self.model.forward  # the class's methods again
         if self.rounds is not None:
             del self.model.generate
+
+
+def advertised_signature(forward) -> inspect.Signature | None:
+    """For a ``forward(*args, **kwargs)`` that passes ``logits_to_keep`` on (the shipped draft's)
+    but does not name it: its signature with ``logits_to_keep`` named, else None. Transformers
+    asks only for the logits it needs (the last position) when the signature names it; without
+    it HF's draft would compute full-vocabulary logits (and the draft's context lookup) for every
+    prompt position, a cost the draft does not have."""
+    sig = inspect.signature(forward)
+    params = list(sig.parameters.values())
+    if "logits_to_keep" in sig.parameters or not any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    extra = inspect.Parameter("logits_to_keep", inspect.Parameter.KEYWORD_ONLY, default=0)
+    return sig.replace(parameters=[p for p in params if p.kind is not p.VAR_KEYWORD] + [extra, params[-1]])
 
 
 def _hf_generate(model, ids: list[int], max_new_tokens: int, eos: list[int], **kw) -> list[int]:
