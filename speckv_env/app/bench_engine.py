@@ -452,13 +452,15 @@ def run_engine_bench(
     prompt_lookup: Sequence[int] = PROMPT_LOOKUP,
     seed: int = 0,
     stock: bool | None = None,
+    val_repeats: int | None = None,
 ) -> dict[str, Any]:
     """Run the comparison; returns the JSON-able result (see the module docstring).
 
     ``prompts`` are reported (default: one test prompt per task), ``val_prompts`` choose the
     engine's gamma (default: one validation prompt per task); ``fast_pair`` (an ``exact=False``
     pair of the same models) adds the fast engine; ``stock`` (default: when the pair's kernels
-    are not PyTorch's own) adds ``hf_target_stock``."""
+    are not PyTorch's own) adds ``hf_target_stock``; ``val_repeats`` (default ``repeats``) repeats
+    the validation runs."""
     prompts = list(prompts) if prompts is not None else bench_prompts()
     val_prompts = list(val_prompts) if val_prompts is not None else bench_prompts(split="validation")
     if {p.id for p in prompts} & {p.id for p in val_prompts}:
@@ -475,8 +477,9 @@ def run_engine_bench(
     val_methods = [_engine_method(f"engine:{g}", eng, g, max_new_tokens, "main") for g in gammas_engine]
     if fast_pair is not None:
         val_methods += _fast_methods(fast_pair, max_new_tokens, gammas_engine, validation=True)
+    val_repeats = repeats if val_repeats is None else val_repeats
     val = run_interleaved(
-        val_methods, val_encoded, repeats, seed=seed + 1, progress=progress, desc="bench (validation)"
+        val_methods, val_encoded, val_repeats, seed=seed + 1, progress=progress, desc="bench (validation)"
     )
     # 2. every method on the test prompts
     methods = build_methods(pair, fast_pair, max_new_tokens, gammas_engine, gammas_hf, prompt_lookup, stock)
@@ -488,6 +491,7 @@ def run_engine_bench(
         max_new_tokens=max_new_tokens,
         tokens_per_config=sum(len(o) for o in test.tokens["lean_target"]),
         repeats=repeats,
+        val_repeats=val_repeats,
         seed=seed,
         target=pair.target_name,
         draft=pair.draft_name,

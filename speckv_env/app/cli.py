@@ -841,6 +841,7 @@ def cmd_bench(a: argparse.Namespace) -> Output:
             repeats=a.repeats,
             fast_pair=fast,
             val_prompts=bench_prompts(a.val_prompts_per_task, split="validation"),
+            val_repeats=a.val_repeats,
             progress=not a.quiet,
         )
         text = format_engine_table(r)
@@ -1072,6 +1073,9 @@ def _add_bench(sub: Any) -> None:
         help="engine bench: validation prompts per task (they choose the engine's gamma)",
     )
     b.add_argument("--repeats", type=_int_arg(1), default=3, help="engine bench: interleaved repeats (default 3)")
+    b.add_argument(
+        "--val-repeats", type=_int_arg(1), default=None, help="engine bench: validation repeats (default: --repeats)"
+    )
     b.add_argument("--no-fast", action="store_true", help="engine bench: skip the fast (exact=False) engine")
     b.add_argument(
         "--seconds", type=_float_arg(0.0, lo_open=True), default=2.0, help="env bench: seconds per measurement"
