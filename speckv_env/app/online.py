@@ -712,6 +712,15 @@ def cost_model_kernels(cm: CostModel) -> str | None:
     return None if old is None else ("cpu-row-plans" if old else "stock")
 
 
+def _loadavg() -> list[float] | None:
+    import os
+
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
 def _describe_setup(setup: LiveSetup, cfg: OnlineConfig) -> dict[str, Any]:
     from .bench_engine import machine_info
 
@@ -775,20 +784,28 @@ def run_live_comparison(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup = make_setup(cfg, pair, cost, logs)
+    torch.set_num_threads(cfg.threads)
+    described = _describe_setup(setup, cfg)  # the host as the run starts (threads, load average)
+    clock = {"loaded": time.time() - t0}
     learned = pretrain_on_replay(setup, cfg)
     torch.set_num_threads(cfg.threads)
     warm_up(setup, cfg)
+    clock["pretrained"] = time.time() - t0
     phase = learning_phase(setup, cfg, learned)
+    clock["online_learning_done"] = time.time() - t0
     ppo = fine_tune_ppo_live(learned["ppo"], setup, cfg) if "ppo" in learned else None
     torch.set_num_threads(cfg.threads)
     split = evaluate_phases(setup, cfg, learned, phase["best_fixed"], len(phase["orders"]))
+    clock["evaluated"] = time.time() - t0
+    described["host"]["loadavg_at_end"] = _loadavg()
     results = {
         "format": "speckv-compare-live/1",
         "source": "live",
         "config": asdict(cfg),
-        "setup": _describe_setup(setup, cfg),
+        "setup": described,
         "training": training_note(cfg, ppo),
         "ppo_live": ppo,
+        "clock_s": clock,
         "best_fixed_rule": BEST_FIXED_RULE_LIVE,
         "primary_rule": PRIMARY_RULE_LIVE,
         "splits": {"heldout": split},

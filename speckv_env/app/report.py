@@ -445,6 +445,10 @@ def online_vs_replay_lines(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _load(x: Any) -> str:
+    return "n/a" if not x else " / ".join(f"{v:.2f}" for v in x) + " (1/5/15 min)"
+
+
 def write_live_report(results: Mapping[str, Any], path: Path) -> Path:
     s, cfg, split = results["setup"], results["config"], results["splits"]["heldout"]
     host = s["host"]
@@ -454,7 +458,8 @@ def write_live_report(results: Mapping[str, Any], path: Path) -> Path:
         f"Pair {s['pair']} ({s['compression']}, {s['mode']}, kernels `{s['kernels']}`, exact {s['exact']}) on "
         f"{s['device']}: {host.get('cpu_model') or host.get('processor')}, {host.get('cpu_count')} cores, "
         f"{host.get('torch_threads')} torch threads, torch {host.get('torch')}, load average at start "
-        f"{host.get('loadavg_at_start')}. {results['started']} to {results['finished']} "
+        f"{_load(host.get('loadavg_at_start'))}, at the end {_load(host.get('loadavg_at_end'))}. "
+        f"{results['started']} to {results['finished']} "
         f"({results.get('runtime_s', 0):.0f} s). Prompts: {len(s['prompts'].get('train', []))} train, "
         f"{len(s['prompts'].get('validation', []))} validation, {len(s['prompts'].get('test', []))} test "
         f"(held out), {cfg['max_new_tokens']} new tokens each.",
