@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,38 +93,115 @@ def smollm2_gguf_path() -> Path:
     raise ModelLoadError(f"the installed {SMOLLM2_DIST} wheel has no .gguf file (looked for {SMOLLM2_GGUF})")
 
 
-def default_target_path(progress: bool = True) -> Path:
+def default_target_path(progress: bool = True, role: str = "target") -> Path:
     """Local safetensors folder of the default target, converting the GGUF once if needed."""
-    gguf = smollm2_gguf_path()
-    stamp = hashlib.sha1(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
-    out = cache_dir() / f"smollm2-135m-instruct-{stamp}"
-    if (out / "model.safetensors").exists() and (out / "speckv_converted.json").exists():
+    return _converted_gguf(smollm2_gguf_path(), "smollm2-135m-instruct", role, progress)
+
+
+CONVERTED_MARKER = "speckv_converted.json"
+"""Written last into a converted folder: the source GGUF file's path, size and mtime."""
+
+_STALE_S = 24 * 3600  # scratch folders of conversions killed this long ago are removed
+
+
+def _gguf_identity(gguf: Path) -> dict[str, Any]:
+    """What identifies a version of a GGUF file: its path, size and modification time (ns)."""
+    st = gguf.stat()
+    return {"source": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _is_converted(folder: Path, ident: dict[str, Any]) -> bool:
+    """Whether ``folder`` holds a finished conversion of exactly this version of the file."""
+    try:
+        meta = json.loads((folder / CONVERTED_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(meta, dict) and all(meta.get(k) == v for k, v in ident.items()) and (folder / "config.json").exists()
+    )
+
+
+def _converted_gguf(gguf: Path, name: str, role: str, progress: bool = True) -> Path:
+    """A safetensors (fp32) folder converted from ``gguf``, under :func:`cache_dir`, made once per
+    version of the file: the folder name and its marker carry the file's size and mtime, so a
+    changed file is converted again. The conversion is written into a scratch folder beside it
+    and renamed into place when complete, so a crash mid-write leaves nothing that is picked up."""
+    ident = _gguf_identity(gguf)
+    stamp = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    out = cache_dir() / f"{name}-{stamp}"
+    if _is_converted(out, ident):
         return out
     if progress:
         print(f"[speckv] converting {gguf.name} to safetensors in {out} (once, ~20 s)", file=sys.stderr, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model, tok = _load_gguf(gguf, dtype=torch.float32)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "speckv_converted.json").write_text(json.dumps({"source": str(gguf), "format": "gguf->safetensors fp32"}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # atomic: a half-written conversion is never picked up
+    _remove_stale_scratch(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    tmp.mkdir()  # with the umask's permissions (mkdtemp's would be private)
+    try:
+        model, tok = _load_gguf(gguf, dtype=torch.float32, role=role)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / CONVERTED_MARKER).write_text(json.dumps({**ident, "format": "gguf->safetensors fp32"}))
+        _publish(tmp, out, ident)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
+def _publish(tmp: Path, out: Path, ident: dict[str, Any]) -> None:
+    """Rename the finished conversion ``tmp`` to ``out`` (atomic). A finished conversion already
+    there (another process was faster) is kept; anything else there (an unfinished folder of an
+    older version of this code) is moved aside and removed first."""
+    for _ in range(5):
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError:
+            if _is_converted(out, ident):
+                return
+            if not out.exists():
+                raise  # not a name clash: a real error (permissions, another file system)
+            aside = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+            try:
+                os.rename(out, aside)
+            except FileNotFoundError:
+                continue  # gone meanwhile: try again
+            shutil.rmtree(aside, ignore_errors=True)
+    raise ModelLoadError(f"could not move the converted model into {out}: the cache folder keeps changing")
+
+
+def _remove_stale_scratch(out: Path) -> None:
+    """Remove scratch folders of conversions into ``out`` that were killed long ago."""
+    now = time.time()
+    for p in out.parent.glob(f".{out.name}.*"):
+        try:
+            if now - p.stat().st_mtime > _STALE_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _gguf_error(role: str, path: Path, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"{role}: could not read the GGUF file {path} ({type(err).__name__}: {err}); "
+        "it may be truncated or damaged (download it again), or not a model transformers can load from GGUF"
+    )
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, role: str = "model"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         import gguf  # noqa: F401
     except ImportError:
         raise ModelLoadError(f"loading {path} needs the `gguf` package: pip install gguf") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except Exception as e:  # the GGUF reader fails with ValueError, struct.error, ... on a bad file
+        raise _gguf_error(role, path, e) from e
     # the weights are dequantised: drop the gguf marker so the model is an ordinary one
     cast(Any, model).hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -158,7 +236,7 @@ class ModelSource:
 def resolve_source(spec: str | os.PathLike | None, role: str = "model") -> ModelSource:
     """Turn a user's model argument into a :class:`ModelSource`, checking paths exist."""
     if spec is None or str(spec) in ("", "default"):
-        return ModelSource("default", str(default_target_path()))
+        return ModelSource("default", str(default_target_path(role=role)))
     s = str(spec)
     p = Path(s).expanduser()
     if s.lower().endswith(".gguf"):
@@ -184,6 +262,15 @@ def _hub_error(role: str, spec: str, err: Exception) -> ModelLoadError:
     )
 
 
+def _gguf_tokenizer(src: ModelSource, role: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    except Exception as e:  # the GGUF reader fails with ValueError, struct.error, ... on a bad file
+        raise _gguf_error(role, Path(src.path) / str(src.gguf_file), e) from e
+
+
 def load_tokenizer(spec: str | os.PathLike | None, *, trust_remote_code: bool = False, role: str = "model"):
     from transformers import AutoTokenizer
 
@@ -192,7 +279,7 @@ def load_tokenizer(spec: str | os.PathLike | None, *, trust_remote_code: bool = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if src.kind == "gguf":
-                return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+                return _gguf_tokenizer(src, role)
             return AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
     except OSError as e:
         if src.kind == "hub":
@@ -286,21 +373,21 @@ def load_model(
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": str(dev) if dev.type != "cuda" else dev.index or 0}
+    model: Any  # a transformers model; speckv_source and speckv_compression are set on it below
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if src.kind == "gguf":
+                gguf = Path(src.path) / str(src.gguf_file)
                 if qcfg is not None:
                     # GGUF loads dequantised; convert once to a folder and quantise that.
-                    gguf = Path(src.path) / str(src.gguf_file)
-                    model, tok = _load_gguf(gguf, dtype=torch.float32)
-                    folder = cache_dir() / ("gguf-" + hashlib.sha1(str(gguf).encode()).hexdigest()[:10])
-                    if not (folder / "config.json").exists():
-                        model.save_pretrained(folder)
-                        tok.save_pretrained(folder)
+                    folder = _converted_gguf(gguf, "gguf", role, progress=False)
                     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
                 else:
-                    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
+                    try:
+                        model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
+                    except Exception as e:  # the GGUF reader fails with ValueError, struct.error, ...
+                        raise _gguf_error(role, gguf, e) from e
                     cast(Any, model).hf_quantizer = None
                     if hasattr(model.config, "quantization_config"):
                         del model.config.quantization_config

@@ -54,3 +54,14 @@ def make_tiny_lookup_draft(target, weights=(0.3, 0.5, 0.6, 0.7), noise: float = 
         for p in draft.parameters():
             p.add_(noise * torch.randn(p.shape, generator=g) * p.std())
     return draft.eval()
+
+
+def make_word_tokenizer(words):
+    """A word-level fast tokenizer over ``words`` (one id per word, in order); saveable."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
