@@ -253,3 +253,77 @@ def test_cli_ray_flags_are_checked_before_any_work(tmp_path, capsys):
         assert msg in err and len(err.strip().splitlines()) == 1, err
     assert main(["compare", "--logs", "speckv-paper", "--out", str(tmp_path / "c"), "--ray"]) == 2
     assert "--ray" in capsys.readouterr().err
+
+
+# ---- the driver's dispatch loop, with a stand-in for Ray -----------------------------------------
+
+
+class _Ref:
+    def __init__(self, value=None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+
+
+class _FakeRay:
+    """What :func:`distributed._run_pool` uses of Ray: wait, get, the two error types."""
+
+    class exceptions:  # the ray.exceptions namespace
+        class RayActorError(Exception):
+            pass
+
+        class RayTaskError(Exception):
+            cause = None
+
+    def wait(self, refs, num_returns=1):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+
+class _FakeActor:
+    """``dead``: every call fails as a dead actor does; ``restart_after``: its process is
+    replaced (a new pid) after that many episodes, as a restarted actor's is."""
+
+    def __init__(self, pid: int, dead: bool = False, restart_after: int | None = None) -> None:
+        self.pid, self.dead, self.restart_after, self.ran = pid, dead, restart_after, []
+        self.record = self  # actor.record.remote(...)
+
+    def remote(self, mode, prompt):
+        if self.dead:
+            return _Ref(error=_FakeRay.exceptions.RayActorError("the actor died"))
+        if self.restart_after is not None and len(self.ran) == self.restart_after:
+            self.pid += 100
+        self.ran.append(prompt.id)
+        return _Ref({"pid": self.pid, "tokens": 3, "trace_id": f"{prompt.id}|{mode}"})
+
+
+class _Bar:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+
+def test_dispatch_hands_a_dead_workers_episode_on_and_stops_at_the_deadline():
+    from types import SimpleNamespace
+
+    from speckv_env.app.distributed import _run_pool
+
+    todo = [("greedy", SimpleNamespace(id=f"p{i}")) for i in range(5)]
+    live, dead = _FakeActor(11), _FakeActor(12, dead=True)
+    bar = _Bar()
+    n, stopped, restarts = _run_pool(_FakeRay(), [live, dead], 11, todo, bar, None, None)
+    assert (n, stopped, restarts) == (5, False, 0) and bar.n == 5
+    assert sorted(live.ran) == [f"p{i}" for i in range(5)]  # the dead actor's episode went to the live one
+    with pytest.raises(RuntimeError, match="a Ray worker failed"):  # nobody left: one clear error
+        _run_pool(_FakeRay(), [_FakeActor(13, dead=True)], 13, todo, _Bar(), None, None)
+    n, stopped, _ = _run_pool(_FakeRay(), [_FakeActor(14)], 14, todo, _Bar(), 0.0, None)
+    assert (n, stopped) == (0, True)  # past the deadline nothing new starts
+    n, _, restarts = _run_pool(_FakeRay(), [_FakeActor(15, restart_after=2)], 15, todo, _Bar(), None, None)
+    assert (n, restarts) == (5, 1)  # a result from a new process of the actor: counted once
