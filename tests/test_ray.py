@@ -287,7 +287,8 @@ class _FakeActor:
     replaced (a new pid) after that many episodes, as a restarted actor's is."""
 
     def __init__(self, pid: int, dead: bool = False, restart_after: int | None = None) -> None:
-        self.pid, self.dead, self.restart_after, self.ran = pid, dead, restart_after, []
+        self.pid, self.dead, self.restart_after = pid, dead, restart_after
+        self.ran: list[str] = []
         self.record = self  # actor.record.remote(...)
 
     def remote(self, mode, prompt):
