@@ -339,11 +339,15 @@ def _start_actor(ray: Any, storage: Storage, pair_kw: dict[str, Any], res: dict[
     return ray.remote(**opts)(_Recorder).remote(storage, pair_kw, res["threads"], rec)
 
 
-def _actor_failure(err: BaseException) -> RuntimeError:
+class WorkerLost(RuntimeError):
+    """A Ray actor that is gone for good (its restarts spent, or it could not start)."""
+
+
+def _actor_failure(err: BaseException) -> WorkerLost:
     """A dead actor as one line: the last line of its error (the exception that killed it)."""
     cause = getattr(err, "error_msg", None) or str(err)
     lines = [x.strip() for x in str(cause).splitlines() if x.strip()]
-    return RuntimeError(f"a Ray worker failed: {lines[-1] if lines else type(err).__name__}")
+    return WorkerLost(f"a Ray worker failed: {lines[-1] if lines else type(err).__name__}")
 
 
 def _get(ray: Any, ref: Any) -> Any:
@@ -470,7 +474,10 @@ def _profile_compressions(
             info = _get(ray, actors[0].info.remote())
             if seen:
                 dev = SimpleNamespace(type=info["device"])
-                check_resume_pair(storage.location, seen, SimpleNamespace(**{**info, "device": dev}))
+                try:
+                    check_resume_pair(storage.location, seen, SimpleNamespace(**{**info, "device": dev}))
+                except ValueError as e:  # name the location as given (a URI is no path)
+                    raise ValueError(str(e).replace(str(Path(storage.location)), storage.location)) from None
             todo = [
                 (mode, p)
                 for p in sel
@@ -535,9 +542,7 @@ def _run_pool(
             w, item = pending.pop(ref)
             try:
                 r = _get(ray, ref)
-            except RuntimeError as e:  # a dead actor, its restarts exhausted: another actor takes it
-                if not str(e).startswith("a Ray worker failed"):
-                    raise
+            except WorkerLost as e:  # a dead actor, its restarts spent: another actor takes its episode
                 alive.discard(w)
                 queue.appendleft(item)
                 log.warning("speckv profile: a Ray worker is gone (%s); its episode goes to another", e)
