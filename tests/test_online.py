@@ -49,6 +49,7 @@ def _tiny_config(**kw):
         "test_prompts": 2,
         "max_new_tokens": 8,
         "gammas": (0, 1, 3),
+        "fixed_gammas": None,
         "learners": ("ucb1", "speckv_mlp"),
         "static": ("hf_heuristic",),
         "replay_bandit_steps": 200,
@@ -75,6 +76,14 @@ def live_run(tiny_smol_pair, tmp_path_factory):
     )
     res = run_live_comparison(out, config=cfg, pair=tiny_smol_pair, cost=CostModel.unit())
     return out, res
+
+
+def test_config_checks_its_gamma_sets():
+    assert OnlineConfig.quick().fixed_gammas == (0, 1, 2, 3, 4)
+    with pytest.raises(ValueError, match="subset of gammas"):
+        OnlineConfig.quick(gammas=(0, 1))
+    with pytest.raises(ValueError, match="unknown live learner"):
+        OnlineConfig(learners=("fixed",))
 
 
 def test_interleaved_order_is_abba_and_balanced():
@@ -164,8 +173,8 @@ def test_live_comparison_on_the_default_pair(tmp_path):
     """Smoke test on the real default pair: a tiny budget, two bandits, measured curves."""
     cfg = OnlineConfig.quick(
         tasks=("code",), train_prompts=2, validation_prompts=1, test_prompts=1, max_new_tokens=12,
-        gammas=(0, 1, 2), learners=("ucb1", "thompson"), static=(), replay_twins=False, n_boot=200,
-        progress=False,
+        gammas=(0, 1, 2), fixed_gammas=(0, 1, 2), learners=("ucb1", "thompson"), static=(), replay_twins=False,
+        n_boot=200, progress=False,
     )  # fmt: skip
     res = run_live_comparison(tmp_path, config=cfg)
     on = res["online"]["online"]
