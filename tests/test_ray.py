@@ -224,7 +224,7 @@ def test_compare_on_ray_reproduces_the_local_results(cluster, tmp_path, capsys):
 
 def test_storage_uri_writes_each_episode_once_and_atomically(tmp_path):
     from replay.trace import synthetic_trace
-    from speckv_env.app.distributed import Storage, part_name
+    from speckv_env.app.distributed import Storage, _check_visible, part_name
 
     st = Storage((tmp_path / "s").as_uri())
     st.ensure()
@@ -235,6 +235,8 @@ def test_storage_uri_writes_each_episode_once_and_atomically(tmp_path):
     st.write_bytes("cost-fp16.json", b"{}")
     assert st.parts() == [part_name(tr.trace_id)]
     assert st.completed_keys() == {tr.trace_id}
+    with pytest.raises(RuntimeError, match="every node mounts"):  # a worker wrote where the driver cannot see
+        _check_visible(st, [tr.trace_id, "b|fp16|p2|greedy|2"])
     got = read_traces(tmp_path / "s")
     assert len(got) == 1 and np.array_equal(got[0].tokens, tr.tokens)
 
@@ -319,12 +321,12 @@ def test_dispatch_hands_a_dead_workers_episode_on_and_stops_at_the_deadline():
     todo = [("greedy", SimpleNamespace(id=f"p{i}")) for i in range(5)]
     live, dead = _FakeActor(11), _FakeActor(12, dead=True)
     bar = _Bar()
-    n, stopped, restarts = _run_pool(_FakeRay(), [live, dead], 11, todo, bar, None, None)
-    assert (n, stopped, restarts) == (5, False, 0) and bar.n == 5
+    ids, stopped, restarts = _run_pool(_FakeRay(), [live, dead], 11, todo, bar, None, None)
+    assert (len(ids), stopped, restarts) == (5, False, 0) and bar.n == 5
     assert sorted(live.ran) == [f"p{i}" for i in range(5)]  # the dead actor's episode went to the live one
     with pytest.raises(RuntimeError, match="a Ray worker failed"):  # nobody left: one clear error
         _run_pool(_FakeRay(), [_FakeActor(13, dead=True)], 13, todo, _Bar(), None, None)
-    n, stopped, _ = _run_pool(_FakeRay(), [_FakeActor(14)], 14, todo, _Bar(), 0.0, None)
-    assert (n, stopped) == (0, True)  # past the deadline nothing new starts
-    n, _, restarts = _run_pool(_FakeRay(), [_FakeActor(15, restart_after=2)], 15, todo, _Bar(), None, None)
-    assert (n, restarts) == (5, 1)  # a result from a new process of the actor: counted once
+    ids, stopped, _ = _run_pool(_FakeRay(), [_FakeActor(14)], 14, todo, _Bar(), 0.0, None)
+    assert (ids, stopped) == ([], True)  # past the deadline nothing new starts
+    ids, _, restarts = _run_pool(_FakeRay(), [_FakeActor(15, restart_after=2)], 15, todo, _Bar(), None, None)
+    assert (len(ids), restarts) == (5, 1)  # a result from a new process of the actor: counted once

@@ -68,6 +68,7 @@ def connect(address: str) -> tuple[Any, bool]:
     except ImportError:
         raise RuntimeError(RAY_MISSING) from None
     if ray.is_initialized():
+        log.info("speckv: using this process's Ray connection (%s)", ray.get_runtime_context().gcs_address)
         return ray, False
     kw: dict[str, Any] = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": False}
     # Ray's own messages follow --quiet (the CLI sets the speckv logger to WARNING then)
@@ -494,17 +495,31 @@ def _profile_compressions(
                 ray.kill(a, no_restart=True)
             actors = actors[:want]
             total["workers"] = max(total["workers"], len(actors))
-            n, stopped, restarts = _run_pool(ray, actors, info["pid"], todo, bar, deadline, on_dispatch)
+            ids, stopped, restarts = _run_pool(ray, actors, info["pid"], todo, bar, deadline, on_dispatch)
         finally:
             for a in actors:
                 ray.kill(a, no_restart=True)
-        total["written"] += n
+        _check_visible(storage, ids)
+        total["written"] += len(ids)
         total["worker_restarts"] += restarts
         if stopped:
             total["stopped_early"] = True
             break
     bar.close()
     return total
+
+
+def _check_visible(storage: Storage, ids: Sequence[str]) -> None:
+    """Every episode the workers finished is in the storage as this machine sees it: a local
+    folder that is not shared by the nodes would scatter the traces over their disks."""
+    there = set(storage.parts())
+    missing = [k for k in ids if part_name(k) not in there]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} episodes the Ray workers wrote are not in {storage.location} as this machine sees it "
+            f"(first: {missing[0]!r}): on a cluster of several nodes, --out must be a folder every node mounts "
+            "or a storage URI (s3://..., gs://...)"
+        )
 
 
 def _run_pool(
@@ -515,16 +530,17 @@ def _run_pool(
     bar: Any,
     deadline: float | None,
     on_dispatch: Callable[[dict[str, Any]], None] | None,
-) -> tuple[int, bool, int]:
+) -> tuple[list[str], bool, int]:
     """Episodes ``todo`` over ``actors``, one in flight per actor, until done or the deadline;
-    returns (episodes finished, stopped at the deadline, worker restarts seen)."""
+    returns (trace ids of the episodes finished, stopped at the deadline, worker restarts seen)."""
     queue = deque(todo)
     free = deque(range(len(actors)))
     alive = set(free)
     pids: dict[int, int | None] = dict.fromkeys(free)
     pids[0] = first_pid
     pending: dict[Any, tuple[int, tuple[str, Any]]] = {}
-    finished = restarts = 0
+    finished: list[str] = []
+    restarts = 0
     stopped = False
     while queue or pending:
         if queue and deadline is not None and time.time() > deadline:
@@ -553,7 +569,7 @@ def _run_pool(
                 restarts += 1  # the actor was restarted and the episode run again
             pids[w] = r["pid"]
             free.append(w)
-            finished += 1
+            finished.append(r["trace_id"])
             bar.update(1)
             bar.set_postfix_str(f"{item[1].id} {item[0]} {r['tokens']} tok")
     return finished, stopped, restarts
