@@ -604,9 +604,8 @@ def _train_on_traces(agent: str, logs: Any, kw: Mapping[str, Any], train_kw: Map
     if not train or not test:
         raise ValueError("the data needs episodes in split train (or val) and in split test")
     ek = {"cost_models": cms, "gammas": kw["gammas"]}
-    trained = train_agent(
-        agent, traces=train, env_kwargs=ek, **train_kw, **({"n_envs": ppo_n_envs} if agent == "ppo" else {})
-    )
+    extra: dict[str, Any] = {"n_envs": ppo_n_envs} if agent == "ppo" else {}
+    trained = train_agent(agent, traces=train, env_kwargs=ek, **train_kw, **extra)
     return trained, SpecKVReplayEnv(traces=train, **ek), SpecKVReplayEnv(traces=test, **ek)
 
 
