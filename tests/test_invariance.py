@@ -193,16 +193,17 @@ def _outputs(engine, ids, n, seed):
 
 @pytest.mark.slow
 @requires_default
-@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("compression", [c for c in COMPRESSIONS if c != "fp16"])  # fp16 on CPU: ~1 token/s
 def test_real_pair_output_does_not_depend_on_gamma(compression, default_prompts):
     """Gamma 0 every step, gamma 8 every step and random gammas emit the same tokens: greedy on
-    one short test prompt per task (40 tokens), and T = 0.7 on one (24 tokens). On the fast
+    one short test prompt per task (32 tokens), and T = 0.7 on one (24 tokens). fp16 is covered
+    by the bitwise logits test above (its CPU matmuls decode about one token a second). On the fast
     path (exact=False) the same check failed for int8 on 8 of 8 outputs within 18 tokens, and
     for bf16 and nf4 too (experiments/exactness.py; README, "Exactness")."""
     from speckv_env.pair import load_pair
 
     pair = load_pair(compression=compression, device="cpu")
-    for temperature, prompts, n in ((0.0, default_prompts, 40), (0.7, default_prompts[:1], 24)):
+    for temperature, prompts, n in ((0.0, default_prompts, 32), (0.7, default_prompts[:1], 24)):
         engine = SpeculativeEngine(
             pair.target, pair.draft, temperature=temperature, eos_token_id=pair.eos_token_id, max_gamma=8
         )
