@@ -40,9 +40,9 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
-	$(VENV)/bin/speckv bench engine --json experiments/results/bench_engine.json
-	$(VENV)/bin/speckv bench env --json experiments/results/bench_env.json
-	$(VENV)/bin/speckv bench agents --json experiments/results/bench_agents.json
+	$(VENV)/bin/speckv bench engine --out experiments/results/bench_engine.json
+	$(VENV)/bin/speckv bench env --out experiments/results/bench_env.json
+	$(VENV)/bin/speckv bench agents --out experiments/results/bench_agents.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
