@@ -22,19 +22,9 @@ import numpy as np
 from agents.base import Agent, make_agent
 from speckv_env.core import DEFAULT_GAMMAS, OBS_INDEX
 
-DEFAULT_AGENTS: tuple[str, ...] = (
-    "fixed",
-    "hf_heuristic",
-    "cost_aware",
-    "speckv_mlp",
-    "epsilon_greedy",
-    "ucb1",
-    "thompson",
-    "exp3",
-    "linucb",
-    "ppo",
-    "oracle",
-)
+from .compare_data import POLICY_GROUPS
+
+DEFAULT_AGENTS: tuple[str, ...] = POLICY_GROUPS  # every policy the comparison knows, the oracle included
 TARGET_US = {"speckv_mlp": 20.0}
 I_COST_RATIO = OBS_INDEX["cost_ratio"]
 
