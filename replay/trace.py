@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from speckv_env.core import GAMMA_MAX, CostModel
+from speckv_env.core import GAMMA_MAX, CostModel, fsync_dir
 
 from . import steprule
 from .costs import load_cost_models  # noqa: F401  (re-exported: replay.trace.load_cost_models)
@@ -431,21 +431,6 @@ def make_trace_id(pair: str, compression: str, prompt_id: str, mode: str, seed: 
 # ---- writing ------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    """fsync a folder, so that a rename into it survives a power cut (best effort where the OS
-    cannot open folders)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], object], overwrite: bool = True) -> Path:
     """Write a file so that readers see either nothing (or the old file) or all of it.
 
@@ -469,7 +454,7 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object], overwrite:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

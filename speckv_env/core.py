@@ -142,6 +142,24 @@ def acceptance_events(gamma: int, accepted: int, first_token_accepted: bool | No
     return [1] * gamma
 
 
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename into it survives a power cut (best effort where the OS
+    cannot open folders). Every atomic writer of the project (cost models here, traces and step
+    logs in :mod:`replay.trace`) ends with it."""
+    import os
+
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class CostModel:
     """Modelled step times (seconds) for one (pair, compression, device).
@@ -255,16 +273,7 @@ class CostModel:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        try:  # make the rename itself durable
-            fd = os.open(p.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_dir(p.parent)  # make the rename itself durable
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
