@@ -8,9 +8,8 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from conftest import requires_default
-from tiny_models import make_tiny_pair
+from tiny_models import make_tiny_smol_pair
 
 import speckv_env  # noqa: F401  (registers the envs)
 from replay.env import SpecKVReplayEnv
@@ -130,15 +129,7 @@ def test_vector_replay_env_malformed_actions(actions: np.ndarray, msg: str) -> N
 
 @pytest.fixture(scope="module")
 def tiny_smol_pair():
-    from speckv_env.models import load_tokenizer
-    from speckv_env.pair import ModelPair
-
-    tok = load_tokenizer(None)
-    target, draft = make_tiny_pair(vocab=49152, hidden=32, noise=0.03, seed=4)
-    for m in (target, draft):
-        m.config.eos_token_id = tok.eos_token_id
-        m.generation_config.eos_token_id = tok.eos_token_id
-    return ModelPair(target, draft, tok, "tiny-target", "tiny-draft", "fp32", torch.device("cpu"))
+    return make_tiny_smol_pair()
 
 
 @requires_default

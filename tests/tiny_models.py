@@ -65,3 +65,17 @@ def make_word_tokenizer(words):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_tiny_smol_pair():
+    """A tiny random target/draft pair over the real SmolLM2 tokenizer (vocabulary 49152), as a
+    :class:`~speckv_env.pair.ModelPair`: live env tests without loading the embedded models."""
+    from speckv_env.models import load_tokenizer
+    from speckv_env.pair import ModelPair
+
+    tok = load_tokenizer(None)
+    target, draft = make_tiny_pair(vocab=49152, hidden=32, noise=0.03, seed=4)
+    for m in (target, draft):
+        m.config.eos_token_id = tok.eos_token_id
+        m.generation_config.eos_token_id = tok.eos_token_id
+    return ModelPair(target, draft, tok, "tiny-target", "tiny-draft", "fp32", torch.device("cpu"))
