@@ -91,3 +91,11 @@ def test_in_memory_traces_need_cost_models_and_are_kept_as_given():
     assert load_traces(None, trs, found)[1] is found  # a set of found models is matched later, kept as is
     by_comp = {"fp16": one}
     assert load_traces(None, trs, by_comp)[1] == by_comp
+
+
+def test_logs_without_traces_are_an_error_when_loaded(tmp_path):
+    """The replay loader refuses logs that hold no traces (before, the comparison found out
+    later, in _Data)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no traces left"):
+        load_traces(tmp_path / "empty", None, None)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from speckv_env.core import DEFAULT_GAMMAS, CostModel, compression_level
+from speckv_env.core import DEFAULT_GAMMAS, CostModel
+
+if TYPE_CHECKING:
+    from replay.costs import CostModelSet
 
 POLICY_GROUPS = (
     "fixed",
@@ -242,41 +244,40 @@ def load_traces(logs: Any, traces: Any, cost_models: Any) -> tuple[list[Any], Ma
     """Traces and cost models from ``logs`` (a folder/file or list; None: the shipped data set),
     or ``traces`` + ``cost_models`` in memory.
 
-    Cost models found beside several folders are collected in a
-    :class:`replay.costs.CostModelSet`: each trace is later matched by pair, compression, device
-    and draft fingerprint, and two different models for one key are an error (a later folder
-    never silently replaces an earlier folder's model). ``cost_models`` given with ``logs``
-    replace the found ones for the compressions they name (re-scoring; no matching checks)."""
-    from replay.costs import CostModelSet, Episode
-    from replay.costs import load_cost_models as load_set
-    from replay.trace import read_traces
+    Files are read by :func:`replay.env.load_traces`, the replay environments' loader: the cost
+    models found beside several folders are collected in a :class:`replay.costs.CostModelSet`
+    (each trace is later matched by pair, compression, device and draft fingerprint, and two
+    different models for one key are an error: a later folder never silently replaces an earlier
+    folder's model), and logs holding no traces are an error. ``cost_models`` given with ``logs``
+    replace the found ones for the compressions they name (re-scoring, as with
+    ``allow_cost_model_mismatch=True``: no matching checks)."""
+    from replay.costs import CostModelSet
+    from replay.env import load_traces as load_replay_traces
 
     if traces is not None:
         if cost_models is None:
             raise ValueError("traces= needs cost_models= ({compression: CostModel})")
         cms = cost_models if isinstance(cost_models, Mapping) else {t.compression: cost_models for t in traces}
         return list(traces), cms if isinstance(cms, CostModelSet) else dict(cms)
-    if logs is None:
-        from replay.env import default_logs
-
-        logs = default_logs()
-    paths = [Path(p) for p in ([logs] if isinstance(logs, (str, Path)) else logs)]
-    trs = read_traces(paths)
-    found = CostModelSet()
-    for folder in dict.fromkeys(p if p.is_dir() else p.parent for p in paths):
-        found.update(load_set(folder))
+    trs, found = load_replay_traces(logs, None, {})
     if not cost_models:
         return trs, found
+    return trs, _by_compression(trs, found, cost_models)
+
+
+def _by_compression(trs: Sequence[Any], found: CostModelSet, cost_models: Any) -> dict[str, CostModel]:
+    """One cost model per compression of ``trs``: the explicit one (by compression, level, ``"*"``,
+    or one model for all; unchecked), else the trace's model among ``found``. A plain mapping by
+    compression is then enough only if it is unambiguous, so it is resolved per trace here."""
+    from replay.costs import Episode, resolve
+
     explicit = dict(cost_models) if isinstance(cost_models, Mapping) else {"*": cost_models}
-    # one model per (trace's) explicit key, else the trace's matched model: a plain mapping by
-    # compression is then enough only if it is unambiguous, so resolve per trace here
     resolved: dict[str, CostModel] = {}
     for t in trs:
-        key = next((k for k in (t.compression, compression_level(t.compression), "*") if k in explicit), None)
-        cm = explicit[key] if key is not None else found.match(Episode.of_trace(t))
+        cm = resolve(Episode.of_trace(t), None, explicit, found, allow_mismatch=True)
         prev = resolved.setdefault(t.compression, cm)
         if prev is not cm:
             raise ValueError(
                 f"compression {t.compression!r} has several cost models in these logs; pass cost_models= for it"
             )
-    return trs, resolved
+    return resolved
