@@ -190,10 +190,14 @@ def run_abba(
 
 
 def _traces(traces_dir: str | Path, comp: str, pair) -> tuple[list, list]:
-    from replay.trace import read_traces
+    """The ``comp`` greedy traces of the train and the test split, read by the replay
+    environments' loader (the cost models it finds beside them are not used: the check prices
+    episodes under the host's own model)."""
+    from replay.env import load_traces
 
-    train = read_traces(traces_dir, split="train", compression=comp, mode="greedy")
-    test = read_traces(traces_dir, split="test", compression=comp, mode="greedy")
+    trs, _ = load_traces(traces_dir, None, {"split": ["train", "test"], "compression": comp, "mode": "greedy"})
+    train = [t for t in trs if t.split == "train"]
+    test = [t for t in trs if t.split == "test"]
     if not train or not test:
         raise ValueError(
             f"{traces_dir}: needs {comp} greedy traces of both the train and the test split for the live check"
