@@ -57,6 +57,33 @@ def test_paired_differences_are_per_prompt_not_interval_overlap():
     assert rows[0]["measured_diff"]["lo"] == pytest.approx(1.0)  # no spread in the paired differences
 
 
+def test_disagreements_name_each_failed_check():
+    def row(policy, ratio):
+        return {"policy": policy, "ratio": ratio, "within_tolerance": abs(ratio - 1.0) <= lc.RATIO_TOL}
+
+    r = {
+        "compressions": {
+            "fp32": {
+                "paired": [{"policy": "a", "agree": True}, {"policy": "b", "agree": False}],
+                "rows": [row("fixed-2", 1.0), row("a", 0.8), row("b", 1.149)],
+            },
+            "nf4": {"paired": [{"policy": "a", "agree": False}], "rows": [row("fixed-3", 1.2), row("a", 0.9)]},
+        }
+    }
+    assert lc.disagreements(r) == [
+        "fp32/b (paired difference)",
+        "fp32/a (ratio 0.80)",
+        "nf4/a (paired difference)",
+        "nf4/fixed-3 (ratio 1.20)",
+    ]
+    for c in r["compressions"].values():
+        for p in c["paired"]:
+            p["agree"] = True
+        for x in c["rows"]:
+            x["within_tolerance"] = True
+    assert lc.disagreements(r) == []
+
+
 def test_abba_order():
     assert lc.abba_order(["A", "B"], 0) == ["A", "B", "B", "A"]
     assert lc.abba_order(["A", "B"], 1) == ["B", "A", "A", "B"]
@@ -149,7 +176,9 @@ def test_live_check_on_a_tiny_pair(tmp_path, monkeypatch):
     assert c["cost_model"]["t_target"] == cm.t_target and c["cost_model_source"] == "given"
     text = lc.format_live_check(r)
     assert "ABBA" in text and "measured - predicted" in text and "tokens not compared" not in text
-    assert isinstance(lc.disagreements(r), list)
+    want = [f"fp32/{p['policy']} (paired difference)" for p in c["paired"] if not p["agree"]]
+    want += [f"fp32/{row['policy']} (ratio {row['ratio']:.2f})" for row in c["rows"] if not row["within_tolerance"]]
+    assert lc.disagreements(r) == want
 
 
 @pytest.mark.parametrize("quick", [True, False])
