@@ -1,6 +1,6 @@
 """Replay side of SpecKV gym: recorded logs, the replay environments, the oracle (no torch).
 
-- :mod:`replay.schema`: versioned Parquet schemas ``speckv-trace/1`` and ``speckv-steps/2``
+- :mod:`replay.schema`: versioned Parquet schemas ``speckv-trace/2`` and ``speckv-steps/2``
   (``/1`` is still read; documented field by field in replay/SCHEMA.md),
   :class:`~replay.schema.TraceFormatError`.
 - :mod:`replay.steprule`: the step rule (g_eff, k, events, next position), scalar and vectorised.

@@ -90,6 +90,7 @@ class TraceBackend:
         self._tokens, self._L, self._accept, self._top1, self._ent, self._margin = self._lists(index)
         self._n = tr.n
         self._pos = 0
+        self._j = 0  # token mode: tokens drafted so far in the current step
 
     # ---- Backend protocol -----------------------------------------------------------
     def num_episodes(self) -> int:
@@ -111,8 +112,34 @@ class TraceBackend:
         )
 
     def signals(self) -> DraftSignals:
-        t = self._pos
-        return DraftSignals(self._top1[t], self._ent[t], self._margin[t])
+        """The draft's signals at the current decision: at the step's position, or (token mode,
+        j tokens drafted) those of the distribution its rollout drafts token j from."""
+        t, j = self._pos, self._j
+        if j == 0:
+            return DraftSignals(self._top1[t], self._ent[t], self._margin[t])
+        tr = self.trace
+        return DraftSignals(float(tr.roll_top1[t, j]), float(tr.roll_entropy[t, j]), float(tr.roll_margin[t, j]))
+
+    # ---- token mode (speckv-trace/2 traces) ---------------------------------------------
+    def draft_token(self, lookahead: bool = True) -> float:
+        """Draft the rollout's next token at this step; return its own draft probability.
+        (``lookahead`` changes the cost only, which the environment charges.)"""
+        tr = self.trace
+        if not tr.has_rollouts:
+            raise ValueError(
+                f"{tr.source}: trace {tr.trace_id!r} is {tr.schema_version} (no draft rollouts): token mode "
+                "needs speckv-trace/2 traces (record them with speckv profile)"
+            )
+        t, j = self._pos, self._j
+        if j >= min(tr.gamma_max, self.max_new_tokens - 1 - t):
+            raise ValueError(f"cannot draft more than {j} tokens at position {t}: verify")
+        self._j = j + 1
+        return float(tr.roll_p[t, j])
+
+    def verify(self) -> StepOutcome:
+        """Verify the tokens drafted at this step (the step rule at gamma = tokens drafted)."""
+        j, self._j = self._j, 0
+        return self.step(j)
 
     def position(self) -> int:
         return self._pos

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from speckv_env.base_env import SpecKVBaseEnv, action_to_index
-from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, episode_summary, step_tables
+from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, check_control, episode_summary, step_tables
 
 from .backend import TraceBackend
 from .costs import CostModelSet, Episode, load_cost_models, resolver
@@ -91,6 +91,18 @@ def _is_step_log(paths: Sequence[Path]) -> bool:
     return False
 
 
+def _require_rollouts(traces: Sequence[Trace]) -> None:
+    """Token mode replays the draft's rollouts: every trace must be ``speckv-trace/2``."""
+    old = [t for t in traces if not t.has_rollouts]
+    if old:
+        t = old[0]
+        raise ValueError(
+            f"control='token' needs speckv-trace/2 traces (with the draft's rollouts), but {len(old)} of "
+            f"{len(traces)} are {t.schema_version}, e.g. {t.trace_id!r} from {t.source}: re-record them with "
+            "`speckv profile` (step mode still replays them)"
+        )
+
+
 class SpecKVReplayEnv(SpecKVBaseEnv):
     """Placeholder; the docstring is filled in below from OBS_SPEC."""
 
@@ -112,10 +124,17 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         paper_features: bool = False,
         recorded_gamma: None | int | Sequence[int] = None,
         allow_cost_model_mismatch: bool = False,
+        control: str = "step",
     ) -> None:
         filters = {"task": task, "split": split, "compression": compression, "mode": mode}
         backend: Any
+        check_control(control)
         if source is not None or (logs is not None and traces is None and _is_step_log(self._paths(logs))):
+            if control == "token":
+                raise ValueError(
+                    "control='token' needs full-information traces with the draft's rollouts (speckv-trace/2); "
+                    "step logs record only the chosen gamma's outcome"
+                )
             if source is not None and source != "speckv-paper":
                 raise ValueError(f"unknown source {source!r}: the only named source is 'speckv-paper'")
             backend = self._step_log_backend(
@@ -130,8 +149,10 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
             if paper_features or recorded_gamma is not None:
                 raise ValueError("paper_features= and recorded_gamma= apply to step logs (speckv-steps) only")
             trs, found = load_traces(logs, traces, filters)
+            if control == "token":
+                _require_rollouts(trs)
             backend = TraceBackend(trs, resolver(cost_model, cost_models, found, allow_cost_model_mismatch))
-        super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode)
+        super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control)
         # the fast path (TraceBackend.advance) for full-information traces; None: step logs,
         # or the generic SpecKVBaseEnv.step path when set to None by hand (the tests compare both)
         self._trace_backend: TraceBackend | None = backend if type(backend) is TraceBackend else None
@@ -233,7 +254,10 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         return obs, info
 
     def step(self, action: Any):
-        """One speculation step at gamma ``gammas[action]`` (see the class docstring)."""
+        """One speculation step at gamma ``gammas[action]``, or one decision in token mode (see
+        the class docstring)."""
+        if self._token:
+            return super().step(action)
         b = self._trace_backend
         if b is None:
             return self._step_log_step(action)

@@ -1,6 +1,8 @@
 """Versioned on-disk schemas of the replay side (Parquet; documented in replay/SCHEMA.md).
 
-- ``speckv-trace/1``: full-information traces, one row per episode, list columns per position.
+- ``speckv-trace/2``: full-information traces, one row per episode, list columns per position,
+  with the draft's own rollout from every position (token mode). ``speckv-trace/1`` (the same
+  columns without the rollouts) is still read and written for traces without rollouts.
 - ``speckv-steps/2``: censored step logs (only the chosen gamma's outcome per step), one row
   per recorded step, e.g. imported from the SpecKV paper's CSV or written by
   :class:`replay.recorder.RecordSteps`. Version 2 adds the clip convention, the run's finish
@@ -16,7 +18,9 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-TRACE_SCHEMA_VERSION = "speckv-trace/1"
+TRACE_SCHEMA_V1 = "speckv-trace/1"
+TRACE_SCHEMA_VERSION = "speckv-trace/2"
+TRACE_SCHEMA_VERSIONS_READ: tuple[str, ...] = (TRACE_SCHEMA_V1, TRACE_SCHEMA_VERSION)
 STEPS_SCHEMA_VERSION = "speckv-steps/2"
 STEPS_SCHEMA_V1 = "speckv-steps/1"
 STEPS_SCHEMA_VERSIONS_READ: tuple[str, ...] = (STEPS_SCHEMA_V1, STEPS_SCHEMA_VERSION)
@@ -88,10 +92,45 @@ TRACE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "meta": (pa.string(), "free-form JSON object (versions, prompt text hash, ...); '{}' if none"),
 }
 
-TRACE_ARROW_SCHEMA = pa.schema(
-    [pa.field(name, typ, nullable=False) for name, (typ, _) in TRACE_COLUMNS.items()],
-    metadata={b"speckv_schema": TRACE_SCHEMA_VERSION.encode()},
+TRACE_COLUMNS["schema"] = (
+    pa.string(),
+    f"schema version: {TRACE_SCHEMA_VERSION!r} ({TRACE_SCHEMA_V1!r} without rollouts)",
 )
+
+ROLLOUT_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "roll_tokens": (
+        pa.list_(pa.int32()),
+        "rollouts, N x gamma_max row-major: [t * gamma_max + i] = the draft's i-th token drafted from the true prefix "
+        "tokens[:t] (then its own tokens)",
+    ),
+    "roll_top1": (pa.list_(pa.float32()), "rollouts: top-1 probability of the distribution token i was drafted from"),
+    "roll_entropy": (pa.list_(pa.float32()), "rollouts: entropy (nats) of that distribution"),
+    "roll_margin": (pa.list_(pa.float32()), "rollouts: top-1 minus top-2 probability of that distribution"),
+    "roll_p": (pa.list_(pa.float32()), "rollouts: the drafted token's own probability in that distribution"),
+}
+"""The columns ``speckv-trace/2`` adds to version 1 (before ``meta``)."""
+
+TRACE_COLUMNS_V1: dict[str, tuple[pa.DataType, str]] = dict(TRACE_COLUMNS)
+TRACE_COLUMNS_V2: dict[str, tuple[pa.DataType, str]] = {
+    **{k: v for k, v in TRACE_COLUMNS.items() if k != "meta"},
+    **ROLLOUT_COLUMNS,
+    "meta": TRACE_COLUMNS["meta"],
+}
+TRACE_COLUMNS_BY_VERSION: dict[str, dict[str, tuple[pa.DataType, str]]] = {
+    TRACE_SCHEMA_V1: TRACE_COLUMNS_V1,
+    TRACE_SCHEMA_VERSION: TRACE_COLUMNS_V2,
+}
+
+
+def trace_arrow_schema(version: str = TRACE_SCHEMA_VERSION) -> pa.Schema:
+    """The Arrow schema of a trace file of ``version``."""
+    return pa.schema(
+        [pa.field(name, typ, nullable=False) for name, (typ, _) in TRACE_COLUMNS_BY_VERSION[version].items()],
+        metadata={b"speckv_schema": version.encode()},
+    )
+
+
+TRACE_ARROW_SCHEMA = trace_arrow_schema(TRACE_SCHEMA_VERSION)
 
 STEPS_COLUMNS_V1: dict[str, tuple[pa.DataType, str]] = {
     "schema": (pa.string(), f"schema version, {STEPS_SCHEMA_VERSION!r} ({STEPS_SCHEMA_V1!r} is still read)"),

@@ -51,12 +51,14 @@ from .schema import (
     COMPRESSIONS,
     FINISH_REASONS,
     MODES,
-    TRACE_ARROW_SCHEMA,
-    TRACE_COLUMNS,
+    TRACE_COLUMNS_BY_VERSION,
+    TRACE_SCHEMA_V1,
     TRACE_SCHEMA_VERSION,
+    TRACE_SCHEMA_VERSIONS_READ,
     TraceFormatError,
     canonical_split,
     canonical_splits,
+    trace_arrow_schema,
 )
 
 PathLike = str | os.PathLike
@@ -92,6 +94,14 @@ _LIST_FIELDS: dict[str, np.dtype] = {
     "step_draft_s": np.dtype(np.float64),
     "step_verify_s": np.dtype(np.float64),
 }
+_ROLL_FIELDS: dict[str, np.dtype] = {
+    "roll_tokens": np.dtype(np.int32),
+    "roll_top1": np.dtype(np.float32),
+    "roll_entropy": np.dtype(np.float32),
+    "roll_margin": np.dtype(np.float32),
+    "roll_p": np.dtype(np.float32),
+}
+"""``speckv-trace/2``'s rollout columns: ``(N, gamma_max)`` arrays in memory, flat on disk."""
 _POSITION_FIELDS = ("tokens", "accept", "sig_top1", "sig_entropy", "sig_margin")
 _STEP_FIELDS = ("step_pos", "step_gamma", "step_accepted", "step_draft_s", "step_verify_s")
 
@@ -150,10 +160,21 @@ class Trace:
     step_verify_s: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"  # where the trace was read from (not stored)
+    # speckv-trace/2: the draft's rollouts, (N, gamma_max) each, or empty (a version 1 trace)
+    roll_tokens: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    roll_top1: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    roll_entropy: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    roll_margin: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    roll_p: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     def __post_init__(self) -> None:
         for name, dt in _LIST_FIELDS.items():
             setattr(self, name, np.ascontiguousarray(np.asarray(getattr(self, name)), dtype=dt))
+        for name, dt in _ROLL_FIELDS.items():
+            a = np.ascontiguousarray(np.asarray(getattr(self, name)), dtype=dt)
+            if a.ndim == 1 and a.size:  # flat, as stored: N x gamma_max row-major
+                a = a.reshape(-1, int(self.gamma_max)) if a.size % int(self.gamma_max) == 0 else a
+            setattr(self, name, a)
         if not self.max_new_tokens:  # 0 or None
             self.max_new_tokens = int(self.tokens.shape[0])
         self.gamma_max = int(self.gamma_max)
@@ -175,6 +196,15 @@ class Trace:
     @property
     def sampling(self) -> bool:
         return self.mode == "sample"
+
+    @property
+    def has_rollouts(self) -> bool:
+        """True for a ``speckv-trace/2`` trace (the draft's rollouts recorded: token mode works)."""
+        return self.roll_tokens.size > 0
+
+    @property
+    def schema_version(self) -> str:
+        return TRACE_SCHEMA_VERSION if self.has_rollouts else TRACE_SCHEMA_V1
 
     @property
     def recorded_tokens_per_s(self) -> float | None:
@@ -261,6 +291,41 @@ class Trace:
                 v = getattr(self, name)
                 if not np.isfinite(v).all() or (v < 0).any():
                     raise self._err(f"{name} must be finite and non-negative")
+        self._validate_rollouts()
+
+    def _validate_rollouts(self) -> None:
+        """Check the rollouts of a version 2 trace: shapes, ranges, and (exact traces) that they
+        start at the trace's own signals and follow the emitted tokens while those are accepted."""
+        present = [getattr(self, name).size > 0 for name in _ROLL_FIELDS]
+        if not any(present):
+            return
+        n, G = self.tokens.shape[0], self.gamma_max
+        for name in _ROLL_FIELDS:
+            if getattr(self, name).shape != (n, G):
+                raise self._err(
+                    f"{name} must hold N x gamma_max = {n} x {G} values, got shape {getattr(self, name).shape}"
+                )
+        if (self.roll_tokens < 0).any():
+            raise self._err("roll_tokens has negative token ids")
+        for name, hi in (("roll_top1", 1.0), ("roll_entropy", np.inf), ("roll_margin", 1.0), ("roll_p", 1.0)):
+            v = getattr(self, name)
+            if not np.isfinite(v).all() or (v < 0).any() or (v > hi + 1e-6).any():
+                raise self._err(f"{name} has values outside [0, {hi}]")
+        if (self.roll_margin > self.roll_top1 + 1e-6).any() or (self.roll_p > self.roll_top1 + 1e-6).any():
+            raise self._err("roll_margin or roll_p exceeds roll_top1 (neither can exceed the top-1 probability)")
+        if not (self.meta or {}).get("exact", False):
+            return  # rows of a non-exact recording may differ from the trace's own in the last bits
+        if not np.array_equal(self.roll_top1[:, 0], self.sig_top1):
+            t = int(np.nonzero(self.roll_top1[:, 0] != self.sig_top1)[0][0])
+            raise self._err(f"rollout from position {t} does not start at the trace's signals there (sig_top1)")
+        L = run_lengths(self.accept, G)
+        for i in range(G):
+            on = np.nonzero(i < L)[0]  # the rollout's token i was accepted, so it is the emitted one
+            if (self.roll_tokens[on, i] != self.tokens[on + i]).any():
+                t = int(on[self.roll_tokens[on, i] != self.tokens[on + i]][0])
+                raise self._err(
+                    f"rollout from position {t} leaves the emitted tokens at token {i} inside an accepted run"
+                )
 
     # ---- replay of one step (the rule is replay.steprule's) ---------------------------
     def step(self, t: int, gamma: int) -> tuple[int, int]:
@@ -286,49 +351,70 @@ class Trace:
 
 
 def traces_to_table(traces: Sequence[Trace]) -> pa.Table:
-    """Build a ``speckv-trace/1`` Arrow table (one row per trace)."""
+    """Build a trace table (one row per trace): ``speckv-trace/2`` when the traces carry
+    rollouts, ``speckv-trace/1`` when none does (a mix is an error)."""
+    kinds = {t.has_rollouts for t in traces}
+    if len(kinds) > 1:
+        raise ValueError("cannot write traces with and without rollouts to one table (speckv-trace/2 vs /1)")
+    version = TRACE_SCHEMA_VERSION if kinds == {True} else TRACE_SCHEMA_V1
+    columns = TRACE_COLUMNS_BY_VERSION[version]
     cols: dict[str, pa.Array] = {}
-    for name, (typ, _) in TRACE_COLUMNS.items():
+    for name, (typ, _) in columns.items():
         if name == "schema":
-            cols[name] = pa.array([TRACE_SCHEMA_VERSION] * len(traces), type=typ)
+            cols[name] = pa.array([version] * len(traces), type=typ)
         elif name == "meta":
             cols[name] = pa.array([json.dumps(t.meta, sort_keys=True) for t in traces], type=typ)
-        elif name in _LIST_FIELDS:
-            arrs = [getattr(t, name) for t in traces]
+        elif name in _LIST_FIELDS or name in _ROLL_FIELDS:
+            dt = _LIST_FIELDS.get(name) or _ROLL_FIELDS[name]
+            arrs = [getattr(t, name).reshape(-1) for t in traces]
             offsets = np.zeros(len(arrs) + 1, dtype=np.int32)
             np.cumsum([a.shape[0] for a in arrs], out=offsets[1:])
-            values = np.concatenate(arrs) if arrs else np.zeros(0, _LIST_FIELDS[name])
+            values = np.concatenate(arrs) if arrs else np.zeros(0, dt)
             cols[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ.value_type))
         else:
             cols[name] = pa.array([getattr(t, name) for t in traces], type=typ)
-    return pa.Table.from_arrays(list(cols.values()), schema=TRACE_ARROW_SCHEMA)
+    return pa.Table.from_arrays(list(cols.values()), schema=trace_arrow_schema(version))
+
+
+def _table_version(table: pa.Table, source: str) -> str:
+    """The trace schema version of ``table`` (its ``schema`` column, else its metadata)."""
+    versions = set(table.column("schema").to_pylist()) if "schema" in table.column_names else set()
+    if not versions:
+        meta = table.schema.metadata or {}
+        versions = {meta.get(b"speckv_schema", TRACE_SCHEMA_V1.encode()).decode()}
+    if len(versions) > 1 or not versions <= set(TRACE_SCHEMA_VERSIONS_READ):
+        raise TraceFormatError(
+            f"{source}: schema version {sorted(versions)} not supported (this reader reads "
+            f"{', '.join(TRACE_SCHEMA_VERSIONS_READ)})"
+        )
+    return versions.pop()
 
 
 def table_to_traces(table: pa.Table, source: str) -> list[Trace]:
-    """Validate a table against ``speckv-trace/1`` and convert it (errors name ``source``)."""
+    """Validate a table against its trace schema version and convert it (errors name ``source``)."""
     names = set(table.column_names)
-    missing = [c for c in TRACE_COLUMNS if c not in names]
+    if "schema" not in names:
+        raise TraceFormatError(f"{source}: not a speckv trace file: missing column(s) schema")
+    version = _table_version(table, source)
+    columns = TRACE_COLUMNS_BY_VERSION[version]
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise TraceFormatError(f"{source}: not a {TRACE_SCHEMA_VERSION} file: missing column(s) {', '.join(missing)}")
-    for name, (typ, _) in TRACE_COLUMNS.items():
+        raise TraceFormatError(f"{source}: not a {version} file: missing column(s) {', '.join(missing)}")
+    for name, (typ, _) in columns.items():
         got = table.schema.field(name).type
         if got != typ:
             raise TraceFormatError(f"{source}: column {name!r} has type {got}, expected {typ}")
         if table.column(name).null_count:
             raise TraceFormatError(f"{source}: column {name!r} has null values")
-    versions = set(table.column("schema").to_pylist())
-    if versions and versions != {TRACE_SCHEMA_VERSION}:
-        raise TraceFormatError(
-            f"{source}: schema version {sorted(versions)} not supported (this reader reads {TRACE_SCHEMA_VERSION})"
-        )
     rows = table.num_rows
     scalars = {name: table.column(name).to_pylist() for name in _SCALAR_FIELDS}
     metas = table.column("meta").to_pylist()
     lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, dt in _LIST_FIELDS.items():
+    list_fields = {**_LIST_FIELDS, **(_ROLL_FIELDS if version == TRACE_SCHEMA_VERSION else {})}
+    for name, dt in list_fields.items():
         arr = table.column(name).combine_chunks()
         if isinstance(arr, pa.ChunkedArray):  # empty table
-            arr = pa.array([], type=TRACE_COLUMNS[name][0])
+            arr = pa.array([], type=columns[name][0])
         if arr.values.null_count:
             raise TraceFormatError(f"{source}: column {name!r} has null list elements")
         lists[name] = (arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False).astype(dt, copy=False))
@@ -565,6 +651,7 @@ def synthetic_trace(
     finish_reason: str = "length",
     cost_model: CostModel | None = None,
     trace_id: str | None = None,
+    rollouts: bool = False,
 ) -> Trace:
     """A SYNTHETIC trace of ``n`` tokens (random, not from any model), for tests and examples.
 
@@ -594,6 +681,9 @@ def synthetic_trace(
     L = run_lengths(accept, gamma_max)
     mnt = n if finish_reason == "length" else n + 8
     path = _fixed_gamma_path(L, mnt, min(record_gamma, gamma_max), cm, mode == "sample")
+    roll: dict[str, Any] = (
+        synthetic_rollouts(tokens, L, top1, entropy, margin, gamma_max, mode, seed) if rollouts else {}
+    )
     return Trace(
         trace_id=trace_id or f"synthetic-{compression}-{task}-{mode}-{seed}",
         tokens=tokens,
@@ -617,8 +707,45 @@ def synthetic_trace(
         seed=seed,
         prompt_len=16,
         **path,
+        **roll,
         meta={"synthetic": True},
     )
+
+
+def synthetic_rollouts(
+    tokens: np.ndarray,
+    L: np.ndarray,
+    top1: np.ndarray,
+    entropy: np.ndarray,
+    margin: np.ndarray,
+    gamma_max: int,
+    mode: str,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """SYNTHETIC rollouts consistent with a trace: from t, token i is the emitted ``tokens[t + i]``
+    while the run ``L[t]`` lasts and random after; signals start at the trace's own and drift;
+    the drafted token's own probability is the top-1 (greedy) or at most it (sampling)."""
+    rng = np.random.default_rng(seed + 7919)
+    n, G = tokens.shape[0], int(gamma_max)
+    idx = np.minimum(np.arange(n)[:, None] + np.arange(G)[None, :], n - 1)
+    on = np.arange(G)[None, :] < L[:, None]
+    rt = np.where(on, tokens[idx], rng.integers(3, 49152, (n, G))).astype(np.int32)
+    decay = np.where(on, 1.0, rng.uniform(0.5, 0.95, (n, G)))
+    t1 = np.clip(top1[idx] * decay, 0.02, 1.0)
+    t1[:, 0] = top1
+    ent = np.clip(entropy[idx] / decay, 0.0, 11.0)
+    ent[:, 0] = entropy
+    mg = np.minimum(margin[idx] * decay, t1)
+    mg[:, 0] = np.minimum(margin, top1)
+    p = t1 if mode == "greedy" else t1 * rng.uniform(0.3, 1.0, (n, G))
+    f32 = np.float32
+    return {
+        "roll_tokens": rt,
+        "roll_top1": t1.astype(f32),
+        "roll_entropy": ent.astype(f32),
+        "roll_margin": mg.astype(f32),
+        "roll_p": p.astype(f32),
+    }
 
 
 def _fixed_gamma_path(L: np.ndarray, max_new_tokens: int, gamma: int, cm: CostModel, sampling: bool) -> dict:
@@ -647,6 +774,7 @@ def synthetic_dataset(
     compressions: Sequence[str] = ("fp16",),
     tasks: Sequence[str] = ("code", "chat"),
     modes: Sequence[str] = ("greedy",),
+    rollouts: bool = False,
 ) -> list[Trace]:
     """A SYNTHETIC data set: ``num_traces`` traces cycling over compressions, tasks and modes,
     with per-task acceptance levels, lengths in ``n_range``, splits train/validation/test 60/20/20."""
@@ -672,6 +800,7 @@ def synthetic_dataset(
                 mode=mode,
                 finish_reason=fr,
                 trace_id=f"synthetic-{seed}-{i:04d}",
+                rollouts=rollouts,
             )
         )
     return out

@@ -23,12 +23,19 @@ from .core import (
     DEFAULT_GAMMAS,
     OBS_HIGH,
     OBS_LOW,
+    TOKEN_OBS_HIGH,
+    TOKEN_OBS_LOW,
     Backend,
     DraftSignals,
     ObservationBuilder,
+    StepOutcome,
+    check_control,
     episode_summary,
     get_reward,
 )
+
+TOKEN_ACTIONS: tuple[str, ...] = ("verify", "draft")
+"""Token mode's actions, by index: 0 = stop and verify what is drafted, 1 = draft one more token."""
 
 RENDER_HEIGHT = 160
 RENDER_WIDTH = 320
@@ -154,8 +161,9 @@ def check_gammas(gammas: Sequence[int], gamma_max: int | None = None) -> tuple[i
     return gs
 
 
-def action_to_index(action: Any, n: int, gammas: Sequence[int]) -> int:
-    """Validate an action (int, numpy integer, or size-1 array) and return it as an int."""
+def action_to_index(action: Any, n: int, gammas: Sequence[Any]) -> int:
+    """Validate an action (int, numpy integer, or size-1 array) and return it as an int.
+    ``gammas``: what the indices name (the gammas, or token mode's :data:`TOKEN_ACTIONS`)."""
     a = action
     if isinstance(a, np.ndarray):
         if a.size != 1:
@@ -182,17 +190,26 @@ class SpecKVBaseEnv(gym.Env):
         gammas: Sequence[int] = DEFAULT_GAMMAS,
         reward: str = "cost",
         render_mode: str | None = None,
+        control: str = "step",
     ) -> None:
         self.backend = backend
         self.gammas = check_gammas(gammas, backend.gamma_max)
+        self.control = check_control(control)
+        self._token = control == "token"
+        self._drafted = 0  # token mode: tokens drafted so far in the current step
+        self._survival = 1.0  # token mode: product of their own draft probabilities
         self.reward_name = reward
         self._reward_fn = get_reward(reward)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode {render_mode!r} not supported; choose from {self.metadata['render_modes']}")
         self.render_mode = render_mode
         self.cost_model = backend.cost_model
-        self.action_space = spaces.Discrete(len(self.gammas))
-        self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
+        if self._token:
+            self.action_space = spaces.Discrete(len(TOKEN_ACTIONS))
+            self.observation_space = spaces.Box(TOKEN_OBS_LOW, TOKEN_OBS_HIGH, dtype=np.float32)
+        else:
+            self.action_space = spaces.Discrete(len(self.gammas))
+            self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
         self._history: list[tuple[int, int]] = []
         self._builder = self._make_builder()
         self._episode: Any = None
@@ -223,8 +240,9 @@ class SpecKVBaseEnv(gym.Env):
         self._done = False
         self._text = []
         self._stats = {"steps": 0, "tokens": 0, "modelled_s": 0.0, "measured_s": 0.0}
+        self._drafted, self._survival = 0, 1.0
         self._last_signals = self.backend.signals()
-        obs = self._builder.observe(self._last_signals, 0)
+        obs = self._observe()
         info = {
             "episode_index": index,
             "episode_seed": int(ep_seed),
@@ -240,14 +258,84 @@ class SpecKVBaseEnv(gym.Env):
             )
         return obs, info
 
+    def _observe(self) -> np.ndarray:
+        """The observation at the current decision (token mode: plus where the step stands)."""
+        obs = self._builder.observe(self._last_signals, self.backend.position())
+        if not self._token:
+            return obs
+        drafted = min(self._drafted / max(self.gammas), 1.0) if max(self.gammas) else 0.0
+        return np.concatenate((obs, np.array((drafted, self._survival), dtype=np.float32)))
+
+    def token_cap(self) -> int:
+        """Token mode: the most tokens the current step may draft (``max(gammas)`` and the budget)."""
+        return max(min(max(self.gammas), self.backend.max_new_tokens - 1 - self.backend.position()), 0)
+
     def step(self, action: Any):
         if self._done:
             raise RuntimeError("step() called on a finished episode: call reset() first")
+        if self._token:
+            return self._token_step(action)
         i = action_to_index(action, len(self.gammas), self.gammas)
         requested = self.gammas[i]
         out = self.backend.step(requested)
         t_model = self.cost_model.step_time(out.gamma, out.accepted, self.backend.sampling)
         reward = float(self._reward_fn(out, t_model, self.cost_model))
+        obs, terminated, truncated, info = self._emit(out, t_model)
+        info["requested_gamma"] = requested
+        return obs, reward, terminated, truncated, info
+
+    # ---- token mode ---------------------------------------------------------------------
+    def _token_step(self, action: Any):
+        """One decision: 1 = draft one more token, 0 = verify what is drafted (DESIGN.md).
+
+        A draft decision that reaches :meth:`token_cap` verifies at once (no choice is left), as
+        does 1 when nothing may be drafted. Costs: a token drafted and looked past is charged one
+        draft forward at its decision; the verification charges the rest of the step's time
+        (:meth:`CostModel.verify_charge`), so the return is N - T / t_target as in step mode."""
+        a = action_to_index(action, len(TOKEN_ACTIONS), TOKEN_ACTIONS)
+        cap, j = self.token_cap(), self._drafted
+        if a == 0 or j >= cap:
+            return self._token_verify(lookahead=j > 0, decision=TOKEN_ACTIONS[a])
+        lookahead = j + 1 < cap
+        p = self.backend.draft_token(lookahead)  # type: ignore[attr-defined]  # token backends
+        self._drafted, self._survival = j + 1, self._survival * p
+        if not lookahead:  # the cap: verify now
+            return self._token_verify(lookahead=False, decision="draft", draft_p=p)
+        cm = self.cost_model
+        t_model = cm.t_draft
+        reward = float(self._reward_fn(StepOutcome(0, 0, [], False), t_model, cm))
+        self._stats["modelled_s"] += t_model
+        self._last_signals = self.backend.signals()
+        info = {
+            "decision": "draft",
+            "drafted": j + 1,
+            "draft_p": p,
+            "tokens": [],
+            "emitted": 0,
+            "modelled_time": t_model,
+            "position": self.backend.position(),
+        }
+        return self._observe(), reward, False, False, info
+
+    def _token_verify(self, lookahead: bool, decision: str, draft_p: float | None = None):
+        """Token mode: verify the step's drafted tokens and emit (the step mode's step, priced by
+        :meth:`CostModel.verify_charge`)."""
+        out = self.backend.verify()  # type: ignore[attr-defined]  # token backends
+        cm = self.cost_model
+        t_model = cm.verify_charge(out.gamma, out.accepted, self.backend.sampling, lookahead)
+        reward = float(self._reward_fn(out, t_model, cm))
+        obs, terminated, truncated, info = self._emit(out, t_model)
+        info.update(
+            decision=decision,
+            drafted=out.gamma,
+            draft_p=draft_p,
+            lookahead=lookahead,
+            step_time=cm.step_time(out.gamma, out.accepted, self.backend.sampling, lookahead),
+        )
+        return obs, reward, terminated, truncated, info
+
+    def _emit(self, out: StepOutcome, t_model: float) -> tuple[np.ndarray, bool, bool, dict[str, Any]]:
+        """Account a verified step (both modes): observation, end flags and the step's info."""
         self._builder.update(out.gamma, out.accepted, out.events)
         measured = None
         if out.draft_s is not None and out.verify_s is not None:
@@ -258,14 +346,11 @@ class SpecKVBaseEnv(gym.Env):
         self._stats["modelled_s"] += t_model
         self._text.extend(out.tokens)
         self._done = out.done
-        terminated = bool(out.done and out.finish_reason == "eos")
-        truncated = bool(out.done and not terminated)
+        self._drafted, self._survival = 0, 1.0
         if not out.done:
             self._last_signals = self.backend.signals()
-        obs = self._builder.observe(self._last_signals, self.backend.position())
         info: dict[str, Any] = {
             "gamma": out.gamma,
-            "requested_gamma": requested,
             "accepted": out.accepted,
             "tokens": list(out.tokens),
             "emitted": out.emitted,
@@ -279,7 +364,8 @@ class SpecKVBaseEnv(gym.Env):
             info.update(out.extra)
         if out.done:
             info["episode_summary"] = episode_summary(self._stats, self.cost_model, out.finish_reason)
-        return obs, reward, terminated, truncated, info
+        terminated = bool(out.done and out.finish_reason == "eos")
+        return self._observe(), terminated, bool(out.done and not terminated), info
 
     def _make_builder(self) -> ObservationBuilder:
         """The observation builder for an episode (one that records the steps when rendering needs them)."""

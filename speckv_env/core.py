@@ -19,6 +19,13 @@ anyway), so drafting g tokens needs g - 1 further forwards, and a plain target s
 still pays the one observation forward. Under sampling, a fully accepted draft needs one more
 draft forward to draw the bonus token with the same draft-then-accept rule (DESIGN.md).
 Target-only decoding (no draft at all) costs ``t_target`` per token.
+
+Token mode (``control="token"``) decides per drafted token, so after drafting a token the
+draft also computes the next position's distribution (the next decision shows its signals):
+a step that *chose* to stop after g >= 1 drafted tokens ran g + 1 draft forwards
+(``lookahead``; a sampled bonus token then reuses that distribution), while a step stopped by
+force (at gamma_max or the token budget) drafted its last token without looking further and
+costs what the step mode's step costs. :meth:`CostModel.draft_forwards` holds the rule.
 """
 
 from __future__ import annotations
@@ -77,6 +84,33 @@ OBS_LOW = np.array([s[1] for s in OBS_SPEC], dtype=np.float32)
 OBS_HIGH = np.array([s[2] for s in OBS_SPEC], dtype=np.float32)
 OBS_DIM = len(OBS_SPEC)
 OBS_INDEX = {n: i for i, n in enumerate(OBS_NAMES)}
+
+CONTROLS: tuple[str, ...] = ("step", "token")
+"""Action modes: ``step`` = choose gamma before drafting (one env step per speculation step);
+``token`` = decide per drafted token (one env step per decision: 1 = draft one more, 0 = verify)."""
+TOKEN_OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (
+    *OBS_SPEC,
+    ("drafted", 0.0, 1.0, "token mode: tokens drafted so far in this step / max gamma"),
+    (
+        "survival",
+        0.0,
+        1.0,
+        "token mode: product of the drafted tokens' own draft probabilities in this step (1 before drafting)",
+    ),
+)
+"""Token mode's observation: the step mode's (whose draft signals are those of the distribution
+the next token would be drafted from) plus where the decision stands within the step."""
+TOKEN_OBS_LOW = np.array([s[1] for s in TOKEN_OBS_SPEC], dtype=np.float32)
+TOKEN_OBS_HIGH = np.array([s[2] for s in TOKEN_OBS_SPEC], dtype=np.float32)
+TOKEN_OBS_DIM = len(TOKEN_OBS_SPEC)
+
+
+def check_control(control: str) -> str:
+    """Validate an action mode name (:data:`CONTROLS`)."""
+    if control not in CONTROLS:
+        raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+    return control
+
 
 EMA_KEEP = 1.0 - EMA_RATE
 EMA_FILL: tuple[float, ...] = tuple(1.0 - EMA_KEEP**m for m in range(129))
@@ -196,14 +230,29 @@ class CostModel:
         return tv[-1] + slope * (gamma - len(tv) + 1)
 
     @staticmethod
-    def draft_forwards(gamma: int, accepted: int, sampling: bool) -> int:
+    def draft_forwards(gamma: int, accepted: int, sampling: bool, lookahead: bool = False) -> int:
+        """Draft forwards of a step that drafted ``gamma`` tokens and accepted ``accepted``,
+        the observation's forward included. ``lookahead``: the draft also computed the
+        distribution after its last drafted token (token mode, a chosen stop; module docstring)."""
+        if lookahead and gamma > 0:
+            return gamma + 1
         n = max(gamma, 1)
         if sampling and gamma > 0 and accepted >= gamma:
             n += 1
         return n
 
-    def step_time(self, gamma: int, accepted: int, sampling: bool = False) -> float:
-        return self.draft_forwards(gamma, accepted, sampling) * self.t_draft + self.verify_time(gamma) + self.t_overhead
+    def step_time(self, gamma: int, accepted: int, sampling: bool = False, lookahead: bool = False) -> float:
+        forwards = self.draft_forwards(gamma, accepted, sampling, lookahead)
+        return forwards * self.t_draft + self.verify_time(gamma) + self.t_overhead
+
+    def verify_charge(self, gamma: int, accepted: int, sampling: bool = False, lookahead: bool = False) -> float:
+        """Token mode: the part of :meth:`step_time` charged when the step verifies. Each
+        drafted token that was looked past (``gamma`` of them with ``lookahead``, else
+        ``gamma - 1``) was charged one ``t_draft`` at its own decision, so the two parts add up
+        to :meth:`step_time` exactly."""
+        charged = gamma if lookahead else max(gamma - 1, 0)
+        forwards = self.draft_forwards(gamma, accepted, sampling, lookahead) - charged
+        return forwards * self.t_draft + self.verify_time(gamma) + self.t_overhead
 
     def step_time_table(self, gammas: Sequence[int], sampling: bool = False) -> np.ndarray:
         """``table[i, k]`` = step time at gamma ``gammas[i]`` with k accepted (k <= gamma)."""

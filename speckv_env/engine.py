@@ -60,6 +60,7 @@ class StepResult:
     finish_reason: str | None
     events: list[int]
     draft_forwards: int
+    lookahead: bool = False
     draft_rows: list = field(default_factory=list, repr=False)
     _sigs: list | None = field(default=None, repr=False)
 
@@ -73,13 +74,29 @@ class StepResult:
 
 @dataclass
 class _Drafted:
-    """What a step drafted: tokens, the draft distributions they were sampled from (sampling),
-    the draft logits of every drafted position (signals and traces), and draft forwards run."""
+    """What a step has drafted so far: tokens, the draft distributions they were sampled from
+    (sampling), the draft logits of every drafted position (``sigs[i]``: the row token i was
+    drafted from; one more row once the draft has looked past its last token), the draft
+    forwards run, and where the step started (output position, draft cache length, times)."""
 
+    t: int
+    d_len0: int
+    obs_s: float
     tokens: list[int] = field(default_factory=list)
     q_rows: list[torch.Tensor] = field(default_factory=list)
     sigs: list[torch.Tensor] = field(default_factory=list)
     forwards: int = 1  # the observation forward
+    draft_s: float = 0.0
+
+    @property
+    def consumed(self) -> int:
+        """Drafted tokens the draft has been fed (its cache holds the prefix plus these)."""
+        return self.forwards - 1
+
+    @property
+    def lookahead(self) -> bool:
+        """The draft computed the distribution after its last drafted token (token mode)."""
+        return len(self.sigs) > len(self.tokens) > 0
 
 
 @dataclass
@@ -133,6 +150,14 @@ def _signals_from_logits(logits: torch.Tensor) -> DraftSignals:
     t1 = float(1.0 / S)
     t2 = float(torch.exp(top[1] - top[0]) / S)
     return DraftSignals(t1, max(float(ent), 0.0), t1 - t2)
+
+
+def _token_prob(logits: torch.Tensor, token: int) -> float:
+    """softmax(logits)[token] (T = 1), computed as :func:`_signals_from_logits` computes the
+    top-1 probability, so the top-1 token's probability equals its ``top1`` exactly."""
+    lf = logits.float()
+    m = lf.max()
+    return float(torch.exp(lf[token] - m) / torch.exp(lf - m).sum())
 
 
 def _accepts(model, name: str) -> bool:
@@ -275,6 +300,7 @@ class SpeculativeEngine:
         self.prefill_s = 0.0
         self._u = np.zeros((1, 3))
         self._q: torch.Tensor | None = None  # draft logits at the current position
+        self._dr: _Drafted | None = None  # the step being drafted (token mode), None between steps
         self._sig: DraftSignals | None = None
         self._obs_s = 0.0
         self._late_pos: int | None = None
@@ -363,11 +389,18 @@ class SpeculativeEngine:
 
     @torch.inference_mode()
     def observe(self) -> DraftSignals:
-        """The draft's signals at the current position (runs the draft's catch-up forward once)."""
+        """The draft's signals at the current position (runs the draft's catch-up forward once).
+        In the middle of a step drafted token by token, the signals of the distribution the next
+        token would be drafted from (the last looked-ahead row)."""
         if not self._started:
             raise RuntimeError("call start() before observe()")
         if self.done:
             raise RuntimeError("generation has finished: nothing to observe")
+        dr = self._dr
+        if dr is not None and dr.tokens:
+            if len(dr.sigs) <= len(dr.tokens):
+                raise RuntimeError("the last token was drafted without lookahead: nothing to observe before verify()")
+            return _signals_from_logits(dr.sigs[len(dr.tokens)])
         self._ensure_q()
         if self._sig is None:
             assert self._q is not None
@@ -417,12 +450,62 @@ class SpeculativeEngine:
     def step(self, gamma: int) -> StepResult:
         """Draft ``gamma`` tokens (0 = plain target step), verify them, emit, roll caches back."""
         g = self._clip_gamma(gamma)
-        t = len(self.out)
-        self._ensure_q()
-        obs_s = self._obs_s
-        d_len0 = self._d_cache.get_seq_length()  # draft cache = prompt + y
-        t0 = self._now()
-        dr = self._draft(g, t)
+        dr = self._begin_draft()
+        for i in range(g):
+            self._draft_one(dr, lookahead=i < g - 1)
+        return self._verify(dr)
+
+    # ---- token mode: one decision at a time ------------------------------------------------
+    def draft_limit(self) -> int:
+        """The most tokens the current step may draft (``max_gamma`` and the token budget)."""
+        return min(self.max_gamma, self.max_new_tokens - 1 - len(self.out))
+
+    def drafted(self) -> int:
+        """Tokens drafted so far in the current step (token mode; 0 between steps)."""
+        return 0 if self._dr is None else len(self._dr.tokens)
+
+    @torch.inference_mode()
+    def draft_token(self, lookahead: bool = True) -> float:
+        """Token mode: draft one more token of the current step and return its own draft
+        probability (softmax of the draft's logits, temperature 1). ``lookahead``: also feed
+        it to the draft, so that :meth:`observe` shows the next position's distribution (the
+        next decision's signals); without it, the next call must be :meth:`verify`. The token is
+        drafted by the step mode's rule (greedy argmax; sampling with the position's uniform),
+        so a step drafted token by token equals ``step(gamma)`` with the same tokens."""
+        if not self._started or self.done:
+            raise RuntimeError("draft_token() needs a started, unfinished sequence")
+        dr = self._begin_draft()
+        if len(dr.tokens) >= self.draft_limit():
+            raise ValueError(
+                f"cannot draft more than {self.draft_limit()} tokens at position {dr.t} "
+                f"(max_gamma {self.max_gamma}, budget {self.max_new_tokens}): call verify()"
+            )
+        if len(dr.sigs) <= len(dr.tokens):
+            raise RuntimeError("the last token was drafted without lookahead: call verify()")
+        row = dr.sigs[len(dr.tokens)]
+        self._draft_one(dr, lookahead)
+        return _token_prob(row, dr.tokens[-1])
+
+    @torch.inference_mode()
+    def verify(self) -> StepResult:
+        """Token mode: verify what the current step has drafted (nothing: a plain target step)."""
+        if not self._started or self.done:
+            raise RuntimeError("verify() needs a started, unfinished sequence")
+        return self._verify(self._begin_draft())
+
+    def _begin_draft(self) -> _Drafted:
+        """The step being drafted, started at the current position if none is."""
+        if self._dr is None:
+            self._ensure_q()
+            assert self._q is not None
+            self._dr = _Drafted(
+                t=len(self.out), d_len0=self._d_cache.get_seq_length(), obs_s=self._obs_s, sigs=[self._q]
+            )
+        return self._dr
+
+    def _verify(self, dr: _Drafted) -> StepResult:
+        """Verify ``dr``'s tokens with one target forward, emit, and roll both caches back."""
+        g, t = len(dr.tokens), dr.t
         t1 = self._now()
         x = torch.tensor([[self._t_pending, *dr.tokens]], device=self.device)
         logits = self.target(input_ids=x, use_cache=True, **{self._t_kv: self._t_cache}).logits[0]
@@ -430,8 +513,9 @@ class SpeculativeEngine:
         acc_raw = v.accepted
         finish = self._cut_at_eos(v)
         self._record_step(t, g, v, dr, acc_raw)
-        self._rollback(g, v, d_len0, finish)
+        self._rollback(g, v, dr)
         t2 = self._now()
+        self._dr = None
         self._q = None
         self._sig = None
         self.out.extend(v.emitted)
@@ -443,12 +527,13 @@ class SpeculativeEngine:
             accepted=v.accepted,
             tokens=v.emitted,
             draft_rows=dr.sigs[: max(g, 1)],
-            draft_s=obs_s + (t1 - t0) + v.extra_draft_s,
+            draft_s=dr.obs_s + dr.draft_s + v.extra_draft_s,
             verify_s=(t2 - t1) - v.extra_draft_s,
             done=finish is not None,
             finish_reason=finish,
             events=v.events,
             draft_forwards=dr.forwards,
+            lookahead=dr.lookahead,
         )
 
     # ---- the phases of a step -------------------------------------------------------------
@@ -463,24 +548,27 @@ class SpeculativeEngine:
             raise RuntimeError("generation has finished: call start() for a new sequence")
         return min(g_req, self.max_new_tokens - 1 - len(self.out))
 
-    def _draft(self, g: int, t: int) -> _Drafted:
-        """Propose g tokens from the draft (its first distribution is the observation's)."""
-        assert self._q is not None
-        dr = _Drafted(sigs=[self._q])
-        q_logits = self._q
-        for i in range(g):
-            if self.sampling:
-                q = self._probs(q_logits)
-                d = _sample_from(q, float(self._u[t + i, 0]))
-                dr.q_rows.append(q)
-            else:
-                d = int(torch.argmax(q_logits))
-            dr.tokens.append(d)
-            if i < g - 1:
-                q_logits = self._draft_forward([d])[-1]
-                dr.forwards += 1
-                dr.sigs.append(q_logits)
-        return dr
+    def _pick(self, q_logits: torch.Tensor, pos: int) -> tuple[int, torch.Tensor | None]:
+        """The draft's token at output position ``pos`` from its logits there: greedy argmax, or
+        a sample with the position's uniform (with the distribution it was sampled from).
+        One rule for live steps and for the traces' rollouts (:mod:`speckv_env.rollout`)."""
+        if self.sampling:
+            q = self._probs(q_logits)
+            return _sample_from(q, float(self._u[pos, 0])), q
+        return int(torch.argmax(q_logits)), None
+
+    def _draft_one(self, dr: _Drafted, lookahead: bool) -> None:
+        """Draft the next token from ``dr``'s last row; with ``lookahead``, feed it to the draft."""
+        t0 = self._now()
+        i = len(dr.tokens)
+        d, q = self._pick(dr.sigs[i], dr.t + i)
+        dr.tokens.append(d)
+        if q is not None:
+            dr.q_rows.append(q)
+        if lookahead:
+            dr.sigs.append(self._draft_forward([d])[-1])
+            dr.forwards += 1
+        dr.draft_s += self._now() - t0
 
     def _accept_greedy(self, logits: torch.Tensor, dr: _Drafted) -> _Verdict:
         """Accept drafts while they equal the target's argmax; then emit the target's own token."""
@@ -508,8 +596,8 @@ class SpeculativeEngine:
         # all g accepted (or g == 0): draw the token at position t+g with the same rule
         s = t + g
         extra = 0.0
-        if g == 0:
-            qb_logits = dr.sigs[0]  # the observation's distribution
+        if g == 0 or len(dr.sigs) > g:
+            qb_logits = dr.sigs[g]  # the observation's distribution, or the looked-ahead one
         else:
             te = self._now()
             qb_logits = self._draft_forward([dr.tokens[-1]])[-1]
@@ -551,22 +639,20 @@ class SpeculativeEngine:
         if v.accepted == g and n_em == g + 1:
             if v.bonus_rec is not None:
                 self._record(*v.bonus_rec)
+            elif len(dr.sigs) > g:  # greedy, looked ahead: the bonus position's row is known
+                self._record(t + g, dr.sigs[g], int(torch.argmax(dr.sigs[g])) == v.emitted[g])
             else:
                 self._late_pos = t + g  # filled by the next observe() (greedy)
 
-    def _rollback(self, g: int, v: _Verdict, d_len0: int, finish: str | None) -> None:
+    def _rollback(self, g: int, v: _Verdict, dr: _Drafted) -> None:
         """Crop both caches to what was accepted; queue the tokens each model has not seen."""
         base_t = self._t_cache.get_seq_length() - (g + 1)  # before this verification
         _crop(self._t_cache, base_t + 1 + v.accepted)  # keep y[-1] and the accepted drafts
         self._t_pending = v.emitted[-1]
-        if self.sampling and g > 0 and v.accepted == g and finish is None:
-            # the draft consumed d_g for the bonus draw: keep y + d_1..d_g
-            _crop(self._d_cache, d_len0 + g)
-            self._d_pending = [v.emitted[-1]]
-        else:
-            keep = min(v.accepted, max(g - 1, 0))
-            _crop(self._d_cache, d_len0 + keep)
-            self._d_pending = v.emitted[keep:]
+        # the draft was fed `consumed` drafted tokens; the accepted ones among them stay
+        keep = min(v.accepted, dr.consumed)
+        _crop(self._d_cache, dr.d_len0 + keep)
+        self._d_pending = v.emitted[keep:]
 
     def generate(
         self,

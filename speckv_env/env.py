@@ -76,7 +76,18 @@ class LiveBackend:
         return self.engine.position
 
     def step(self, gamma: int) -> StepOutcome:
-        r = self.engine.step(gamma)
+        return self._outcome(self.engine.step(gamma))
+
+    # ---- token mode -------------------------------------------------------------------
+    def draft_token(self, lookahead: bool = True) -> float:
+        """Draft one more token of the current step; its own draft probability."""
+        return self.engine.draft_token(lookahead)
+
+    def verify(self) -> StepOutcome:
+        """Verify what the current step has drafted."""
+        return self._outcome(self.engine.verify())
+
+    def _outcome(self, r: Any) -> StepOutcome:
         return StepOutcome(
             gamma=r.gamma,
             accepted=r.accepted,
@@ -86,7 +97,11 @@ class LiveBackend:
             events=r.events,
             draft_s=r.draft_s,
             verify_s=r.verify_s,
-            extra={"draft_signals": r.draft_signals, "draft_forwards": r.draft_forwards, "exact": self.engine.exact},
+            extra={
+                "draft_signals": r.draft_signals,
+                "draft_forwards": r.draft_forwards,
+                "exact": self.engine.exact,
+            },
         )
 
     def close(self) -> None:
@@ -207,8 +222,12 @@ class SpecKVEnv(SpecKVBaseEnv):
         render_mode: str | None = None,
         trust_remote_code: bool = False,
         exact: bool = True,
+        control: str = "step",
     ) -> None:
+        from .core import check_control
         from .pair import load_pair
+
+        check_control(control)
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -234,7 +253,7 @@ class SpecKVEnv(SpecKVBaseEnv):
             cost_model=cost_model,
             gamma_max=gamma_max,
         )
-        super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode)
+        super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control)
 
     @property
     def engine(self):

@@ -151,7 +151,12 @@ def test_schema_mismatch_errors(tmp_path: Path) -> None:
     pq.write_table(table.set_column(i, pa.field("tokens", wrong.type), wrong), tmp_path / "type.parquet")
     with pytest.raises(TraceFormatError, match=r"type\.parquet.*'tokens'.*int64"):
         read_traces(tmp_path / "type.parquet")
-    assert TRACE_SCHEMA_VERSION == "speckv-trace/1"
+    assert TRACE_SCHEMA_VERSION == "speckv-trace/2"
+    # a /2 file that lost a rollout column is refused by name
+    t2 = traces_to_table(synthetic_dataset(2, rollouts=True))
+    pq.write_table(t2.drop_columns(["roll_p"]), tmp_path / "noroll.parquet")
+    with pytest.raises(TraceFormatError, match=r"noroll\.parquet.*speckv-trace/2.*missing column.*roll_p"):
+        read_traces(tmp_path / "noroll.parquet")
 
 
 def test_duplicate_ids_across_files(tmp_path: Path) -> None:
@@ -205,7 +210,8 @@ def test_meta_roundtrip(tmp_path: Path) -> None:
 
 
 def test_schema_doc_lists_every_column() -> None:
-    from replay.schema import STEPS_COLUMNS, TRACE_COLUMNS
+    from replay.schema import STEPS_COLUMNS
+    from replay.schema import TRACE_COLUMNS_V2 as TRACE_COLUMNS
 
     doc = (Path(__file__).resolve().parent.parent / "replay" / "SCHEMA.md").read_text()
     for name in list(TRACE_COLUMNS) + list(STEPS_COLUMNS):

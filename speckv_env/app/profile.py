@@ -178,13 +178,17 @@ def record_episode(
     policy: Callable[[int, Any], int] | None = None,
     split: str | None = None,
     behaviour: str = "uniform",
+    rollouts: bool = True,
 ):
     """Decode one prompt with ``engine`` and return its :class:`replay.trace.Trace`.
 
     The behaviour policy only changes the recorded path's measured times: the per-position
-    record (and so every replayed policy's outcome) is the same whatever it is.
+    record (and so every replayed policy's outcome) is the same whatever it is. ``rollouts``:
+    also record the draft's rollout from every position (``speckv-trace/2``, token mode;
+    :mod:`speckv_env.rollout`), else a ``speckv-trace/1`` trace.
     """
     from replay.trace import Trace, make_trace_id
+    from speckv_env.rollout import draft_rollouts
 
     engine.record_signals = True  # the trace stores every position's draft signals
 
@@ -201,6 +205,13 @@ def record_episode(
     for s in res.steps:
         pos.append(t)
         t += len(s.tokens)
+    roll_cols: dict[str, Any] = {}
+    roll_meta: dict[str, Any] = {}
+    if rollouts:
+        t0 = time.perf_counter()
+        ro = draft_rollouts(engine, ids, res.tokens, gamma_max)
+        roll_meta = {"rollout_forwards": ro.forwards, "rollout_s": time.perf_counter() - t0}
+        roll_cols = {f"roll_{k}": getattr(ro, k) for k in ("tokens", "top1", "entropy", "margin", "p")}
     return Trace(
         trace_id=make_trace_id(pair.name, pair.compression, prompt.id, mode, seed),
         tokens=np.asarray(res.tokens, dtype=np.int32),
@@ -235,7 +246,9 @@ def record_episode(
             "prefill_s": engine.prefill_s,
             "exact": bool(engine.exact),
             "kernels": getattr(pair, "kernels", "stock"),
+            **roll_meta,
         },
+        **roll_cols,
     )
 
 
