@@ -12,6 +12,7 @@ from conftest import requires_default
 from tiny_models import make_tiny_smol_pair
 
 import speckv_env  # noqa: F401
+from speckv_env.app.compare_data import LEARNED
 from speckv_env.app.online import (
     OnlineConfig,
     Policy,
@@ -100,7 +101,13 @@ def test_online_comparison_runs_end_to_end(live_run):
         m = pol[name]["subsets"]["all"]
         assert m["tokens_per_s"]["value"] > 0 and m["modelled_tokens_per_s"]["value"] > 0
         assert m["episodes"] == 2 and m["prompts"] == 2
-    assert split["primary"]["policy"] in ("ucb1", "mlp-time", "ppo") and split["primary"]["selected_on"] == "validation"
+    # the primary contrast's controller: the learned one fastest on the validation prompts (ties: LEARNED order)
+    val = {k: v["value"] for k, v in split["validation"]["tokens_per_s"].items()}
+    learned = [p for p in LEARNED if p in val]
+    assert set(learned) == {"ucb1", "mlp-time", "ppo"}, sorted(val)
+    want = max(learned, key=lambda p: (val[p], -learned.index(p)))
+    assert split["primary"]["policy"] == want and split["primary"]["selected_on"] == "validation"
+    assert split["primary"]["validation_tokens_per_s"] == {p: val[p] for p in learned}
     assert res["ppo_live"]["live_steps"] == 16 and "fine-tuned live" in res["training"]["ppo"]
     assert "verdict" in split and "ucb1" in split["online_vs_replay"]
     assert split["same_tokens"] is True  # greedy: every policy emits the target's own tokens
