@@ -145,7 +145,15 @@ def test_step_log_replay_renders_its_steps():
     assert len(infos) == 5
     assert all(f.shape == (RENDER_HEIGHT, RENDER_WIDTH, 3) for f in frames)
     assert not np.array_equal(frames[0], frames[-1])
-    assert _is(frames[-1], ACCEPTED).any() or _is(frames[-1], ALL_ACCEPTED).any() or _is(frames[-1], REJECTED).any()
+    # each frame is the run's steps so far, as the env reported them (gamma drafted, accepted)
+    u = env.unwrapped
+    steps = [(i["gamma"], i["accepted"]) for i in infos]
+    assert any(k > 0 for _, k in steps) and any(k < g for g, k in steps)  # accepted and rejected bars both drawn
+    for j in range(1, len(frames)):
+        pos = int(infos[j - 1]["position"])
+        done = "episode_summary" in infos[j - 1]
+        want = draw_episode(steps[:j], max(u.gammas), pos, u.backend.max_new_tokens, done=done)
+        np.testing.assert_array_equal(frames[j], want, err_msg=f"frame after step {j}")
 
 
 @requires_default
