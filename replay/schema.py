@@ -107,6 +107,10 @@ ROLLOUT_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "roll_entropy": (pa.list_(pa.float32()), "rollouts: entropy (nats) of that distribution"),
     "roll_margin": (pa.list_(pa.float32()), "rollouts: top-1 minus top-2 probability of that distribution"),
     "roll_p": (pa.list_(pa.float32()), "rollouts: the drafted token's own probability in that distribution"),
+    "draft_argmax": (pa.list_(pa.int32()), "the draft's top-1 token at s (from the true prefix)"),
+    "tgt_top1": (pa.list_(pa.float32()), "the target's top-1 probability at s (its distribution y_s was chosen from)"),
+    "tgt_entropy": (pa.list_(pa.float32()), "the target's entropy (nats) at s"),
+    "prompt_tokens": (pa.list_(pa.int32()), "the prompt's token ids (len = prompt_len), as the models saw them"),
 }
 """The columns ``speckv-trace/2`` adds to version 1 (before ``meta``)."""
 

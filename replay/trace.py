@@ -102,6 +102,13 @@ _ROLL_FIELDS: dict[str, np.dtype] = {
     "roll_p": np.dtype(np.float32),
 }
 """``speckv-trace/2``'s rollout columns: ``(N, gamma_max)`` arrays in memory, flat on disk."""
+_V2_FIELDS: dict[str, np.dtype] = {
+    "draft_argmax": np.dtype(np.int32),
+    "tgt_top1": np.dtype(np.float32),
+    "tgt_entropy": np.dtype(np.float32),
+    "prompt_tokens": np.dtype(np.int32),
+}
+"""``speckv-trace/2``'s other new columns (one-dimensional: N values, or the prompt's tokens)."""
 _POSITION_FIELDS = ("tokens", "accept", "sig_top1", "sig_entropy", "sig_margin")
 _STEP_FIELDS = ("step_pos", "step_gamma", "step_accepted", "step_draft_s", "step_verify_s")
 
@@ -166,9 +173,13 @@ class Trace:
     roll_entropy: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     roll_margin: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     roll_p: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    draft_argmax: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    tgt_top1: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    tgt_entropy: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    prompt_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
     def __post_init__(self) -> None:
-        for name, dt in _LIST_FIELDS.items():
+        for name, dt in {**_LIST_FIELDS, **_V2_FIELDS}.items():
             setattr(self, name, np.ascontiguousarray(np.asarray(getattr(self, name)), dtype=dt))
         for name, dt in _ROLL_FIELDS.items():
             a = np.ascontiguousarray(np.asarray(getattr(self, name)), dtype=dt)
@@ -293,10 +304,31 @@ class Trace:
                     raise self._err(f"{name} must be finite and non-negative")
         self._validate_rollouts()
 
+    def _validate_v2_positions(self) -> None:
+        """Version 2's per-position columns and prompt tokens: lengths, ranges, greedy consistency."""
+        n = self.tokens.shape[0]
+        for name in ("draft_argmax", "tgt_top1", "tgt_entropy"):
+            if getattr(self, name).shape != (n,):
+                raise self._err(f"inconsistent lengths: len(tokens) = {n} but len({name}) = {getattr(self, name).size}")
+        if self.prompt_tokens.shape != (self.prompt_len,):
+            raise self._err(f"prompt_tokens holds {self.prompt_tokens.size} ids but prompt_len = {self.prompt_len}")
+        if (self.draft_argmax < 0).any() or (self.prompt_tokens < 0).any():
+            raise self._err("draft_argmax or prompt_tokens has negative token ids")
+        for name, hi in (("tgt_top1", 1.0), ("tgt_entropy", np.inf)):
+            v = getattr(self, name)
+            if not np.isfinite(v).all() or (v < 0).any() or (v > hi + 1e-6).any():
+                raise self._err(f"{name} has values outside [0, {hi}]")
+        if self.mode == "greedy":
+            bad = np.nonzero((self.draft_argmax == self.tokens) != self.accept)[0]
+            if bad.size:
+                raise self._err(f"greedy: accept[{bad[0]}] disagrees with draft_argmax[{bad[0]}] == tokens[{bad[0]}]")
+            if not np.array_equal(self.roll_tokens[:, 0], self.draft_argmax):
+                raise self._err("greedy: the rollouts do not start with the draft's top-1 tokens (draft_argmax)")
+
     def _validate_rollouts(self) -> None:
         """Check the rollouts of a version 2 trace: shapes, ranges, and (exact traces) that they
         start at the trace's own signals and follow the emitted tokens while those are accepted."""
-        present = [getattr(self, name).size > 0 for name in _ROLL_FIELDS]
+        present = [getattr(self, name).size > 0 for name in (*_ROLL_FIELDS, *_V2_FIELDS)]
         if not any(present):
             return
         n, G = self.tokens.shape[0], self.gamma_max
@@ -305,6 +337,7 @@ class Trace:
                 raise self._err(
                     f"{name} must hold N x gamma_max = {n} x {G} values, got shape {getattr(self, name).shape}"
                 )
+        self._validate_v2_positions()
         if (self.roll_tokens < 0).any():
             raise self._err("roll_tokens has negative token ids")
         for name, hi in (("roll_top1", 1.0), ("roll_entropy", np.inf), ("roll_margin", 1.0), ("roll_p", 1.0)):
@@ -364,8 +397,8 @@ def traces_to_table(traces: Sequence[Trace]) -> pa.Table:
             cols[name] = pa.array([version] * len(traces), type=typ)
         elif name == "meta":
             cols[name] = pa.array([json.dumps(t.meta, sort_keys=True) for t in traces], type=typ)
-        elif name in _LIST_FIELDS or name in _ROLL_FIELDS:
-            dt = _LIST_FIELDS.get(name) or _ROLL_FIELDS[name]
+        elif name in _LIST_FIELDS or name in _ROLL_FIELDS or name in _V2_FIELDS:
+            dt = {**_LIST_FIELDS, **_ROLL_FIELDS, **_V2_FIELDS}[name]
             arrs = [getattr(t, name).reshape(-1) for t in traces]
             offsets = np.zeros(len(arrs) + 1, dtype=np.int32)
             np.cumsum([a.shape[0] for a in arrs], out=offsets[1:])
@@ -410,7 +443,7 @@ def table_to_traces(table: pa.Table, source: str) -> list[Trace]:
     scalars = {name: table.column(name).to_pylist() for name in _SCALAR_FIELDS}
     metas = table.column("meta").to_pylist()
     lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    list_fields = {**_LIST_FIELDS, **(_ROLL_FIELDS if version == TRACE_SCHEMA_VERSION else {})}
+    list_fields = {**_LIST_FIELDS, **({**_ROLL_FIELDS, **_V2_FIELDS} if version == TRACE_SCHEMA_VERSION else {})}
     for name, dt in list_fields.items():
         arr = table.column(name).combine_chunks()
         if isinstance(arr, pa.ChunkedArray):  # empty table
@@ -682,7 +715,7 @@ def synthetic_trace(
     mnt = n if finish_reason == "length" else n + 8
     path = _fixed_gamma_path(L, mnt, min(record_gamma, gamma_max), cm, mode == "sample")
     roll: dict[str, Any] = (
-        synthetic_rollouts(tokens, L, top1, entropy, margin, gamma_max, mode, seed) if rollouts else {}
+        synthetic_rollouts(tokens, accept, L, top1, entropy, margin, gamma_max, mode, seed) if rollouts else {}
     )
     return Trace(
         trace_id=trace_id or f"synthetic-{compression}-{task}-{mode}-{seed}",
@@ -714,6 +747,7 @@ def synthetic_trace(
 
 def synthetic_rollouts(
     tokens: np.ndarray,
+    accept: np.ndarray,
     L: np.ndarray,
     top1: np.ndarray,
     entropy: np.ndarray,
@@ -721,6 +755,7 @@ def synthetic_rollouts(
     gamma_max: int,
     mode: str,
     seed: int,
+    prompt_len: int = 16,
 ) -> dict[str, np.ndarray]:
     """SYNTHETIC rollouts consistent with a trace: from t, token i is the emitted ``tokens[t + i]``
     while the run ``L[t]`` lasts and random after; signals start at the trace's own and drift;
@@ -739,12 +774,21 @@ def synthetic_rollouts(
     mg[:, 0] = np.minimum(margin, top1)
     p = t1 if mode == "greedy" else t1 * rng.uniform(0.3, 1.0, (n, G))
     f32 = np.float32
+    # the draft's top-1 is the emitted token exactly where accepted (greedy), and starts the rollout
+    argmax = np.where(accept, tokens, (tokens + rng.integers(1, 1000, n)) % 49152)
+    if mode == "greedy":
+        rt[:, 0] = argmax
+    tgt_top1 = np.clip(top1 + rng.normal(0.05, 0.1, n), 0.05, 1.0)
     return {
         "roll_tokens": rt,
         "roll_top1": t1.astype(f32),
         "roll_entropy": ent.astype(f32),
         "roll_margin": mg.astype(f32),
         "roll_p": p.astype(f32),
+        "draft_argmax": argmax.astype(np.int32),
+        "tgt_top1": tgt_top1.astype(f32),
+        "tgt_entropy": np.clip(entropy * rng.uniform(0.5, 1.0, n), 0.0, 11.0).astype(f32),
+        "prompt_tokens": rng.integers(3, 49152, prompt_len).astype(np.int32),
     }
 
 

@@ -306,6 +306,8 @@ class SpeculativeEngine:
         self._late_pos: int | None = None
         self.pos_accept: list[bool | None] = []
         self._pos_rows: list[Any] = []
+        #: recording only: the target's signals at each emitted position (its distribution there)
+        self.pos_target: list[DraftSignals | None] = []
         self.finish_reason: str | None = None
 
     # ---- timing ---------------------------------------------------------------------
@@ -415,6 +417,20 @@ class SpeculativeEngine:
         unless ``record_signals`` was on while decoding)."""
         return [r if (r is None or isinstance(r, DraftSignals)) else _signals_from_logits(r) for r in self._pos_rows]
 
+    @property
+    def pos_argmax(self) -> list[int | None]:
+        """Per-position argmax token of the draft (None unless ``record_signals`` was on)."""
+        return [None if (r is None or isinstance(r, DraftSignals)) else int(torch.argmax(r)) for r in self._pos_rows]
+
+    def _record_target(self, t: int, logits: torch.Tensor, n: int) -> None:
+        """Recording: the target's signals at the ``n`` positions a verification emitted."""
+        if not self.record_signals:
+            return
+        while len(self.pos_target) < t + n:
+            self.pos_target.append(None)
+        for i in range(n):
+            self.pos_target[t + i] = _signals_from_logits(logits[i])
+
     def _record(self, pos: int, row: torch.Tensor, accepted: bool) -> None:
         """Per-position record for full-information traces (see replay/SCHEMA.md): whether the
         draft's proposal at ``pos`` is accepted, and its logits there (signals computed lazily)."""
@@ -513,6 +529,7 @@ class SpeculativeEngine:
         acc_raw = v.accepted
         finish = self._cut_at_eos(v)
         self._record_step(t, g, v, dr, acc_raw)
+        self._record_target(t, logits, len(v.emitted))
         self._rollback(g, v, dr)
         t2 = self._now()
         self._dr = None

@@ -212,6 +212,16 @@ def record_episode(
         ro = draft_rollouts(engine, ids, res.tokens, gamma_max)
         roll_meta = {"rollout_forwards": ro.forwards, "rollout_s": time.perf_counter() - t0}
         roll_cols = {f"roll_{k}": getattr(ro, k) for k in ("tokens", "top1", "entropy", "margin", "p")}
+        tgt = engine.pos_target
+        argmax = engine.pos_argmax
+        if len(tgt) != len(res.tokens) or any(x is None for x in tgt) or any(a is None for a in argmax):
+            raise RuntimeError(f"incomplete target record for prompt {prompt.id}: engine bug")
+        roll_cols.update(
+            draft_argmax=np.asarray(argmax, dtype=np.int32),
+            tgt_top1=np.asarray([x.top1 for x in tgt if x is not None], dtype=np.float32),
+            tgt_entropy=np.asarray([x.entropy for x in tgt if x is not None], dtype=np.float32),
+            prompt_tokens=np.asarray(ids, dtype=np.int32),
+        )
     return Trace(
         trace_id=make_trace_id(pair.name, pair.compression, prompt.id, mode, seed),
         tokens=np.asarray(res.tokens, dtype=np.int32),
