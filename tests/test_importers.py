@@ -22,7 +22,6 @@ from replay.importers import (
     write_step_log,
 )
 from replay.schema import STEPS_SCHEMA_VERSION, TraceFormatError
-from speckv_env.core import CostModel
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +150,16 @@ def test_write_read_step_log_and_env_from_logs(paper, tmp_path: Path) -> None:
     back = read_step_log(tmp_path)
     assert len(back) == len(sub) and (back["accepted"].to_numpy() == sub["accepted"].to_numpy()).all()
     env = gym.make("SpecKVReplay-v0", logs=tmp_path, split="train")
-    env.reset(seed=0)
     u = env.unwrapped
     assert isinstance(u, SpecKVReplayEnv)
     assert u.backend.num_episodes() == 3 * 4 * 3  # compressions x gammas x train prompts
-    assert isinstance(u.cost_model, CostModel)
+    # each run is priced by the cost model written beside the logs for its own compression
+    seen = set()
+    for ep in range(u.backend.num_episodes()):
+        _, info = env.reset(seed=0, options={"episode": ep})
+        assert u.cost_model.to_dict() == cms[info["compression"]].to_dict(), (ep, info["compression"])
+        seen.add(info["compression"])
+    assert seen == set(cms)
 
 
 def test_malformed_paper_files(tmp_path: Path) -> None:
