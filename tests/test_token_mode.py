@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import requires_default
 from tiny_models import make_tiny_pair
 
 import speckv_env  # noqa: F401  (registers the envs)
@@ -218,3 +219,36 @@ def test_v2_trace_inconsistent_rollout_is_refused():
     tr.roll_tokens = bad[:, :3]
     with pytest.raises(TraceFormatError, match="roll_tokens must hold N x gamma_max"):
         tr.validate()
+
+
+@pytest.mark.slow
+@requires_default
+@pytest.mark.parametrize("compression", ["fp32", "int8"])
+def test_real_pair_token_mode_replays_exactly(compression):
+    """On the real default pair: live token-mode episodes with random continue/stop choices
+    (greedy and T = 0.7) replay identically, decision by decision, from a freshly recorded
+    speckv-trace/2 trace of another (step-mode, random-gamma) behaviour."""
+    from speckv_env.pair import load_pair
+    from speckv_env.prompts import load_prompts
+
+    pair = load_pair(compression=compression, device="cpu")
+    prompt = min(load_prompts(split="test", task="code"), key=lambda p: len(p.text))
+    for temperature in (0.0, 0.7):
+        seed = 21
+        tr = _record(pair, prompt, temperature, seed, max_new_tokens=32)
+        assert tr.meta["exact"] is True and tr.has_rollouts
+        live = gym.make(
+            "SpecKV-v0",
+            pair=pair,
+            prompts=[prompt],
+            cost_model=CostModel.unit(),
+            max_new_tokens=32,
+            temperature=temperature,
+            control="token",
+        )
+        rep = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit(), control="token")
+        live.reset(options={"episode": 0, "episode_seed": seed})
+        rep.reset(options={"episode": 0})
+        decisions, steps = _play_both(live, rep, seed=5, p_draft=0.75)
+        assert decisions > steps > 3
+        assert live.unwrapped.emitted_tokens == tr.tokens.tolist()
