@@ -140,4 +140,9 @@ def test_generate_on_a_tiny_pair(tmp_path):
         "--json",
     )
     r = json.loads(out)
-    assert r["new_tokens"] <= 12 and r["steps"] >= 1 and "text" in r and r["tokens_per_s"] > 0
+    # random tiny models never reach EOS in 12 tokens: the whole budget, in steps of at most gamma + 1 tokens
+    assert r["new_tokens"] == 12 and 3 <= r["steps"] <= 12 and r["text"] and r["tokens_per_s"] > 0
+    hist = {int(k): n for k, n in r["accepted_histogram"].items()}
+    assert sum(hist.values()) == r["steps"] and set(hist) <= {0, 1, 2, 3}
+    assert sum((k + 1) * n for k, n in hist.items()) == r["new_tokens"]  # a step emits its accepted drafts + 1
+    assert r["tokens_per_step"] == pytest.approx(12 / r["steps"])
