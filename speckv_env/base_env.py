@@ -198,6 +198,7 @@ class SpecKVBaseEnv(gym.Env):
         self._token = control == "token"
         self._drafted = 0  # token mode: tokens drafted so far in the current step
         self._survival = 1.0  # token mode: product of their own draft probabilities
+        self._last_p = 1.0  # token mode: the last drafted token's own draft probability
         self.reward_name = reward
         self._reward_fn = get_reward(reward)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -240,7 +241,7 @@ class SpecKVBaseEnv(gym.Env):
         self._done = False
         self._text = []
         self._stats = {"steps": 0, "tokens": 0, "modelled_s": 0.0, "measured_s": 0.0}
-        self._drafted, self._survival = 0, 1.0
+        self._drafted, self._survival, self._last_p = 0, 1.0, 1.0
         self._last_signals = self.backend.signals()
         obs = self._observe()
         info = {
@@ -264,7 +265,7 @@ class SpecKVBaseEnv(gym.Env):
         if not self._token:
             return obs
         drafted = min(self._drafted / max(self.gammas), 1.0) if max(self.gammas) else 0.0
-        return np.concatenate((obs, np.array((drafted, self._survival), dtype=np.float32)))
+        return np.concatenate((obs, np.array((drafted, self._survival, self._last_p), dtype=np.float32)))
 
     def token_cap(self) -> int:
         """Token mode: the most tokens the current step may draft (``max(gammas)`` and the budget)."""
@@ -298,7 +299,7 @@ class SpecKVBaseEnv(gym.Env):
             return self._token_verify(lookahead=j > 0, decision=TOKEN_ACTIONS[a])
         lookahead = j + 1 < cap
         p = self.backend.draft_token(lookahead)  # type: ignore[attr-defined]  # token backends
-        self._drafted, self._survival = j + 1, self._survival * p
+        self._drafted, self._survival, self._last_p = j + 1, self._survival * p, p
         if not lookahead:  # the cap: verify now
             return self._token_verify(lookahead=False, decision="draft", draft_p=p)
         cm = self.cost_model
@@ -346,7 +347,7 @@ class SpecKVBaseEnv(gym.Env):
         self._stats["modelled_s"] += t_model
         self._text.extend(out.tokens)
         self._done = out.done
-        self._drafted, self._survival = 0, 1.0
+        self._drafted, self._survival, self._last_p = 0, 1.0, 1.0
         if not out.done:
             self._last_signals = self.backend.signals()
         info: dict[str, Any] = {

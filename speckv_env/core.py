@@ -97,6 +97,7 @@ TOKEN_OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (
         1.0,
         "token mode: product of the drafted tokens' own draft probabilities in this step (1 before drafting)",
     ),
+    ("last_draft_p", 0.0, 1.0, "token mode: the last drafted token's own draft probability (1 before drafting)"),
 )
 """Token mode's observation: the step mode's (whose draft signals are those of the distribution
 the next token would be drafted from) plus where the decision stands within the step."""
