@@ -34,7 +34,12 @@ def test_tiny_pipeline_trains_a_loadable_draft(tmp_path):
         logits = draft(input_ids=ids).logits
     assert logits.shape == (1, 4, 49152)
     assert torch.isfinite(logits).all()
-    assert 0.0 <= res["eval"]["splits"]["test"]["mean_alpha"] <= 1.0
+    # the evaluation scored the draft on real target tokens of every task it was given
+    test = res["eval"]["splits"]["test"]
+    tasks = test["tasks"]
+    assert tasks and all(v["n_prompts"] > 0 and v["n_tokens"] > 0 for v in tasks.values()), tasks
+    assert test["mean_alpha"] == pytest.approx(sum(v["alpha"] for v in tasks.values()) / len(tasks))
+    assert all(0.0 <= v["alpha"] <= 1.0 for v in tasks.values())
 
 
 @pytest.fixture(scope="module")
