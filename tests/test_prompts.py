@@ -107,8 +107,10 @@ def test_unknown_task_or_split():
         load_prompts("chat", "dev")
     with pytest.raises(ValueError, match="'nope'"):
         load_prompts(["chat", "nope"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no task given; choose from chat, code, math, summarization"):
         load_prompts([])
+    with pytest.raises(ValueError, match="no split given"):
+        load_prompts("chat", [])
 
 
 def test_load_prompt_file_jsonl_defaults(tmp_path):
