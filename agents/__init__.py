@@ -4,7 +4,8 @@
 >>> agent = make_agent("ucb1", seed=0)
 
 Registry names (:data:`AGENTS`): fixed, hf_heuristic, cost_aware, speckv_mlp, epsilon_greedy,
-ucb1, thompson, exp3, linucb, ppo, oracle. torch and stable-baselines3 are imported only
+ucb1, thompson, exp3, linucb, ppo, oracle; token mode's stopping rules (:mod:`agents.stopping`):
+hf_confidence, svip, adaedl, specdecpp. torch and stable-baselines3 are imported only
 when an MLP is trained or a PPO agent is built.
 """
 
@@ -14,23 +15,29 @@ from .mlp import SpecKVMLP
 from .oracle import OracleAgent
 from .ppo import PPOAgent
 from .simple import CostAwareAnalytic, FixedGamma, HFHeuristic
+from .stopping import AdaEDL, EntropyStop, HFConfidence, SpecDecPP, StopRule
 from .training import collect_rollouts, evaluate_agent, make_vec_env, summarize, train_agent
 
 __all__ = [
     "AGENTS",
+    "AdaEDL",
     "Agent",
     "AgentFormatError",
     "CostAwareAnalytic",
     "DEFAULT_VERIFY_SLOPE",
     "EXP3",
+    "EntropyStop",
     "EpsilonGreedy",
     "FixedGamma",
     "GammaTable",
+    "HFConfidence",
     "HFHeuristic",
     "LinUCB",
     "OracleAgent",
     "PPOAgent",
+    "SpecDecPP",
     "SpecKVMLP",
+    "StopRule",
     "ThompsonSampling",
     "UCB1",
     "collect_rollouts",

@@ -188,7 +188,6 @@ def record_episode(
     :mod:`speckv_env.rollout`), else a ``speckv-trace/1`` trace.
     """
     from replay.trace import Trace, make_trace_id
-    from speckv_env.rollout import draft_rollouts
 
     engine.record_signals = True  # the trace stores every position's draft signals
 
@@ -205,23 +204,7 @@ def record_episode(
     for s in res.steps:
         pos.append(t)
         t += len(s.tokens)
-    roll_cols: dict[str, Any] = {}
-    roll_meta: dict[str, Any] = {}
-    if rollouts:
-        t0 = time.perf_counter()
-        ro = draft_rollouts(engine, ids, res.tokens, gamma_max)
-        roll_meta = {"rollout_forwards": ro.forwards, "rollout_s": time.perf_counter() - t0}
-        roll_cols = {f"roll_{k}": getattr(ro, k) for k in ("tokens", "top1", "entropy", "margin", "p")}
-        tgt = engine.pos_target
-        argmax = engine.pos_argmax
-        if len(tgt) != len(res.tokens) or any(x is None for x in tgt) or any(a is None for a in argmax):
-            raise RuntimeError(f"incomplete target record for prompt {prompt.id}: engine bug")
-        roll_cols.update(
-            draft_argmax=np.asarray(argmax, dtype=np.int32),
-            tgt_top1=np.asarray([x.top1 for x in tgt if x is not None], dtype=np.float32),
-            tgt_entropy=np.asarray([x.entropy for x in tgt if x is not None], dtype=np.float32),
-            prompt_tokens=np.asarray(ids, dtype=np.int32),
-        )
+    roll_cols, roll_meta = _v2_columns(engine, ids, res.tokens, gamma_max, prompt.id) if rollouts else ({}, {})
     return Trace(
         trace_id=make_trace_id(pair.name, pair.compression, prompt.id, mode, seed),
         tokens=np.asarray(res.tokens, dtype=np.int32),
@@ -260,6 +243,28 @@ def record_episode(
         },
         **roll_cols,
     )
+
+
+def _v2_columns(engine, ids: list[int], tokens: list[int], gamma_max: int, prompt_id: str) -> tuple[dict, dict]:
+    """speckv-trace/2's columns of a decoded episode (the draft's rollouts, the draft's top-1
+    tokens, the target's signals, the prompt's tokens) and what the rollouts cost (for meta)."""
+    from speckv_env.rollout import draft_rollouts
+
+    t0 = time.perf_counter()
+    ro = draft_rollouts(engine, ids, tokens, gamma_max)
+    meta = {"rollout_forwards": ro.forwards, "rollout_s": time.perf_counter() - t0}
+    cols: dict[str, Any] = {f"roll_{k}": getattr(ro, k) for k in ("tokens", "top1", "entropy", "margin", "p")}
+    tgt = engine.pos_target
+    argmax = engine.pos_argmax
+    if len(tgt) != len(tokens) or any(x is None for x in tgt) or any(a is None for a in argmax):
+        raise RuntimeError(f"incomplete target record for prompt {prompt_id}: engine bug")
+    cols.update(
+        draft_argmax=np.asarray(argmax, dtype=np.int32),
+        tgt_top1=np.asarray([x.top1 for x in tgt if x is not None], dtype=np.float32),
+        tgt_entropy=np.asarray([x.entropy for x in tgt if x is not None], dtype=np.float32),
+        prompt_tokens=np.asarray(ids, dtype=np.int32),
+    )
+    return cols, meta
 
 
 def select_profile_prompts(

@@ -1,0 +1,115 @@
+"""Token mode's stopping rules (agents/stopping.py): semantics, fitting, tuning, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents import AdaEDL, EntropyStop, HFConfidence, SpecDecPP, load_agent
+from agents.stopping import (
+    THRESHOLD_GRIDS,
+    auc,
+    fit_logistic,
+    head_training_data,
+    run_token_episodes,
+    token_features,
+    tune_threshold,
+)
+from replay.env import SpecKVReplayEnv
+from replay.trace import synthetic_dataset
+from speckv_env.core import TOKEN_OBS_DIM, CostModel
+
+CM = CostModel.unit(draft_ratio=0.1)
+
+
+@pytest.fixture(scope="module")
+def traces():
+    return synthetic_dataset(30, rollouts=True, modes=("greedy", "sample"), seed=11)
+
+
+def _env(trs):
+    return SpecKVReplayEnv(traces=trs, cost_model=CM, control="token")
+
+
+def test_hf_confidence_drafts_first_then_while_the_last_token_is_confident(traces):
+    env = _env(traces)
+    agent = HFConfidence(0.4).bind(env)
+    for ep in range(6):
+        obs, _ = env.reset(options={"episode": ep})
+        done = False
+        while not done:
+            a = agent.act(obs)
+            drafted, last_p = float(obs[-3]), float(obs[-1])
+            assert a == (1 if drafted == 0.0 or last_p >= 0.4 else 0)
+            obs, _, te, tu, info = env.step(a)
+            done = te or tu
+            if info["decision"] == "verify" and info["drafted"] > 0 and info["gamma"] < 8:
+                # it stopped only after a token below the threshold
+                assert info["draft_p"] is None and last_p < 0.4
+
+
+def test_rules_act_batch_equals_act_and_refuse_step_mode(traces):
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(0, 1, (200, TOKEN_OBS_DIM)).astype(np.float32)
+    obs[:, 1] *= 6.0
+    obs[::3, -3] = 0.0
+    for agent in (HFConfidence(0.3), EntropyStop(1.2), AdaEDL(0.3)):
+        assert agent.act_batch(obs).tolist() == [agent.act(o) for o in obs]
+    step_env = SpecKVReplayEnv(traces=traces, cost_model=CM)
+    with pytest.raises(ValueError, match="control='token'"):
+        HFConfidence().bind(step_env)
+
+
+def test_specdecpp_head_learns_acceptance_and_tuning_picks_the_best(traces):
+    train = [t for t in traces if t.split == "train"]
+    X, y = head_training_data(train, 8)
+    assert X.shape == (len(y), 8) and 0.2 < y.mean() < 0.95
+    w = fit_logistic(X, y)
+    a = auc(X @ w, y)
+    assert a > 0.65  # the synthetic signals are informative; a constant score has AUC 0.5
+    # the head is better than chance on held-out traces too
+    Xt, yt = head_training_data([t for t in traces if t.split != "train"], 8)
+    assert auc(Xt @ w, yt) > 0.6
+    env = _env(train)
+    eps = range(len(train))
+
+    def tps(agent):
+        n, s = run_token_episodes(agent, env, eps)
+        return n / s
+
+    name, grid = THRESHOLD_GRIDS["specdecpp"]
+    best, scores = tune_threshold(lambda h: SpecDecPP(w, h=h), grid, tps)
+    assert scores[best.h] == max(scores.values()) and len(set(scores.values())) > 1
+    best_hf, hf_scores = tune_threshold(lambda v: HFConfidence(v), THRESHOLD_GRIDS["hf_confidence"][1], tps)
+    assert hf_scores[best_hf.threshold] >= hf_scores[0.4]
+
+
+def test_token_features_match_between_fitting_and_acting(traces):
+    """The head sees at act time exactly the features it was fitted on (same function)."""
+    tr = next(t for t in traces if t.split == "train")
+    agent = SpecDecPP(np.linspace(-1, 1, 8), h=0.99)
+    env = _env([tr])
+    obs, _ = env.reset(options={"episode": 0})
+    obs, *_ = env.step(1)  # one token drafted, looked past
+    x_act = token_features(obs[0], obs[1], obs[2], obs[-3], obs[-2], obs[-1])
+    x_fit = token_features(
+        tr.roll_top1[0, 1], tr.roll_entropy[0, 1], tr.roll_margin[0, 1], 1 / 8, tr.roll_p[0, 0], tr.roll_p[0, 0]
+    )
+    np.testing.assert_allclose(x_act, x_fit, rtol=1e-6)
+    p = agent.accept_prob(obs)
+    assert 0.0 < float(p) < 1.0
+
+
+def test_auc_known_values():
+    assert auc(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0, 0, 1, 1])) == 1.0
+    assert auc(np.array([0.4, 0.3, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert auc(np.array([0.5, 0.5, 0.5, 0.5]), np.array([0, 1, 0, 1])) == 0.5
+
+
+def test_stopping_rules_save_and_load(tmp_path):
+    for agent in (HFConfidence(0.55), EntropyStop(1.3), AdaEDL(0.2, c=0.7), SpecDecPP(np.arange(8.0), h=0.3)):
+        p = agent.save(tmp_path / f"{agent.kind}.json")
+        back = load_agent(p)
+        assert type(back) is type(agent) and back.get_config() == agent.get_config()
+    with pytest.raises(ValueError, match="weights expected"):
+        SpecDecPP([1.0, 2.0])
