@@ -1,7 +1,8 @@
 """Per-decision latency of every agent: one observation in, one gamma index out, on CPU.
 
 Each agent decides on a pool of real observations (a random-gamma rollout of
-``SpecKVReplay-v0`` over a synthetic data set), after a warm-up; each call is timed alone with
+``SpecKVReplay-v0`` over a synthetic data set; token mode's stopping rules on a random
+continue/stop rollout of its token mode, target 10 us a decision), after a warm-up; each call is timed alone with
 ``time.perf_counter_ns`` (timer overhead, ~0.1 us, included). Reported: median, p99, mean in
 microseconds. Weights are untrained (random init): latency does not depend on their values.
 ``speckv_mlp[torch]`` times the same MLP through torch (the paper's 0.34 ms path) for
@@ -24,8 +25,10 @@ from speckv_env.core import DEFAULT_GAMMAS, OBS_INDEX
 
 from .compare_data import POLICY_GROUPS
 
-DEFAULT_AGENTS: tuple[str, ...] = POLICY_GROUPS  # every policy the comparison knows, the oracle included
-TARGET_US = {"speckv_mlp": 20.0}
+TOKEN_AGENTS: tuple[str, ...] = ("hf_confidence", "svip", "adaedl", "specdecpp")
+"""Token mode's stopping rules (:mod:`agents.stopping`), timed on token-mode observations."""
+DEFAULT_AGENTS: tuple[str, ...] = (*POLICY_GROUPS, *TOKEN_AGENTS)  # every policy the comparison knows, and token mode's
+TARGET_US = {"speckv_mlp": 20.0, **dict.fromkeys(TOKEN_AGENTS, 10.0)}
 I_COST_RATIO = OBS_INDEX["cost_ratio"]
 
 
@@ -46,6 +49,43 @@ def _observation_pool(n: int = 512, seed: int = 0):
         if term or trunc:
             obs, info = env.reset()
     return env, pool
+
+
+def _token_pool(n: int = 512, seed: int = 0):
+    """Token-mode observations: random continue/stop decisions over synthetic /2 traces."""
+    import gymnasium as gym
+
+    import speckv_env  # noqa: F401
+    from replay.trace import synthetic_dataset
+    from speckv_env.core import CostModel
+
+    trs = synthetic_dataset(8, seed=seed, rollouts=True, modes=("greedy", "sample"))
+    env = gym.make("SpecKVReplay-v0", traces=trs, cost_model=CostModel.unit(), control="token")
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset(seed=seed)
+    pool: list[np.ndarray] = []
+    while len(pool) < n:
+        pool.append(obs)
+        obs, r, term, trunc, info = env.step(int(rng.random() < 0.7))
+        if term or trunc:
+            obs, info = env.reset()
+    return env, pool
+
+
+def bench_token_agents(n: int, warmup: int, seed: int = 0, names: Sequence[str] = TOKEN_AGENTS) -> dict[str, Any]:
+    """Per-decision latency of token mode's stopping rules (SpecDec++ with a head fitted on the
+    pool's traces, so its timed path is the trained one)."""
+    env, pool = _token_pool(seed=seed)
+    out: dict[str, Any] = {}
+    for name in names:
+        agent: Any = make_agent(name, gammas=tuple(env.unwrapped.gammas))
+        if name == "specdecpp":
+            agent.fit(env.unwrapped.backend.traces)
+        agent.bind(env)
+        r: dict[str, Any] = dict(time_decisions(agent.act, pool, n, warmup))
+        r.update(control="token", target_us=TARGET_US[name], meets_target=r["median_us"] <= TARGET_US[name])
+        out[name] = r
+    return out
 
 
 def time_decisions(fn, pool: Sequence[np.ndarray], n: int, warmup: int) -> dict[str, float]:
@@ -79,7 +119,8 @@ def bench_agents(
     """Median / p99 per-decision latency (us) of each agent on one observation; optional JSON."""
     env, pool = _observation_pool(seed=seed)
     results: dict[str, Any] = {}
-    for name in agents:
+    token = [a for a in agents if a in TOKEN_AGENTS]
+    for name in (a for a in agents if a not in TOKEN_AGENTS):
         kw: dict[str, Any] = {"gammas": tuple(env.unwrapped.gammas)}
         agent: Agent = make_agent(name, **kw)
         agent.bind(env)
@@ -108,6 +149,8 @@ def bench_agents(
                 return mlp.table_for(float(o[I_COST_RATIO])).index_logit(z)
 
             results["speckv_mlp[torch]"] = time_decisions(torch_decide, pool, max(n // 10, 100), max(warmup // 10, 20))
+    if token:
+        results.update(bench_token_agents(n, warmup, seed, token))
     out = {
         "unit": "microseconds per single-observation decision",
         "agents": results,
