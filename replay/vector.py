@@ -12,9 +12,22 @@ step after an episode's end resets that env and returns its first observation wi
 or ``SAME_STEP`` (the env is reset in the step that ends it; the last observation is in
 ``info["final_obs"]``, masked by ``info["_final_obs"]``).
 
-Info (arrays over envs): ``gamma`` (used), ``accepted``, ``modelled_time``, ``episode``
-(trace index being played), and at episode ends ``episode_tps`` (modelled tokens/s of the
-finished episode), masked by ``_episode_tps``.
+Info (arrays over envs): ``gamma`` (used), ``accepted``, ``modelled_time``, and at episode ends
+``episode_tps`` (modelled tokens/s of the finished episode), masked by ``_episode_tps``; the
+trace index each env plays is ``info["episode"]`` at reset and :attr:`episode_index` any time.
+
+Token mode (``control="token"``, speckv-trace/2 traces): one step is one decision per env,
+``Discrete(2)`` (1 = draft one more token, 0 = stop and verify), with the scalar env's
+semantics decision by decision (same observations of ``TOKEN_OBS_SPEC``, rewards, ends; tested
+in tests/test_token_vector.py): a draft decision that looks ahead is charged ``t_draft``, a
+verification ``CostModel.verify_charge``, and a draft decision that reaches the cap verifies at
+once. The state gains the tokens drafted in the step (an integer row) and the observation's
+three token rows; the draft's rollout signals and probabilities are flattened like the trace's
+(``W = max(max(gammas), 1)`` entries per position: the position's own signals, then the
+rollout's). Token-mode info adds ``verified`` (the decision verified), ``drafted`` (tokens
+drafted in the step after the decision), ``lookahead``, ``draft_p`` (the drafted token's own
+probability, NaN where none was drafted) and ``step_time`` (the whole step's modelled time);
+``gamma``, ``accepted``, ``lookahead`` and ``step_time`` are 0 (False) where nothing was verified.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from speckv_env.base_env import check_gammas
+from speckv_env.base_env import TOKEN_ACTIONS, check_gammas
 from speckv_env.core import (
     DEFAULT_GAMMAS,
     EMA_FILL,
@@ -36,9 +49,16 @@ from speckv_env.core import (
     OBS_HIGH,
     OBS_INDEX,
     OBS_LOW,
+    OBS_SPEC,
+    TOKEN_OBS_DIM,
+    TOKEN_OBS_HIGH,
+    TOKEN_OBS_LOW,
+    TOKEN_OBS_SPEC,
     CostModel,
     ObservationBuilder,
     RewardFn,
+    StepOutcome,
+    check_control,
     get_reward,
     step_tables,
 )
@@ -49,20 +69,22 @@ from .trace import PathLike, Trace
 
 # The per-env state is packed into one int64 matrix with one column per env, so that resetting
 # envs to episodes is a single fancy assignment of fresh columns (``_start``). Its rows:
-#   integer state   _EP .. _LIM                   (int64)
-#   observation     _OBS: OBS_DIM rows in OBS_SPEC order (float64 bits, viewed as float64)
+#   integer state   _EP .. _J                     (int64)
+#   observation     _OBS: TOKEN_OBS_DIM rows in TOKEN_OBS_SPEC order (float64 bits, viewed as
+#                   float64); step mode observes the first OBS_DIM of them (OBS_SPEC)
 #   side state      _SIDE: _HITS1 .. _LEN         (float64 bits, viewed as float64)
-_EP, _BASE, _FI, _END, _GRP, _EOS, _LIM = range(7)
+_EP, _BASE, _FI, _END, _GRP, _EOS, _LIM, _J = range(8)
 """Integer rows: trace index; flat index of the trace's first position; flat index of the current
 position; flat index of the trace's last token; offset of the episode's step tables; 1 if the
-trace ends with EOS; flat index of position max_new_tokens - 1 (the engine's clip)."""
-_NI = 7
-_OBS = slice(_NI, _NI + OBS_DIM)
+trace ends with EOS; flat index of position max_new_tokens - 1 (the engine's clip); token mode:
+tokens drafted so far in the current step."""
+_NI = 8
+_OBS = slice(_NI, _NI + TOKEN_OBS_DIM)
 _HITS1, _TESTS2, _TIME, _LEN = range(4)
 """Side-state rows: accepted events + 1, tested events + 2 (the Laplace-smoothed mean), modelled
 time so far, the trace's length N."""
-_SIDE = slice(_NI + OBS_DIM, _NI + OBS_DIM + 4)
-_ROWS = _NI + OBS_DIM + 4
+_SIDE = slice(_NI + TOKEN_OBS_DIM, _NI + TOKEN_OBS_DIM + 4)
+_ROWS = _NI + TOKEN_OBS_DIM + 4
 
 # observation rows (indices into the _OBS block), from the one definition in speckv_env.core
 _O_TOP1, _O_ENTROPY, _O_MARGIN = OBS_INDEX["draft_top1"], OBS_INDEX["draft_entropy"], OBS_INDEX["draft_margin"]
@@ -73,16 +95,49 @@ _O_LAST_GAMMA = OBS_INDEX["last_gamma"]
 _O_LAST_ACCEPTED = OBS_INDEX["last_accepted"]
 _O_LAST_FULL = OBS_INDEX["last_full_accept"]
 _O_POSITION = OBS_INDEX["position"]
+_TOKEN_INDEX = {s[0]: i for i, s in enumerate(TOKEN_OBS_SPEC)}
+_O_DRAFTED, _O_SURVIVAL, _O_LAST_P = (_TOKEN_INDEX[n] for n in ("drafted", "survival", "last_draft_p"))
 assert (_O_TOP1, _O_ENTROPY, _O_MARGIN) == (0, 1, 2), "the draft signals lead the observation"
+assert TOKEN_OBS_SPEC[:OBS_DIM] == OBS_SPEC, "token mode's observation extends the step mode's"
+
+# token mode's tables hold three planes per (cost model, sampling) group, indexed [plane, g, k]
+_P_VERIFY, _P_VERIFY_LOOKAHEAD, _P_DRAFT = range(3)
+"""Planes: a verification without / with lookahead (``CostModel.verify_charge``), and a draft
+decision that looks ahead (entry [0, 0]: one ``t_draft``)."""
+
+
+def token_tables(
+    cost: CostModel, sampling: bool, gamma_max: int, reward_fn: RewardFn
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token mode's modelled time, reward and whole-step time of every decision outcome, as
+    ``(3, gamma_max + 1, gamma_max + 1)`` float64 tables indexed ``[plane, g, k]`` (planes
+    :data:`_P_VERIFY`, :data:`_P_VERIFY_LOOKAHEAD`, :data:`_P_DRAFT`), from the cost model's own
+    :meth:`~speckv_env.core.CostModel.verify_charge` and
+    :meth:`~speckv_env.core.CostModel.step_time` and the reward function, as the scalar env
+    charges them (``SpecKVBaseEnv._token_step``)."""
+    g1 = gamma_max + 1
+    times, rewards, steps = np.zeros((3, g1, g1)), np.zeros((3, g1, g1)), np.zeros((3, g1, g1))
+    for plane, lookahead in ((_P_VERIFY, False), (_P_VERIFY_LOOKAHEAD, True)):
+        for g in range(g1):
+            for k in range(g + 1):
+                t = cost.verify_charge(g, k, sampling, lookahead)
+                times[plane, g, k] = t
+                rewards[plane, g, k] = float(reward_fn(StepOutcome(g, k, [0] * (k + 1), False), t, cost))
+                steps[plane, g, k] = cost.step_time(g, k, sampling, lookahead)
+    times[_P_DRAFT, 0, 0] = cost.t_draft
+    rewards[_P_DRAFT, 0, 0] = float(reward_fn(StepOutcome(0, 0, [], False), cost.t_draft, cost))
+    return times, rewards, steps
 
 
 class SpecKVReplayVectorEnv(VectorEnv):
     """``num_envs`` replay environments over full-information traces, batched in numpy.
 
     Arguments are those of :class:`replay.env.SpecKVReplayEnv` (``logs``/``traces``,
-    ``cost_model(s)``, ``allow_cost_model_mismatch``, filters, ``gammas``, ``reward``) plus ``num_envs`` and
-    ``autoreset_mode``. ``reset(options={"episodes": [...]})`` fixes the first episode of each
-    env; later episodes are drawn uniformly with ``self.np_random``.
+    ``cost_model(s)``, ``allow_cost_model_mismatch``, filters, ``gammas``, ``reward``,
+    ``control``) plus ``num_envs`` and ``autoreset_mode``. ``reset(options={"episodes": [...]})``
+    fixes the first episode of each env; later episodes are drawn uniformly with
+    ``self.np_random``. ``control="token"`` (speckv-trace/2 traces only) decides per drafted
+    token, as the scalar env does (module docstring).
     """
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -103,15 +158,20 @@ class SpecKVReplayVectorEnv(VectorEnv):
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
         allow_cost_model_mismatch: bool = False,
+        control: str = "step",
     ) -> None:
-        from .env import load_traces
+        from .env import _require_rollouts, load_traces
 
         if render_mode is not None:
             raise ValueError("the vectorised replay has no render modes")
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.control = check_control(control)
+        self._token = control == "token"
         filters = {"task": task, "split": split, "compression": compression, "mode": mode}
         trs, found = load_traces(logs, traces, filters)
+        if self._token:
+            _require_rollouts(trs)
         cost_of = resolver(cost_model, cost_models, found, allow_cost_model_mismatch)
         self.traces = trs
         self.num_envs = int(num_envs)
@@ -122,31 +182,56 @@ class SpecKVReplayVectorEnv(VectorEnv):
         gmax = max(self.gammas)
         self._gm = max(gmax, 1)
         self._G1 = gmax + 1
+        self._cap = gmax  # token mode: SpecKVBaseEnv.token_cap is max(gammas), and the budget
         self._gam = np.asarray(self.gammas, dtype=np.int64)
         self._cms = [cost_of(Episode.of_trace(t)) for t in trs]
         base, lens = self._flatten_traces(trs)
+        if self._token:
+            self._flatten_rollouts(trs, base)
         grp = self._build_step_tables(trs, get_reward(reward))
         self._fresh = self._fresh_state(trs, base, lens, grp)
         self._fill = np.asarray(EMA_FILL, dtype=np.float64)
         self._keep_or_one = np.array([1.0, EMA_KEEP])
-
-        # ---- spaces ----
-        self.single_action_space = spaces.Discrete(len(self.gammas))
-        self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self.single_observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
-        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        # gammas between two -1 sentinels, so that one take + one min validates the actions
-        self._gam_ext = np.concatenate([[-1], self._gam, [-1]]).astype(np.int64)
+        self._spaces()
 
         E = self.num_envs
         self._buf = np.zeros((_ROWS, E), dtype=np.int64)
         self._I = self._buf[0:_NI]
-        self._S = self._buf[_OBS].view(np.float64)
+        self._S = self._buf[_NI : _NI + self._nobs].view(np.float64)
         self._F = self._buf[_SIDE].view(np.float64)
         self._prev_done = np.zeros(E, dtype=bool)
         self._started = False
         self._ep_buf = np.zeros(0, dtype=np.int64)
         self._ep_next = 0
+
+    def _spaces(self) -> None:
+        """Action and observation spaces, and the action table :meth:`_actions` validates with."""
+        if self._token:
+            self._nobs = TOKEN_OBS_DIM
+            self.single_action_space = spaces.Discrete(len(TOKEN_ACTIONS))
+            self.single_observation_space = spaces.Box(TOKEN_OBS_LOW, TOKEN_OBS_HIGH, dtype=np.float32)
+            values = np.arange(len(TOKEN_ACTIONS), dtype=np.int64)
+            self._names = f"token actions {TOKEN_ACTIONS}"
+        else:
+            self._nobs = OBS_DIM
+            self.single_action_space = spaces.Discrete(len(self.gammas))
+            self.single_observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
+            values = self._gam
+            self._names = f"gammas {self.gammas}"
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        # the action's values (gammas, or token mode's 0/1) between two -1 sentinels, so that one
+        # take + one min validates the actions
+        self._act_ext = np.concatenate([[-1], values, [-1]]).astype(np.int64)
+        self._reset_info: tuple[tuple[str, Any], ...] = (("gamma", 0), ("accepted", 0), ("modelled_time", 0.0))
+        if self._token:
+            self._reset_info += (
+                ("verified", False),
+                ("drafted", 0),
+                ("lookahead", False),
+                ("draft_p", np.nan),
+                ("step_time", 0.0),
+            )
 
     # ---- construction --------------------------------------------------------------------
     def _flatten_traces(self, trs: Sequence[Trace]) -> tuple[np.ndarray, np.ndarray]:
@@ -175,24 +260,51 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self._sig = sig
         return base, lens
 
+    def _flatten_rollouts(self, trs: Sequence[Trace], base: np.ndarray) -> None:
+        """Token mode: the signals each decision shows and the drafted tokens' own probabilities,
+        ``W`` entries per flat index (``[fi * W + j]``: j tokens drafted at position fi): entry 0
+        the position's own signals, entries j > 0 the rollout's (``TraceBackend.signals``);
+        ``roll_p[t, j]`` for the token drafted at j (``TraceBackend.draft_token``). Stored as the
+        traces' float32 (clipped like the observation; the padding slots hold zeros)."""
+        W = self._W = self._gm
+        total = self._L.shape[0]
+        sig = np.zeros((3, total, W), dtype=np.float32)
+        p = np.zeros((total, W), dtype=np.float32)
+        for i, t in enumerate(trs):
+            b, n = base[i], t.n
+            for row, own, roll in zip(
+                sig, (t.sig_top1, t.sig_entropy, t.sig_margin), (t.roll_top1, t.roll_entropy, t.roll_margin)
+            ):
+                row[b : b + n, 0] = own
+                row[b : b + n, 1:] = roll[:, 1:W]
+            p[b : b + n] = t.roll_p[:, :W]
+        lo, hi = OBS_LOW[_O_SIGNALS, None, None], OBS_HIGH[_O_SIGNALS, None, None]
+        np.clip(sig, lo, hi, out=sig)
+        self._tsig = sig.reshape(3, total * W)
+        self._tp = p.reshape(total * W)
+
     def _build_step_tables(self, trs: Sequence[Trace], reward_fn: RewardFn) -> np.ndarray:
         """Step time and reward per (cost model, sampling) group, flattened ``[group, g_eff, k]``
-        into ``self._T`` and ``self._R``; returns each trace's offset into them."""
+        into ``self._T`` and ``self._R`` (token mode: ``[group, plane, g, k]`` of
+        :func:`token_tables`, and the whole step's time in ``self._ST``); returns each trace's
+        offset into them."""
         groups: dict[tuple[int, bool], int] = {}
-        tabs_t: list[np.ndarray] = []
-        tabs_r: list[np.ndarray] = []
+        tabs: list[tuple[np.ndarray, ...]] = []
         grp = np.zeros(len(trs), dtype=np.int64)
         for i, t in enumerate(trs):
             cm = self._cms[i]
             key = (id(cm), t.mode == "sample")
             if key not in groups:
                 groups[key] = len(groups)
-                times, rewards = step_tables(cm, key[1], self._G1 - 1, reward_fn)
-                tabs_t.append(times.ravel())
-                tabs_r.append(rewards.ravel())
-            grp[i] = groups[key] * self._G1 * self._G1
-        self._T = np.concatenate(tabs_t)
-        self._R = np.concatenate(tabs_r)
+                if self._token:
+                    tabs.append(token_tables(cm, key[1], self._G1 - 1, reward_fn))
+                else:
+                    tabs.append(step_tables(cm, key[1], self._G1 - 1, reward_fn))
+            grp[i] = groups[key] * tabs[0][0].size
+        self._T = np.concatenate([tab[0].ravel() for tab in tabs])
+        self._R = np.concatenate([tab[1].ravel() for tab in tabs])
+        if self._token:
+            self._ST = np.concatenate([tab[2].ravel() for tab in tabs])
         return grp
 
     def _fresh_state(self, trs: Sequence[Trace], base: np.ndarray, lens: np.ndarray, grp: np.ndarray) -> np.ndarray:
@@ -212,7 +324,10 @@ class SpecKVReplayVectorEnv(VectorEnv):
         for i, t in enumerate(trs):
             ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
             top1, entropy, margin = (float(x) for x in self._sig[:, base[i]])
-            obs[:, i] = ob.observe_values(top1, entropy, margin, 0)
+            obs[:OBS_DIM, i] = ob.observe_values(top1, entropy, margin, 0)
+        # token mode before drafting: nothing drafted, survival and last draft probability 1
+        obs[_O_SURVIVAL] = 1.0
+        obs[_O_LAST_P] = 1.0
         side = fresh[_SIDE].view(np.float64)
         side[_HITS1] = 1.0
         side[_TESTS2] = 2.0
@@ -272,33 +387,28 @@ class SpecKVReplayVectorEnv(VectorEnv):
         return self._S.T.astype(np.float32), {"episode": self._I[_EP].copy()}
 
     def _actions(self, actions: Any) -> np.ndarray:
+        """Validate a batch of actions; return what they name (gammas, or token mode's 0/1)."""
         a = np.asarray(actions)
         if a.dtype != np.int64:
             if a.dtype.kind not in "iu":
-                raise ValueError(f"invalid actions {actions!r}: expected integer indices into gammas {self.gammas}")
+                raise ValueError(f"invalid actions {actions!r}: expected integer indices into {self._names}")
             a = a.astype(np.int64)
         if a.shape != (self.num_envs,):
             raise ValueError(f"invalid actions: expected shape ({self.num_envs},), got {a.shape}")
         # one sentinel on each side: a + 1 clipped into the table maps every action outside
         # 0..n-1 (negative ones too: take() would wrap them) onto a -1 sentinel
-        g = self._gam_ext.take(a + 1, mode="clip")
+        g = self._act_ext.take(a + 1, mode="clip")
         if np.minimum.reduce(g) < 0:
-            bad = a[(a < 0) | (a >= self._gam.shape[0])]
-            raise ValueError(
-                f"invalid action(s) {bad.tolist()}: must be in 0..{self._gam.shape[0] - 1}, "
-                f"indices into gammas {self.gammas}"
-            )
+            n = self._act_ext.shape[0] - 2
+            bad = a[(a < 0) | (a >= n)]
+            raise ValueError(f"invalid action(s) {bad.tolist()}: must be in 0..{n - 1}, indices into {self._names}")
         return g
 
-    # ---- step ------------------------------------------------------------------------------
-    def step(self, actions: Any):
-        if not self._started:
-            raise RuntimeError("step() before reset(): call reset() first")
-        g = self._actions(actions)
-        I, S, F = self._I, self._S, self._F  # noqa: E741  (integer state, observation, float state)
-        fi = I[_FI]
-        # the step rule (replay.steprule), engine clip: limit = max_new_tokens - 1 - t
-        geff, k, ones, rej = step_arrays(self._L.take(fi), self._acc.take(fi), g, I[_LIM] - fi)
+    def _account_events(self, ones: np.ndarray, rej: np.ndarray) -> None:
+        """The acceptance events of the steps verified now (``ones`` ones, then a rejection where
+        ``rej``; none where both are 0) into the EMA and the smoothed mean (the run-grouped
+        update of :class:`~speckv_env.core.ObservationBuilder`, bit for bit)."""
+        S, F = self._S, self._F
         ema = S[_O_EMA]
         upd = 1.0 - ema
         upd *= self._fill.take(ones)
@@ -308,6 +418,21 @@ class SpecKVReplayVectorEnv(VectorEnv):
         F[_TESTS2] += ones
         F[_TESTS2] += rej
         np.divide(F[_HITS1], F[_TESTS2], out=S[_O_MEAN])
+
+    # ---- step ------------------------------------------------------------------------------
+    def step(self, actions: Any):
+        """One speculation step per env at gamma ``gammas[actions[e]]`` (step mode), or one
+        decision per env (token mode: 1 = draft one more token, 0 = verify)."""
+        if not self._started:
+            raise RuntimeError("step() before reset(): call reset() first")
+        if self._token:
+            return self._token_step(actions)
+        g = self._actions(actions)
+        I, S = self._I, self._S  # noqa: E741  (integer state, observation)
+        fi = I[_FI]
+        # the step rule (replay.steprule), engine clip: limit = max_new_tokens - 1 - t
+        geff, k, ones, rej = step_arrays(self._L.take(fi), self._acc.take(fi), g, I[_LIM] - fi)
+        self._account_events(ones, rej)
         np.divide(geff, self._gm, out=S[_O_LAST_GAMMA])
         np.divide(k, self._gm, out=S[_O_LAST_ACCEPTED])
         np.less(rej, np.minimum(k, 1), out=S[_O_LAST_FULL], casting="unsafe")  # k >= g_eff > 0
@@ -322,10 +447,85 @@ class SpecKVReplayVectorEnv(VectorEnv):
         ti += I[_GRP]
         reward = self._R.take(ti, mode="clip")  # clip: only envs being autoreset can be out of range
         tm = self._T.take(ti, mode="clip")
-        F[_TIME] += tm
+        info: dict[str, Any] = {"gamma": geff, "accepted": k, "modelled_time": tm}
+        return self._finish(reward, done, info)
+
+    def _token_step(self, actions: Any):
+        """Token mode: one decision per env, ``SpecKVBaseEnv._token_step`` batched. A draft
+        decision below the cap drafts the rollout's next token and looks ahead (charged
+        ``t_draft``); a stop, a draft that reaches the cap (no lookahead) and a draft with a cap of
+        0 verify the tokens drafted by the step rule at gamma = tokens drafted."""
+        a = self._actions(actions)
+        I, S = self._I, self._S  # noqa: E741  (integer state, observation)
+        fi, j = I[_FI], I[_J]
+        lim = I[_LIM] - fi
+        cap = np.minimum(lim, self._cap)
+        np.maximum(cap, 0, out=cap)
+        draft = j < cap
+        draft &= a == 1
+        j1 = j + draft  # tokens drafted after this decision
+        cont = j1 < cap
+        cont &= draft  # drafted and looked ahead: no verification now
+        ver = ~cont
+        look = j > 0
+        look &= ~draft  # a chosen stop after drafting: the last token was looked past
+        geff, k, ones, rej = step_arrays(self._L.take(fi), self._acc.take(fi), j1, lim)
+        ones *= ver
+        rej &= ver
+        self._account_events(ones, rej)
+        np.divide(geff, self._gm, out=S[_O_LAST_GAMMA], where=ver)
+        np.divide(k, self._gm, out=S[_O_LAST_ACCEPTED], where=ver)
+        np.less(rej, np.minimum(k, 1), out=S[_O_LAST_FULL], where=ver, casting="unsafe")
+        fn = k + 1
+        fn *= ver
+        fn += fi
+        done = fn > I[_END]
+        jn = j1 * cont  # drafted in the step at the next decision
+        ridx = fi * self._W
+        ridx += j
+        p = self._tp.take(ridx)  # the drafted token's own probability (where draft)
+        surv = S[_O_SURVIVAL]
+        surv *= p
+        np.copyto(surv, 1.0, where=ver)
+        np.copyto(S[_O_LAST_P], p)
+        np.copyto(S[_O_LAST_P], 1.0, where=ver)
+        np.divide(jn, self._gm, out=S[_O_DRAFTED])
+        sidx = fn * self._W
+        sidx += jn
+        np.copyto(sidx, ridx, where=done)  # an ended episode keeps the signals of its last decision
+        S[_O_SIGNALS] = self._tsig.take(sidx, axis=1)
+        self._posn.take(fn, out=S[_O_POSITION])
+        I[_FI] = fn
+        I[_J] = jn
+        ti = geff * self._G1
+        ti += k
+        ti *= ver
+        plane = cont * (_P_DRAFT * self._G1 * self._G1)
+        plane += look * (_P_VERIFY_LOOKAHEAD * self._G1 * self._G1)
+        ti += plane
+        ti += I[_GRP]
+        reward = self._R.take(ti, mode="clip")  # clip: only envs being autoreset can be out of range
+        tm = self._T.take(ti, mode="clip")
+        draft_p = np.full(self.num_envs, np.nan)
+        np.copyto(draft_p, p, where=draft)
+        info: dict[str, Any] = {
+            "gamma": geff * ver,
+            "accepted": k * ver,
+            "modelled_time": tm,
+            "verified": ver,
+            "drafted": j1,
+            "lookahead": look,
+            "draft_p": draft_p,
+            "step_time": self._ST.take(ti, mode="clip"),
+        }
+        return self._finish(reward, done, info)
+
+    def _finish(self, reward: np.ndarray, done: np.ndarray, info: dict[str, Any]):
+        """Both modes, after the state moved: time, end flags, episode summaries and autoreset."""
+        I, F = self._I, self._F  # noqa: E741
+        F[_TIME] += info["modelled_time"]
         terminated = done & (I[_EOS] == 1)
         truncated = done ^ terminated
-        info: dict[str, Any] = {"gamma": geff, "accepted": k, "modelled_time": tm}
         any_done = np.count_nonzero(done) > 0
         if any_done:
             info["episode_tps"] = np.where(done, F[_LEN] / F[_TIME], np.nan)
@@ -340,15 +540,14 @@ class SpecKVReplayVectorEnv(VectorEnv):
                 reward[idx] = 0.0
                 terminated[idx] = False
                 truncated[idx] = False
-                geff[idx] = 0
-                k[idx] = 0
-                tm[idx] = 0.0
+                for key, value in self._reset_info:
+                    info[key][idx] = value
                 if any_done:
                     info["_episode_tps"] = done & ~pd
             self._prev_done = terminated | truncated
-            return S.T.astype(np.float32), reward, terminated, truncated, info
+            return self._S.T.astype(np.float32), reward, terminated, truncated, info
         # SAME_STEP
-        obs = S.T.astype(np.float32)
+        obs = self._S.T.astype(np.float32)
         if any_done:
             idx = np.flatnonzero(done)
             final = np.full(self.num_envs, None, dtype=object)
