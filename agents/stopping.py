@@ -246,7 +246,7 @@ class SpecDecPP(StopRule):
     kind = "specdecpp"
 
     def __init__(
-        self, weights: Sequence[float] | None = None, h: float = 0.5, gammas: Sequence[int] = DEFAULT_GAMMAS
+        self, weights: Sequence[float] | np.ndarray | None = None, h: float = 0.5, gammas: Sequence[int] = DEFAULT_GAMMAS
     ) -> None:
         super().__init__(gammas)
         self.weights = np.zeros(len(FEATURES)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -313,7 +313,7 @@ class SpecDecPP(StopRule):
 THRESHOLD_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
     "hf_confidence": ("threshold", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)),
     "svip": ("h", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)),
-    "adaedl": ("lam", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)),
+    "adaedl": ("lam", (-0.4, -0.2, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)),
     "specdecpp": ("h", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
 }
 """Per rule: the parameter chosen on training data and its candidate values."""

@@ -164,18 +164,19 @@ def check_gammas(gammas: Sequence[int], gamma_max: int | None = None) -> tuple[i
 def action_to_index(action: Any, n: int, gammas: Sequence[Any]) -> int:
     """Validate an action (int, numpy integer, or size-1 array) and return it as an int.
     ``gammas``: what the indices name (the gammas, or token mode's :data:`TOKEN_ACTIONS`)."""
+    what = "token-mode actions" if tuple(gammas) == TOKEN_ACTIONS else "gammas"
     a = action
     if isinstance(a, np.ndarray):
         if a.size != 1:
-            raise ValueError(f"invalid action {action!r}: expected one index into gammas {tuple(gammas)}")
+            raise ValueError(f"invalid action {action!r}: expected one index into {what} {tuple(gammas)}")
         a = a.reshape(()).item()
     if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer, float, np.floating)):
-        raise ValueError(f"invalid action {action!r}: expected an integer index into gammas {tuple(gammas)}")
+        raise ValueError(f"invalid action {action!r}: expected an integer index into {what} {tuple(gammas)}")
     if isinstance(a, (float, np.floating)) and not float(a).is_integer():
-        raise ValueError(f"invalid action {action!r}: expected an integer index into gammas {tuple(gammas)}")
+        raise ValueError(f"invalid action {action!r}: expected an integer index into {what} {tuple(gammas)}")
     i = int(a)
     if not 0 <= i < n:
-        raise ValueError(f"invalid action {i}: must be in 0..{n - 1}, an index into gammas {tuple(gammas)}")
+        raise ValueError(f"invalid action {i}: must be in 0..{n - 1}, an index into {what} {tuple(gammas)}")
     return i
 
 

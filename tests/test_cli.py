@@ -11,6 +11,7 @@ import pytest
 from conftest import requires_default
 
 from replay.trace import synthetic_dataset, write_traces
+from speckv_env.app.bench_agents import TOKEN_AGENTS
 from speckv_env.app.compare_data import POLICY_GROUPS
 from speckv_env.core import CostModel
 
@@ -91,14 +92,16 @@ def test_bench_agents_writes_json(tmp_path):
     out = json.loads(speckv("bench", "agents", "--out", str(tmp_path / "a.json"), "--json"))
     r = json.loads((tmp_path / "a.json").read_text())
     assert out == r
-    # every policy of the comparison, the MLP's torch path beside it, each timed
-    assert set(r["agents"]) == set(POLICY_GROUPS) | {"speckv_mlp[torch]"}
+    # every policy of the comparison (its token group: each stopping rule), the MLP's torch path beside it, each timed
+    want = (set(POLICY_GROUPS) - {"token"}) | set(TOKEN_AGENTS) | {"speckv_mlp[torch]"}
+    assert set(r["agents"]) == want
     assert all(a["n"] > 0 and 0 < a["median_us"] <= a["p99_us"] for a in r["agents"].values()), r["agents"]
 
 
 def test_bench_json_path_is_the_old_spelling_of_out(tmp_path):
     r = run_speckv("bench", "agents", "--json", str(tmp_path / "a.json"), "--quiet")
-    assert set(json.loads((tmp_path / "a.json").read_text())["agents"]) == set(POLICY_GROUPS) | {"speckv_mlp[torch]"}
+    want = (set(POLICY_GROUPS) - {"token"}) | set(TOKEN_AGENTS) | {"speckv_mlp[torch]"}
+    assert set(json.loads((tmp_path / "a.json").read_text())["agents"]) == want
     assert "wrote" in r.stdout
 
 

@@ -27,7 +27,8 @@ from .compare_data import POLICY_GROUPS
 
 TOKEN_AGENTS: tuple[str, ...] = ("hf_confidence", "svip", "adaedl", "specdecpp")
 """Token mode's stopping rules (:mod:`agents.stopping`), timed on token-mode observations."""
-DEFAULT_AGENTS: tuple[str, ...] = (*POLICY_GROUPS, *TOKEN_AGENTS)  # every policy the comparison knows, and token mode's
+# every policy the comparison knows (its "token" group is the stopping rules, timed one by one)
+DEFAULT_AGENTS: tuple[str, ...] = (*(p for p in POLICY_GROUPS if p != "token"), *TOKEN_AGENTS)
 TARGET_US = {"speckv_mlp": 20.0, **dict.fromkeys(TOKEN_AGENTS, 10.0)}
 I_COST_RATIO = OBS_INDEX["cost_ratio"]
 

@@ -30,7 +30,9 @@ Policies
     model); ``mlp-time`` / ``mlp-tokens`` (the SpecKV MLP with the tokens/s rule and with the
     paper's tokens/step rule: the same trained network); the bandits ``epsilon-greedy``,
     ``ucb1``, ``thompson``, ``exp3``, ``linucb``; ``ppo`` (stable-baselines3, small budget);
-    ``oracle`` (the clairvoyant DP: the ceiling, not a controller). By default the bandits and
+    ``oracle`` (the clairvoyant DP: the ceiling, not a controller); with traces that carry the
+    draft's rollouts (``speckv-trace/2``), token mode's stopping rules (:mod:`.token_compare`,
+    policy group ``token``; held-out split). By default the bandits and
     PPO run on the held-out split only (``bandit_splits``, ``ppo_splits``: their training and
     per-step evaluation are the slow part); the leave-one-out splits run everything else.
 
@@ -114,6 +116,7 @@ from .folds import Fold, best_fixed_choice, best_fixed_result, describe_fold, ma
 from .metrics import judge, policy_metrics, split_metrics
 from .paper import paper_env, run_paper_comparison
 from .results import EvalResult, concat_folds, jsonable, select, stack_seeds
+from .token_compare import TOKEN_SPLITS, TokenPolicies, has_token_data
 
 __all__ = [
     "BANDITS",
@@ -167,6 +170,8 @@ class _Baselines:
     fixed: dict[int, EvalResult]
     static: dict[str, EvalResult]
     oracle: EvalResult
+    tokens: Any = None
+    """token mode's policies (:class:`.token_compare.TokenPolicies`), when the traces have rollouts"""
 
 
 def _config(config: CompareConfig | None, quick: bool, overrides: Mapping[str, Any]) -> CompareConfig:
@@ -222,6 +227,12 @@ def run_comparison(
         splits_out[split] = _run_split(split, data, cfg, pol, base, tb, curves, done)
 
     results = _assemble(data, cfg, splits_out, curves, time.time() - t0, logs)
+    if "token" in pol:
+        results["token_mode"] = (
+            f"token mode's stopping rules ran on split(s) {', '.join(TOKEN_SPLITS)}"
+            if base.tokens is not None
+            else "token mode's stopping rules skipped: the traces are speckv-trace/1 (no draft rollouts)"
+        )
     from .plots import write_plots
 
     results["plots"] = write_plots(results, splits_out, data, out)
@@ -246,7 +257,8 @@ def _baselines(data: _Data, cfg: CompareConfig, pol: set[str]) -> _Baselines:
         static["hf-heuristic"] = eval_vector(make_agent("hf_heuristic", gammas=cfg.gammas), data, all_idx, "all")
     if "cost_aware" in pol:
         static["cost-aware"] = eval_vector(make_agent("cost_aware", gammas=cfg.gammas), data, all_idx, "all")
-    return _Baselines(fixed, static, oracle_result(data, all_idx, {}))
+    tokens = TokenPolicies(data) if "token" in pol and has_token_data(data) else None
+    return _Baselines(fixed, static, oracle_result(data, all_idx, {}), tokens)
 
 
 def _run_split(
@@ -277,6 +289,10 @@ def _run_split(
         fold_info.append(describe_fold(fold.name, fold.held_out, fold.seen, fold.test, meta, choice, fold.val))
         jobs = _fold_jobs(fold, data, cfg, pol, base, choice, keep_curves=split == "heldout" or len(folds) == 1)
         got, got_val = _learned_on_fold(jobs, data, cfg, tb, curves, done)
+        if base.tokens is not None and split in TOKEN_SPLITS:
+            tok, tok_val, fold_info[-1]["token_choices"] = base.tokens.on_fold(fold)
+            got.update({name: [r] for name, r in tok.items()})
+            got_val.update({name: [r] for name, r in tok_val.items()})
         for name, rs in got.items():
             per_policy.setdefault(name, []).append(stack_seeds(rs))
         for name, rs in got_val.items():

@@ -26,7 +26,9 @@ POLICY_GROUPS = (
     "linucb",
     "ppo",
     "oracle",
+    "token",
 )
+"""Policy groups of the comparison; ``token``: token mode's stopping rules (traces with rollouts)."""
 BANDITS = ("epsilon_greedy", "ucb1", "thompson", "exp3", "linucb")
 DISPLAY = {
     "hf_heuristic": "hf-heuristic",
@@ -112,6 +114,7 @@ class CompareConfig:
                 "linucb",
                 "ppo",
                 "oracle",
+                "token",
             ),
         }
         base.update(kw)

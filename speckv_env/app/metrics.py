@@ -23,6 +23,10 @@ from agents import stats
 
 from .compare_data import BEST_FIXED, LEARNED, CompareConfig, _Data
 from .results import EvalResult, align
+from .token_compare import LEARNED_TOKEN
+
+CANDIDATES: tuple[str, ...] = (*LEARNED, *LEARNED_TOKEN)
+"""The learned controllers the primary contrast chooses among (both modes), in tie-break order."""
 
 
 def policy_metrics(
@@ -204,8 +208,8 @@ def holm_adjust(policies: Mapping[str, Any], primary: str | None = None) -> None
 
 def select_on_validation(val_policies: Mapping[str, Any]) -> str | None:
     """The learned controller with the highest tokens/s on the validation episodes (ties: the
-    order of LEARNED). Looks at nothing but ``val_policies`` (validation metrics)."""
-    learned = [p for p in LEARNED if p in val_policies]
+    order of CANDIDATES). Looks at nothing but ``val_policies`` (validation metrics)."""
+    learned = [p for p in CANDIDATES if p in val_policies]
     if not learned:
         return None
     return max(learned, key=lambda p: (val_policies[p]["subsets"]["all"]["tokens_per_s"]["value"], -learned.index(p)))
@@ -239,7 +243,7 @@ def primary_contrast(policies: Mapping[str, Any], selected: str | None, val_poli
         "prompts": m.get("prompts"),
         "warning": _few_prompts(m.get("prompts")),
         "validation_tokens_per_s": {
-            p: val_policies[p]["subsets"]["all"]["tokens_per_s"]["value"] for p in LEARNED if p in val_policies
+            p: val_policies[p]["subsets"]["all"]["tokens_per_s"]["value"] for p in CANDIDATES if p in val_policies
         },
     }
 

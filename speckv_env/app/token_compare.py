@@ -1,0 +1,157 @@
+"""Token mode in the comparison: the per-token stopping rules on the same episodes as step mode.
+
+Run on splits whose traces are all ``speckv-trace/2`` (the draft's rollouts recorded), by the
+scalar token-mode replay (``SpecKVReplay-v0``, ``control="token"``), one env per cost model.
+Policies (names in the report):
+
+- ``hf-confidence``: Hugging Face's default rule, threshold 0.4 (no tuning: as shipped);
+- ``hf-confidence(train)``, ``svip(train)``, ``adaedl(train)``: the rule's parameter chosen per
+  cost model (compression) on the fold's training episodes (train + validation prompts in the
+  held-out split), as ``best-fixed(train)`` chooses its gamma: the token-mode analogues of the
+  best fixed gamma;
+- ``specdecpp(train)``: SpecDec++'s acceptance head fitted on the fold's training prompts, its
+  stop threshold chosen on the same training episodes. A learned controller: a candidate for
+  the primary contrast (chosen on validation like every learned one).
+
+A rule's per-episode results record the tokens drafted per verification as its "gamma", so
+the report's mean gamma and histograms read as in step mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .compare_data import _Data
+from .results import EvalResult, select
+
+STATIC_TOKEN = {"hf-confidence": ("hf_confidence", 0.4)}
+TUNED_TOKEN = {"hf-confidence(train)": "hf_confidence", "svip(train)": "svip", "adaedl(train)": "adaedl"}
+LEARNED_TOKEN = ("specdecpp(train)",)
+TOKEN_POLICIES: tuple[str, ...] = (*STATIC_TOKEN, *TUNED_TOKEN, *LEARNED_TOKEN)
+TOKEN_SPLITS: tuple[str, ...] = ("heldout",)
+"""Splits on which token mode's rules run (their grids make them the slowest reference policies)."""
+
+
+def has_token_data(data: _Data) -> bool:
+    """True when every trace carries the draft's rollouts (token mode can replay them)."""
+    return all(getattr(t, "has_rollouts", False) for t in data.traces)
+
+
+def _make(kind: str, value: float, gammas: Sequence[int], **kw: Any) -> Any:
+    from agents.base import make_agent
+    from agents.stopping import THRESHOLD_GRIDS
+
+    param = THRESHOLD_GRIDS[kind][0]
+    return make_agent(kind, gammas=tuple(gammas), **{param: value, **kw})
+
+
+def eval_token(agent: Any, data: _Data, idx: np.ndarray) -> EvalResult:
+    """Play ``agent`` (a token-mode rule) on episodes ``idx``, one scalar token env per cost model."""
+    from replay.env import SpecKVReplayEnv
+
+    gam = list(data.gammas)
+    n = len(idx)
+    T, S, Gs = np.zeros(n), np.zeros(n), np.zeros(n)
+    hist = np.zeros((n, len(gam)))
+    by_cm: dict[int, list[int]] = {}
+    for j, i in enumerate(idx):
+        by_cm.setdefault(id(data.cm[int(i)]), []).append(j)
+    for js in by_cm.values():
+        cm = data.cm[int(idx[js[0]])]
+        env = SpecKVReplayEnv(traces=[data.traces[int(idx[j])] for j in js], cost_model=cm, gammas=gam, control="token")
+        agent.bind(env)
+        for e, j in enumerate(js):
+            obs, info = env.reset(options={"episode": e})
+            agent.begin_episode(env, info)
+            done = False
+            while not done:
+                obs, _, te, tu, info = env.step(agent.act(obs))
+                done = te or tu
+                if "gamma" in info:  # a verification
+                    S[j] += 1
+                    Gs[j] += info["gamma"]
+                    hist[j, gam.index(min(info["gamma"], gam[-1]))] += 1
+            T[j] = info["episode_summary"]["modelled_s"]
+    return EvalResult(np.asarray(idx), T[None], S[None], Gs[None], hist)
+
+
+class TokenPolicies:
+    """Token-mode results on a data set: the fixed-parameter evaluations over every episode are
+    computed once and shared by the folds; fold-dependent fits (SpecDec++) run per fold."""
+
+    def __init__(self, data: _Data, grids: Mapping[str, Sequence[float]] | None = None) -> None:
+        from agents.stopping import THRESHOLD_GRIDS
+
+        self.data = data
+        self.all = np.arange(len(data.traces))
+        self.grids = {k: tuple(grids[k]) if grids and k in grids else v[1] for k, v in THRESHOLD_GRIDS.items()}
+        self._cache: dict[tuple[str, float], EvalResult] = {}
+
+    def full(self, kind: str, value: float) -> EvalResult:
+        """The rule ``kind`` at parameter ``value`` on every episode (cached)."""
+        key = (kind, float(value))
+        if key not in self._cache:
+            self._cache[key] = eval_token(_make(kind, value, self.data.gammas), self.data, self.all)
+        return self._cache[key]
+
+    def choose(self, kind: str, seen: np.ndarray) -> dict[str, float]:
+        """Per cost model (and ``"*"`` for all), the grid value of least total time on ``seen``."""
+        groups = self.data.cost_group()
+        times = {v: self.full(kind, v).time[0] for v in self.grids[kind]}
+        out = {"*": min(times, key=lambda v: float(times[v][seen].sum()))}
+        for label in sorted({str(x) for x in groups[seen]}):
+            sel = seen[groups[seen] == label]
+            out[label] = min(times, key=lambda v: float(times[v][sel].sum()))
+        return out
+
+    def tuned(self, kind: str, choice: Mapping[str, float], idx: np.ndarray) -> EvalResult:
+        """The tuned rule on ``idx``: per episode, the value chosen for its cost model."""
+        groups = self.data.cost_group()
+        parts = [select(self.full(kind, choice.get(str(groups[i]), choice["*"])), np.array([i])) for i in idx]
+        return EvalResult(
+            np.asarray(idx),
+            np.concatenate([p.time for p in parts], axis=1),
+            np.concatenate([p.steps for p in parts], axis=1),
+            np.concatenate([p.gsum for p in parts], axis=1),
+            np.concatenate([p.hist for p in parts], axis=0),
+        )
+
+    def specdecpp(self, train: np.ndarray, seen: np.ndarray) -> tuple[Any, dict[str, Any]]:
+        """SpecDec++ fitted on ``train``, its threshold chosen on ``seen`` (least total time; the
+        comparison passes the training episodes for both: validation selects among learners)."""
+        from agents.stopping import SpecDecPP
+
+        head = SpecDecPP(gammas=self.data.gammas)
+        fit = head.fit([self.data.traces[int(i)] for i in train])
+        scores = {}
+        for h in self.grids["specdecpp"]:
+            agent = SpecDecPP(head.weights, h=h, gammas=self.data.gammas)
+            scores[h] = float(eval_token(agent, self.data, seen).time[0].sum())
+        h = min(scores, key=lambda v: scores[v])
+        return SpecDecPP(head.weights, h=h, gammas=self.data.gammas), {**fit, "h": h}
+
+    def on_fold(self, fold: Any) -> tuple[dict[str, EvalResult], dict[str, EvalResult], dict[str, Any]]:
+        """Every token policy on the fold's test and validation episodes, and what was chosen."""
+        test: dict[str, EvalResult] = {}
+        val: dict[str, EvalResult] = {}
+        info: dict[str, Any] = {}
+        for name, (kind, value) in STATIC_TOKEN.items():
+            r = self.full(kind, value)
+            test[name] = select(r, fold.test)
+            if fold.val.size:
+                val[name] = select(r, fold.val)
+        for name, kind in TUNED_TOKEN.items():
+            choice = self.choose(kind, fold.seen)
+            info[name] = choice
+            test[name] = self.tuned(kind, choice, fold.test)
+            if fold.val.size:
+                val[name] = self.tuned(kind, choice, fold.val)
+        agent, fit = self.specdecpp(fold.train, fold.train)
+        info["specdecpp(train)"] = fit
+        test["specdecpp(train)"] = eval_token(agent, self.data, fold.test)
+        if fold.val.size:
+            val["specdecpp(train)"] = eval_token(agent, self.data, fold.val)
+        return test, val, info

@@ -1,0 +1,58 @@
+"""``speckv compare`` with token mode: the stopping rules beside the gamma policies, one report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from replay.trace import synthetic_dataset
+from speckv_env.app.compare import run_comparison
+from speckv_env.app.token_compare import TOKEN_POLICIES
+from speckv_env.core import CostModel
+
+CMS = {"fp32": CostModel.unit(draft_ratio=0.1), "int8": CostModel.unit(draft_ratio=0.15, verify_slope=0.08)}
+
+
+@pytest.fixture(scope="module")
+def v2_result(tmp_path_factory):
+    trs = synthetic_dataset(40, rollouts=True, modes=("greedy", "sample"), compressions=("fp32", "int8"), seed=4)
+    out = tmp_path_factory.mktemp("cmp")
+    r = run_comparison(
+        traces=trs, cost_models=CMS, out_dir=out, quick=True, splits=("heldout",), policies=("fixed", "oracle", "token")
+    )
+    return r, out
+
+
+def test_token_policies_run_beside_the_gamma_policies(v2_result):
+    r, out = v2_result
+    h = r["splits"]["heldout"]
+    assert set(TOKEN_POLICIES) <= set(h["policies"])
+    tps = {k: v["subsets"]["all"]["tokens_per_s"]["value"] for k, v in h["policies"].items()}
+    # the oracle over gammas bounds token mode too
+    assert all(tps[p] <= tps["oracle"] + 1e-9 for p in TOKEN_POLICIES)
+    choices = h["folds"][0]["token_choices"]
+    assert set(choices) == {"hf-confidence(train)", "svip(train)", "adaedl(train)", "specdecpp(train)"}
+    assert {"fp32", "int8", "*"} <= set(choices["hf-confidence(train)"])
+    assert choices["specdecpp(train)"]["auc"] > 0.6
+    # the learned token controller is a candidate of the primary contrast, chosen on validation
+    assert "specdecpp(train)" in h["primary"]["validation_tokens_per_s"]
+    report = (out / "report.md").read_text()
+    assert "specdecpp(train)" in report and "hf-confidence" in report
+    assert (
+        json.loads((out / "results.json").read_text())["splits"]["heldout"]["policies"].keys() == h["policies"].keys()
+    )
+
+
+def test_version_1_traces_compare_without_token_policies(tmp_path):
+    trs = synthetic_dataset(20, modes=("greedy",), seed=5)
+    r = run_comparison(
+        traces=trs,
+        cost_models=CostModel.unit(),
+        out_dir=tmp_path,
+        quick=True,
+        splits=("heldout",),
+        policies=("fixed", "oracle", "token"),
+    )
+    assert not set(TOKEN_POLICIES) & set(r["splits"]["heldout"]["policies"])
+    assert "skipped" in r["token_mode"] and "speckv-trace/1" in r["token_mode"]
