@@ -61,17 +61,19 @@ def load_traces(
     with conflicts between folders reported)."""
     filters = {**filters, "split": canonical_splits(filters.get("split"))}
     found = CostModelSet()
+    where = "the traces passed"
     if traces is not None:
         if logs is not None:
             raise ValueError("pass either logs= or traces=, not both")
         trs = [t for t in traces if all(_keep(getattr(t, k), v) for k, v in filters.items())]
     else:
         paths = _paths(logs if logs is not None else default_logs())
+        where = ", ".join(str(p) for p in paths)
         trs = read_traces(paths, **filters)
         for folder in dict.fromkeys(p if p.is_dir() else p.parent for p in paths):
             found.update(load_cost_models(folder))
     if not trs:
-        raise ValueError(f"no traces left after the filters {filters}")
+        raise ValueError(f"no traces left after the filters {filters} in {where}")
     return trs, found
 
 

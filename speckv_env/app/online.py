@@ -401,15 +401,10 @@ def warm_up(setup: LiveSetup, cfg: OnlineConfig) -> None:
 
 def _replay_traces(setup: LiveSetup, cfg: OnlineConfig) -> tuple[list[Any], Any]:
     """The replay traces of the train split in the live compression and mode, with cost models."""
-    from replay.costs import load_cost_models
-    from replay.trace import read_traces
+    from replay.env import load_traces
 
     mode = "sample" if cfg.temperature > 0 else "greedy"
-    trs = read_traces(setup.logs, split="train", compression=cfg.compression, mode=mode)
-    if not trs:
-        raise ValueError(f"{setup.logs}: no {cfg.compression} {mode} traces of split train to pretrain on")
-    folder = setup.logs if Path(setup.logs).is_dir() else Path(setup.logs).parent
-    cms = load_cost_models(folder)
+    trs, cms = load_traces(setup.logs, None, {"split": "train", "compression": cfg.compression, "mode": mode})
     return trs, cms if len(cms) else {cfg.compression: setup.cost_model}
 
 
