@@ -20,6 +20,9 @@ Token-mode decisions (after i >= 1 drafted and accepted tokens, event ``accept[t
 decision points and features of ``agents.stopping.head_training_data`` (called per trace, rows
 with i = 0 dropped): ``roll_top1``/``roll_entropy``/``roll_margin`` at [t, i], the survival
 product of ``roll_p[t, :i]``, the last drafted token's ``roll_p[t, i - 1]``, and i itself.
+Acceptance can change with i (a run that survived tends to lie in easy text), so pooled over i a
+feature that falls with i (the survival product) can rank below 0.5 for that reason alone;
+``auc_within_drafted`` is the AUC over pairs with the same i only (point estimate, no interval).
 
 Every AUC is that of ``sign * feature`` with a sign fixed here in advance (entropies negated, so
 0.5 = no information and > 0.5 = informative in the expected direction), computed by
@@ -161,6 +164,14 @@ def boot_aucs(score: np.ndarray, y: np.ndarray, cl: np.ndarray, W: np.ndarray) -
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def within_auc(score: np.ndarray, y: np.ndarray, strata: np.ndarray) -> float | None:
+    """AUC over the positive-negative pairs of the same stratum only (point estimate)."""
+    C = int(strata.max()) + 1 if strata.size else 0
+    U, P, N = pair_counts(score, y, strata, C)
+    den = float(P @ N)
+    return _num(float(np.trace(U)) / den) if den > 0 else None
+
+
 def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
@@ -229,6 +240,9 @@ def evaluate(table: dict[str, np.ndarray], features: dict[str, tuple[float, str]
             x = table[name][mask]
             ok = np.isfinite(x)
             res["features"][name] = auc_ci(sign * x[ok], y[ok], cl[ok], W)
+            if "drafted" in table and name != "drafted":  # token mode: also within equal i
+                strata = np.unique(table["drafted"][mask][ok], return_inverse=True)[1]
+                res["features"][name]["auc_within_drafted"] = within_auc(sign * x[ok], y[ok], strata)
         groups[key] = res
     return groups
 
@@ -299,6 +313,23 @@ def markdown_table(groups: dict[str, Any], features: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def within_table(token: dict[str, Any]) -> str:
+    """Token mode, all/all: the AUC pooled over i beside the AUC within equal i."""
+    lines = [
+        "**token mode, all/all: AUC pooled over i vs within equal i (point estimates)**",
+        "",
+        "| feature | train pooled | train within i | val+test pooled | val+test within i |",
+        "|---|---|---|---|---|",
+    ]
+    for name in TOKEN_FEATURES:
+        cells = []
+        for split in ("train", "heldout"):
+            r = token[split].get("all/all", {}).get("features", {}).get(name, {})
+            cells += [str(r.get("auc", "-")), str(r.get("auc_within_drafted", "-"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def logistic_line(name: str, r: dict) -> str:
     if "skipped" in r:
         return f"- {name}: logistic skipped ({r['skipped']})"
@@ -324,6 +355,7 @@ def report(result: dict) -> str:
                 out += [markdown_table(groups, feats, f"{what} - {label}"), ""]
             else:
                 out += [f"**{what} - {label}**: no positions", ""]
+    out += [within_table(result["token"]), ""]
     out += [logistic_line(k, r) for k, r in result["logistic"].items()]
     return "\n".join(out)
 
