@@ -252,3 +252,25 @@ def test_real_pair_token_mode_replays_exactly(compression):
         decisions, steps = _play_both(live, rep, seed=5, p_draft=0.75)
         assert decisions > steps > 3
         assert live.unwrapped.emitted_tokens == tr.tokens.tolist()
+
+
+def test_token_mode_passes_both_checkers_with_zero_warnings(exact_pair):
+    """Gymnasium's and stable-baselines3's env checkers, replay and live, in token mode."""
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env as gym_check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    replay = gym.make(
+        "SpecKVReplay-v0",
+        traces=synthetic_dataset(6, rollouts=True, compressions=("fp16", "int8"), modes=("greedy", "sample")),
+        cost_models={"fp16": CostModel.unit(), "int8": CostModel.unit(draft_ratio=0.3)},
+        control="token",
+    )
+    live = _live(exact_pair, 0.7, max_new_tokens=12)
+    for env in (replay, live):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            gym_check_env(env.unwrapped, skip_render_check=True)
+            sb3_check_env(env)
+        assert not w, [str(x.message) for x in w]
