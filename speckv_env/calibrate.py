@@ -531,17 +531,68 @@ def format_check(r: dict[str, Any]) -> str:
 # ---- the cache -----------------------------------------------------------------------------------
 
 
-def calibration_path(pair) -> Path:
+@dataclass(frozen=True)
+class Budget:
+    """How much a calibration measures: interleaved rounds over every point, tokens decoded per
+    point and prompt, and the prompts."""
+
+    name: str
+    repeats: int
+    tokens_per_gamma: int
+    prompts: tuple[str, ...] = CALIBRATION_PROMPTS
+
+    def describe(self) -> str:
+        return f"{self.repeats} interleaved rounds x {self.tokens_per_gamma} tokens per point and prompt"
+
+
+#: the full calibration: :func:`calibrate`'s defaults, what ``speckv calibrate`` measures
+FULL = Budget("full", repeats=5, tokens_per_gamma=24)
+#: the quick one (the demo's first run on a new host): fewer rounds and tokens, still every point
+#: in every round in a random order, still medians with a spread and the monotone fit; about a
+#: third of the full one's time, and noisier
+QUICK = Budget("quick", repeats=3, tokens_per_gamma=12)
+BUDGETS = {b.name: b for b in (FULL, QUICK)}
+
+
+def _budget(name: str) -> Budget:
+    if name not in BUDGETS:
+        raise ValueError(f"unknown calibration budget {name!r}: choose one of {', '.join(BUDGETS)}")
+    return BUDGETS[name]
+
+
+def _covers(cm: CostModel, b: Budget) -> bool:
+    """Whether ``cm`` was measured with at least ``b``'s rounds, tokens and prompts."""
+    m = cm.meta
+    return (
+        int(m.get("repeats") or 0) >= b.repeats
+        and int(m.get("tokens_per_gamma") or 0) >= b.tokens_per_gamma
+        and int(m.get("prompts") or 0) >= len(b.prompts)
+    )
+
+
+def calibration_budget(cm: CostModel) -> str | None:
+    """The most thorough budget ``cm`` was measured with (``"full"``, ``"quick"``), from what its
+    meta records (rounds, tokens, prompts), or None (a model measured with less than either)."""
+    return next((b.name for b in (FULL, QUICK) if _covers(cm, b)), None)
+
+
+def calibration_path(pair, budget: str = "full") -> Path:
     # the draft's fingerprint is part of the key: a retrained draft (same name) is re-measured,
-    # and so are the kernels (row-invariant, row-count plans, stock: other step times) and the host
+    # and so are the kernels (row-invariant, row-count plans, stock: other step times) and the host;
+    # a quick calibration has its own entry ("-quick"), so it can never be taken for a full one
+    # (the full entry keeps the name it had before budgets existed: those were all full)
+    b = _budget(budget)
     kernels = pair_kernels(pair).replace(":", "_")
     key = f"{pair.name}-{pair.draft_fingerprint}-{pair.compression}-{pair.device.type}-{kernels}-{host_key()}"
+    if b is not FULL:
+        key += f"-{budget}"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return cache_dir() / "calibration" / f"{safe}.json"
 
 
-def _usable(cm: CostModel, pair, gamma_max: int) -> bool:
-    """A cached model of this method, these kernels and this host, covering gamma_max."""
+def _usable(cm: CostModel, pair, gamma_max: int, b: Budget = FULL) -> bool:
+    """A cached model of this method, these kernels and this host, covering gamma_max, measured
+    with at least budget ``b``."""
     host = cm.meta.get("host") or {}
     return (
         len(cm.t_verify) >= gamma_max + 1
@@ -549,29 +600,56 @@ def _usable(cm: CostModel, pair, gamma_max: int) -> bool:
         and cm.meta.get("kernels") == pair_kernels(pair)
         and host.get("cpu_model") == host_info().get("cpu_model")
         and host.get("torch_threads") == torch.get_num_threads()
+        and _covers(cm, b)
     )
 
 
-def cached_calibration(pair, gamma_max: int = 8, refresh: bool = False, progress: bool = False) -> CostModel:
-    """The pair's cost model on this host from the cache, measuring it once if absent."""
-    p = calibration_path(pair)
-    if p.exists() and not refresh:
+def _cached(pair, gamma_max: int, b: Budget) -> CostModel | None:
+    """The cached model that serves a request for budget ``b``: this host's full calibration when
+    there is one (it measured the same points, more), else one of ``b`` itself; None if neither."""
+    for entry in dict.fromkeys((FULL, b)):
+        p = calibration_path(pair, entry.name)
+        if not p.exists():
+            continue
         try:
             cm = CostModel.load(p)
-            if _usable(cm, pair, gamma_max):
-                return cm
         except (ValueError, json.JSONDecodeError):
-            pass  # a damaged cache entry is re-measured
-    cm = calibrate(pair, gamma_max=gamma_max, progress=progress)
+            continue  # a damaged cache entry is re-measured
+        if _usable(cm, pair, gamma_max, b):
+            return cm
+    return None
+
+
+def cached_calibration(
+    pair, gamma_max: int = 8, refresh: bool = False, progress: bool = False, budget: str = "full"
+) -> CostModel:
+    """The pair's cost model on this host from the cache, measuring it once if absent.
+
+    ``budget`` (:data:`BUDGETS`): ``"full"`` (:data:`FULL`, the default) or ``"quick"``
+    (:data:`QUICK`, the demo's). A quick request is served by a cached full calibration of this
+    host when there is one; a full request is never served by a quick one (each budget has its
+    own entry, and the model's rounds, tokens and prompts are checked too). ``refresh`` measures
+    again at ``budget``. The model's ``meta["budget"]`` names the budget it was measured with."""
+    b = _budget(budget)
+    if not refresh:
+        cm = _cached(pair, gamma_max, b)
+        if cm is not None:
+            return cm
+    cm = calibrate(
+        pair,
+        gamma_max=gamma_max,
+        prompts=b.prompts,
+        tokens_per_gamma=b.tokens_per_gamma,
+        repeats=b.repeats,
+        progress=progress,
+    )
+    cm.meta.update(budget=b.name, budget_note=f"{b.name} calibration: {b.describe()}, {len(b.prompts)} prompts")
+    p = calibration_path(pair, b.name)
     p.parent.mkdir(parents=True, exist_ok=True)
     cm.save(p)  # atomic: a crash leaves the old entry or none
     return cm
 
 
-def cached_calibration_exists(pair, gamma_max: int = 8) -> bool:
+def cached_calibration_exists(pair, gamma_max: int = 8, budget: str = "full") -> bool:
     """Whether :func:`cached_calibration` would reuse a cached model (no measuring)."""
-    p = calibration_path(pair)
-    try:
-        return p.exists() and _usable(CostModel.load(p), pair, gamma_max)
-    except (ValueError, json.JSONDecodeError):
-        return False
+    return _cached(pair, gamma_max, _budget(budget)) is not None

@@ -164,14 +164,35 @@ def test_check_reports_drift_on_a_perturbed_saved_model(monkeypatch, tmp_path):
     assert r2["verdict"] == "mismatch" and "kernels" in r2["mismatch"][0]
 
 
-def test_cached_calibration_is_keyed_by_kernels_and_host(monkeypatch, tmp_path):
+@pytest.fixture
+def small_budgets(monkeypatch):
+    """Full and quick budgets small enough for the tiny pair (the real ones keep their ratio)."""
+    full, quick = cal.Budget("full", repeats=2, tokens_per_gamma=6), cal.Budget("quick", repeats=1, tokens_per_gamma=4)
+    monkeypatch.setattr(cal, "FULL", full)
+    monkeypatch.setattr(cal, "QUICK", quick)
+    monkeypatch.setattr(cal, "BUDGETS", {"full": full, "quick": quick})
+    return full, quick
+
+
+def _counting(monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every real calibration."""
+    calls: list[dict] = []
+    real = cal.calibrate
+
+    def counted(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cal, "calibrate", counted)
+    return calls
+
+
+def test_cached_calibration_is_keyed_by_kernels_and_host(monkeypatch, tmp_path, small_budgets):
     pair = _tiny(monkeypatch, tmp_path)
     p = cal.calibration_path(pair)
     assert cal.host_key() in p.name and "stock" in p.name
     assert cal.calibration_path(SimpleNamespace(**{**vars(pair), "kernels": "x"})) != p
-    calls = []
-    real = cal.calibrate
-    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **{**k, "repeats": 1}))
+    calls = _counting(monkeypatch)
     cm = cal.cached_calibration(pair, gamma_max=2)
     assert cal.cached_calibration_exists(pair, gamma_max=2) and len(calls) == 1
     assert cal.cached_calibration(pair, gamma_max=2).t_verify == cm.t_verify and len(calls) == 1  # reused
@@ -180,6 +201,95 @@ def test_cached_calibration_is_keyed_by_kernels_and_host(monkeypatch, tmp_path):
     assert not cal.cached_calibration_exists(pair, gamma_max=2)
     cal.cached_calibration(pair, gamma_max=2)
     assert len(calls) == 2
+
+
+def test_full_budget_is_calibrates_defaults_and_quick_measures_less():
+    import inspect
+
+    defaults = inspect.signature(cal.calibrate).parameters
+    assert cal.FULL.repeats == defaults["repeats"].default == 5
+    assert cal.FULL.tokens_per_gamma == defaults["tokens_per_gamma"].default
+    assert cal.FULL.prompts == defaults["prompts"].default == cal.QUICK.prompts
+    assert cal.QUICK.repeats >= 3 and cal.QUICK.repeats < cal.FULL.repeats  # still several interleaved rounds
+    assert 1 <= cal.QUICK.tokens_per_gamma < cal.FULL.tokens_per_gamma
+    assert "3 interleaved rounds" in cal.QUICK.describe()
+    with pytest.raises(ValueError, match="unknown calibration budget"):
+        cal.calibration_path(SimpleNamespace(), budget="tiny")
+
+
+def test_quick_calibration_never_passes_for_a_full_one(monkeypatch, tmp_path, small_budgets):
+    full, quick = small_budgets
+    pair = _tiny(monkeypatch, tmp_path)
+    calls = _counting(monkeypatch)
+    qpath, fpath = cal.calibration_path(pair, "quick"), cal.calibration_path(pair)
+    assert qpath != fpath and qpath.name.endswith("-quick.json")
+    # a first quick request measures with the quick budget, into its own entry
+    q = cal.cached_calibration(pair, gamma_max=2, budget="quick")
+    assert (calls[-1]["repeats"], calls[-1]["tokens_per_gamma"]) == (quick.repeats, quick.tokens_per_gamma)
+    assert q.meta["budget"] == "quick" and cal.calibration_budget(q) == "quick"
+    assert len(q.meta["order"]) == quick.repeats and q.meta["verify_stats"]["0"]["n"] > 1  # interleaved, a spread
+    assert qpath.exists() and not fpath.exists()
+    assert cal.cached_calibration_exists(pair, gamma_max=2, budget="quick")
+    assert not cal.cached_calibration_exists(pair, gamma_max=2)  # a full request is not served by it
+    assert cal.cached_calibration(pair, gamma_max=2, budget="quick").t_verify == q.t_verify and len(calls) == 1
+    # a full request measures the full budget; from then on it serves quick requests too
+    f = cal.cached_calibration(pair, gamma_max=2)
+    assert len(calls) == 2 and calls[-1]["repeats"] == full.repeats and f.meta["budget"] == "full"
+    assert cal.calibration_budget(f) == "full" and fpath.exists()
+    again = cal.cached_calibration(pair, gamma_max=2, budget="quick")
+    assert len(calls) == 2 and again.meta["budget"] == "full" and again.t_verify == f.t_verify
+    # a quick model put where the full one lives is still not taken for a full one
+    q.save(fpath)
+    assert not cal.cached_calibration_exists(pair, gamma_max=2)
+    assert cal.cached_calibration_exists(pair, gamma_max=2, budget="quick")
+    # entries cached before budgets existed (the full defaults, no "budget" in meta) still count as full
+    legacy = {k: v for k, v in f.meta.items() if k not in ("budget", "budget_note")}
+    CostModel.from_dict({**f.to_dict(), "meta": legacy}).save(fpath)
+    assert cal.cached_calibration_exists(pair, gamma_max=2) and len(calls) == 2
+
+
+def test_demo_calibrates_quick_and_says_where_the_full_one_comes_from(monkeypatch, tmp_path, small_budgets, caplog):
+    import logging
+
+    from speckv_env.app import demo
+
+    pair = _tiny(monkeypatch, tmp_path)
+    monkeypatch.setattr("speckv_env.models.default_target_path", lambda: None)
+    monkeypatch.setattr(
+        "speckv_env.pair.load_pair",
+        lambda *a, compression, **k: SimpleNamespace(**{**vars(pair), "compression": compression}),
+    )
+    calls = _counting(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="speckv.demo"):
+        pairs, cms, skipped = demo._calibrate_host(False)
+    assert set(cms) == set(demo.LIVE_COMPRESSIONS) and not skipped
+    assert [k["repeats"] for k in calls] == [small_budgets[1].repeats] * len(cms)
+    assert all(cm.meta["budget"] == "quick" for cm in cms.values())
+    assert "measuring this host's quick calibration" in caplog.text
+    note = demo.calibration_note(cms)
+    assert "fp32 quick" in note and "speckv calibrate" in note and "SpecKV-v0" in note
+    # the live part says it, in the table, the report and live_check.json
+    from speckv_env.app import livecheck
+
+    real_host = demo._calibrate_host
+    monkeypatch.setattr(demo, "_calibrate_host", lambda progress: (pairs, cms, {}))
+    monkeypatch.setattr(
+        livecheck, "live_check", lambda traces, **kw: {"compressions": {}, "skipped": {}, "prompts_per_task": 1}
+    )
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
+    s = demo._live_part(tmp_path, tmp_path, report, None, True, False)
+    assert "quick calibration" in s["live_text"] and "quick calibration" in report.read_text()
+    saved = json.loads((tmp_path / "live_check.json").read_text())
+    assert saved["calibration"]["nf4"]["budget"] == "quick"
+    # once a full calibration of this host is cached, the demo takes it and says so
+    for p in pairs.values():
+        cal.cached_calibration(p)
+    n = len(calls)
+    _, cms2, _ = real_host(False)
+    assert len(calls) == n and all(cm.meta["budget"] == "full" for cm in cms2.values())
+    note2 = demo.calibration_note(cms2)
+    assert "fp32 full" in note2 and "quick calibration:" not in note2
 
 
 def test_cli_check_wiring(monkeypatch, tmp_path, capsys):

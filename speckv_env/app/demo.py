@@ -3,8 +3,11 @@
 1. Train and compare every gamma controller on the shipped profiling traces of the default
    pair (SmolLM2-135M-Instruct target, shipped draft; fp32/int8/nf4; greedy and T = 0.7),
    held out by prompt: writes report.md, results.json and plots.
-2. This host's cost models (fp32 and nf4, the kernels the engine runs): calibrated here, or
-   reused from the cache of this host and these kernels.
+2. This host's cost models (fp32 and nf4, the kernels the engine runs): calibrated here with
+   the demo's quick budget (:data:`DEMO_CALIBRATION`: 3 interleaved rounds x 12 tokens per
+   point, minutes on a 2-core CPU, against 5 x 24 for the full one), or reused from the cache
+   of this host and these kernels (a full calibration of this host first, when there is one).
+   The demo says which it used.
 3. Live check (:mod:`.livecheck`): the best fixed gamma, the HF heuristic and learned
    controllers run on the real models on held-out prompts, interleaved ABBA per prompt;
    measured tokens/s beside the replay's prediction under the host's cost model, and the
@@ -41,13 +44,57 @@ def report_head(report: Path, max_lines: int = 40) -> str:
 #: the live check's held-out prompts per task: the quick demo, the full run
 LIVE_PROMPTS_PER_TASK = {True: 1, False: 4}
 LIVE_COMPRESSIONS = ("fp32", "nf4")
+#: the demo's calibration budget (:data:`speckv_env.calibrate.BUDGETS`): quick, so that a first
+#: run on a new host calibrates in minutes; a full calibration of this host is used when cached
+DEMO_CALIBRATION = "quick"
 
 
-def _calibrate_host(progress: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+def calibration_note(cms: dict[str, Any]) -> str:
+    """Which budget each host cost model was measured with, and where the full one comes from."""
+    from speckv_env.calibrate import FULL, QUICK, calibration_budget
+    from speckv_env.core import CostModel
+
+    got = {comp: calibration_budget(cm) for comp, cm in cms.items() if isinstance(cm, CostModel)}
+    if not got:
+        return ""
+    text = "cost models: this host's own calibration, " + ", ".join(
+        f"{comp} {b or 'below the quick budget'}" for comp, b in got.items()
+    )
+    if any(b != "full" for b in got.values()):
+        text += (
+            f"\n(quick calibration: {QUICK.describe()}, noisier than the full one, {FULL.describe()}. "
+            "The full one is what `speckv calibrate` measures and what the cost models shipped beside the "
+            "traces come from; the demo uses it instead once this host has one cached: the first "
+            '`gym.make("SpecKV-v0")` without a cost model, or `speckv generate --gamma auto`, at the same '
+            "thread count measures and caches it)"
+        )
+    return text
+
+
+def _calibration_summary(cms: dict[str, Any]) -> dict[str, Any]:
+    """Per compression: the budget its host cost model was measured with, rounds, tokens, when."""
+    from speckv_env.calibrate import calibration_budget
+    from speckv_env.core import CostModel
+
+    return {
+        comp: {
+            "budget": calibration_budget(cm),
+            "repeats": cm.meta.get("repeats"),
+            "tokens_per_gamma": cm.meta.get("tokens_per_gamma"),
+            "measured_at": cm.meta.get("measured_at"),
+        }
+        for comp, cm in cms.items()
+        if isinstance(cm, CostModel)
+    }
+
+
+def _calibrate_host(
+    progress: bool, budget: str = DEMO_CALIBRATION
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
     """Load the default pair per compression and take this host's own cost model for it (the
-    cached calibration of this host and these kernels, or a new one): the live check predicts
-    under it, not under the model shipped beside the traces."""
-    from speckv_env.calibrate import cached_calibration, cached_calibration_exists
+    cached calibration of this host and these kernels, or a new one measured with ``budget``):
+    the live check predicts under it, not under the model shipped beside the traces."""
+    from speckv_env.calibrate import BUDGETS, cached_calibration, cached_calibration_exists, calibration_budget
     from speckv_env.models import ModelLoadError, default_target_path
     from speckv_env.pair import load_pair
 
@@ -61,9 +108,13 @@ def _calibrate_host(progress: bool) -> tuple[dict[str, Any], dict[str, Any], dic
         except (ModelLoadError, ImportError, RuntimeError) as e:
             skipped[comp] = str(e)
             continue
-        how = "reusing" if cached_calibration_exists(pairs[comp]) else "measuring"
-        log.info(f"[demo]   {comp} ({pairs[comp].kernels}): {how} this host's calibration")
-        cms[comp] = cached_calibration(pairs[comp], progress=progress)
+        if not cached_calibration_exists(pairs[comp], budget=budget):
+            log.info(
+                f"[demo]   {comp} ({pairs[comp].kernels}): measuring this host's {budget} calibration "
+                f"({BUDGETS[budget].describe()})"
+            )
+        cms[comp] = cached_calibration(pairs[comp], progress=progress, budget=budget)
+        log.info(f"[demo]   {comp}: this host's {calibration_budget(cms[comp])} calibration")
     return pairs, cms, skipped
 
 
@@ -76,7 +127,10 @@ def _live_part(
 
     # one thread count for the calibration and the live runs (the calibration cache is keyed by it)
     torch.set_num_threads(threads or 2)
-    log.info("[demo] 2/3 the host's cost models (calibrated here, or this host's cached calibration)")
+    log.info(
+        f"[demo] 2/3 the host's cost models (this host's cached calibration, or a {DEMO_CALIBRATION} one "
+        "measured now; the full one is `speckv calibrate`'s)"
+    )
     pairs, cms, skipped = _calibrate_host(progress)
     per_task = LIVE_PROMPTS_PER_TASK[quick]
     log.info(f"[demo] 3/3 live check on the real models ({4 * per_task} held-out prompts per compression, ABBA)")
@@ -91,9 +145,11 @@ def _live_part(
     )
     r["skipped"].update(skipped)
     r["quick"] = quick
+    r["calibration"] = _calibration_summary(cms)
     path = outp / "live_check.json"
     path.write_text(json.dumps(r, indent=2, default=str))
-    txt = format_live_check(r)
+    note = calibration_note(cms)
+    txt = format_live_check(r) + (f"\n{note}" if note else "")
     if quick:
         txt += (
             f"\n(quick demo: {4 * per_task} held-out prompts per compression; "
