@@ -77,16 +77,17 @@ class _Drafted:
     """What a step has drafted so far: tokens, the draft distributions they were sampled from
     (sampling), the draft logits of every drafted position (``sigs[i]``: the row token i was
     drafted from; one more row once the draft has looked past its last token), the draft
-    forwards run, and where the step started (output position, draft cache length, times)."""
+    forwards run, and where the step started (output position, draft cache length), with the
+    timed spans (:class:`_Clock`) of its observation and drafting."""
 
     t: int
     d_len0: int
-    obs_s: float
+    obs_spans: list[tuple[Any, Any]]
     tokens: list[int] = field(default_factory=list)
     q_rows: list[torch.Tensor] = field(default_factory=list)
     sigs: list[torch.Tensor] = field(default_factory=list)
     forwards: int = 1  # the observation forward
-    draft_s: float = 0.0
+    draft_spans: list[tuple[Any, Any]] = field(default_factory=list)
 
     @property
     def consumed(self) -> int:
@@ -102,13 +103,13 @@ class _Drafted:
 @dataclass
 class _Verdict:
     """The outcome of a verification: accepted drafts, emitted tokens, acceptance events, the
-    bonus position's record (sampling), and draft time spent inside the verification phase."""
+    bonus position's record, and the draft's timed spans inside the verification phase."""
 
     accepted: int
     emitted: list[int]
     events: list[int]
     bonus_rec: tuple[int, torch.Tensor, bool] | None = None
-    extra_draft_s: float = 0.0
+    extra_spans: list[tuple[Any, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +134,40 @@ class GenerationResult:
     @property
     def tokens_per_second(self) -> float:
         return len(self.tokens) / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+class _Clock:
+    """Phase timing. On CPU, ``perf_counter`` readings. On CUDA, events recorded on the current
+    stream: marking a phase costs no synchronisation; :meth:`wait` synchronises once (at the end
+    of a step) and :meth:`seconds` then reads the spans (without the wait, reading an unfinished
+    event raises)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def wait(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def seconds(self, spans: Sequence[tuple[Any, Any]]) -> float:
+        """Total seconds of (start, end) mark pairs (on CUDA, after :meth:`wait`)."""
+        total = 0.0
+        for a, b in spans:
+            total += (a.elapsed_time(b) / 1000.0) if self.cuda else (b - a)
+        return total
+
+    def elapsed(self, start: Any) -> float:
+        """Seconds from ``start`` to now (synchronises on CUDA)."""
+        end = self.mark()
+        self.wait()
+        return self.seconds([(start, end)])
 
 
 def _signals_from_logits(logits: torch.Tensor) -> DraftSignals:
@@ -207,19 +242,24 @@ def _sample_from(probs: torch.Tensor, u: float, fallback: torch.Tensor | None = 
 
     The cumulative sum is taken in float64 (a float32 sum over a 49k-token vocabulary loses the
     small tail's mass). An all-zero ``probs`` (a residual norm((p - q)+) when p and q agree to
-    the last bit, which exact arithmetic never rejects) samples ``fallback`` (the target's p)."""
+    the last bit, which exact arithmetic never rejects) samples ``fallback`` (the target's p).
+    One device-to-host transfer (the index, whether the total is positive, whether the index's
+    probability is); the rare cases (zero total, a zero-probability index) read more."""
     c = torch.cumsum(probs.double(), dim=-1)
-    total = float(c[-1])
-    if total <= 0.0:
+    total = c[-1:]
+    # searchsorted(c, u * total, right) clipped to the last index: u * total is the float64
+    # product of the uniform and the total, as it always was
+    i = torch.searchsorted(c, total * u, right=True).clamp_(max=probs.shape[-1] - 1)
+    i_host, positive, zero_at_i = torch.cat([i, (~(total <= 0.0)).long(), (probs[i] <= 0.0).long()]).tolist()
+    if not positive:
         if fallback is None:
             raise ValueError("cannot sample from an all-zero distribution")
         return _sample_from(fallback, u)
-    i = int(torch.searchsorted(c, torch.tensor([u * total], dtype=c.dtype, device=c.device), right=True)[0])
     # guard against rounding at the top end and zero-probability tokens
-    i = min(i, probs.shape[-1] - 1)
-    while float(probs[i]) <= 0.0 and i > 0:
-        i -= 1
-    return i
+    while zero_at_i and i_host > 0:
+        i_host -= 1
+        zero_at_i = float(probs[i_host]) <= 0.0
+    return i_host
 
 
 class SpeculativeEngine:
@@ -237,6 +277,10 @@ class SpeculativeEngine:
         filtered distribution is what gets sampled).
     eos_token_id:
         int or list of ints that end generation (the EOS token is emitted, nothing after it).
+    cache:
+        ``"dynamic"`` (transformers' DynamicCache, cropped on rejection) or ``"static"``: buffers
+        pre-allocated for prompt + max_new_tokens + max_gamma + 1 positions, rollback moves the
+        position, explicit position ids (:mod:`speckv_env.static_cache`); the same tokens.
     """
 
     def __init__(
@@ -249,7 +293,10 @@ class SpeculativeEngine:
         eos_token_id: int | Sequence[int] | None = None,
         device: torch.device | str | None = None,
         max_gamma: int = 64,
+        cache: str = "dynamic",
     ) -> None:
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
@@ -273,9 +320,21 @@ class SpeculativeEngine:
         self.draft_device = next(draft.parameters()).device
         self.max_gamma = max_gamma
         self._cuda = self.device.type == "cuda" or self.draft_device.type == "cuda"
+        self._clock = _Clock(self._cuda)
         self._t_kv = cache_kwarg(target)
         self._d_kv = cache_kwarg(draft)
         self._t_keep1 = {"logits_to_keep": 1} if _accepts(target, "logits_to_keep") else {}
+        self.cache = cache
+        if cache == "static":
+            from .static_cache import uses_full_attention_only
+
+            for name, m in (("target", target), ("draft", draft)):
+                if not uses_full_attention_only(m.config):
+                    raise ValueError(
+                        f"cache='static' supports full-attention models only; the {name} has "
+                        "sliding-window or chunked layers: use cache='dynamic'"
+                    )
+        self._static: dict[str, Any] = {}  # the static caches, kept across sequences while they fit
         #: keep the draft's full-vocabulary logits of every position (traces need their signals);
         #: off, only the acceptance flags are kept (``speckv profile`` turns it on)
         self.record_signals = False
@@ -302,7 +361,7 @@ class SpeculativeEngine:
         self._q: torch.Tensor | None = None  # draft logits at the current position
         self._dr: _Drafted | None = None  # the step being drafted (token mode), None between steps
         self._sig: DraftSignals | None = None
-        self._obs_s = 0.0
+        self._obs_spans: list[tuple[Any, Any]] = []  # the current observation's timed spans
         self._late_pos: int | None = None
         self.pos_accept: list[bool | None] = []
         self._pos_rows: list[Any] = []
@@ -310,31 +369,30 @@ class SpeculativeEngine:
         self.pos_target: list[DraftSignals | None] = []
         self.finish_reason: str | None = None
 
-    # ---- timing ---------------------------------------------------------------------
-    def _now(self) -> float:
-        if self._cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     # ---- distributions ----------------------------------------------------------------
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits / T), top-p filtered and renormalised (float32, 1-D)."""
+        return self._probs_rows(logits.unsqueeze(0))[0]
+
+    def _probs_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """:meth:`_probs` of every row of ``logits`` ([n, V] -> [n, V] float32). A row's result
+        does not depend on n: softmax, sort and cumsum work row by row, and the renormalising
+        sums are taken one row at a time (a 2-D sum along rows adds in another order than a
+        1-D sum on a multi-threaded CPU)."""
         p = torch.softmax(logits.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
-            sp, idx = torch.sort(p, descending=True)
+            sp, idx = torch.sort(p, dim=-1, descending=True)
             cum = torch.cumsum(sp, dim=-1)
             keep = (cum - sp) < self.top_p  # smallest prefix whose mass reaches top_p
             sp = torch.where(keep, sp, torch.zeros_like(sp))
             p = torch.zeros_like(p).scatter_(-1, idx, sp)
-            p = p / p.sum()
+            p = p / torch.stack([row.sum() for row in p]).unsqueeze(-1)
         return p
 
     # ---- episode ----------------------------------------------------------------------
     @torch.inference_mode()
     def start(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, seed: int = 0) -> None:
         """Prefill both caches with the prompt and prepare for the first step."""
-        from transformers import DynamicCache
-
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()
         if len(ids) < 1:
             raise ValueError("the prompt must contain at least one token")
@@ -344,24 +402,48 @@ class SpeculativeEngine:
         self.prompt = ids
         self.max_new_tokens = int(max_new_tokens)
         self.seed = int(seed)
-        self._t_cache = _rollback_cache(DynamicCache(config=self.target.config))
-        self._d_cache = _rollback_cache(DynamicCache(config=self.draft.config))
-        t0 = self._now()
+        capacity = len(ids) + self.max_new_tokens + self.max_gamma + 1
+        self._t_cache = self._new_cache(self.target, "target", capacity)
+        self._d_cache = self._new_cache(self.draft, "draft", capacity)
+        t0 = self._clock.mark()
         if len(ids) > 1:  # the prompt's logits are not needed: keep one row (not 49k x prompt length)
             self.target(
                 input_ids=torch.tensor([ids[:-1]], device=self.device),
                 use_cache=True,
                 **{self._t_kv: self._t_cache},
+                **self._positions(self._t_cache, len(ids) - 1, self.device),
                 **self._t_keep1,
             )
         self._t_pending = ids[-1]
         self._d_pending = list(ids)
         self._started = True
         self._ensure_q()  # the draft's prefill: q at position 0, not charged to the first step
-        self._obs_s = 0.0
-        self.prefill_s = self._now() - t0
+        self._obs_spans = []
+        self.prefill_s = self._clock.elapsed(t0)
         # position-keyed uniforms: row s = (draft proposal, accept test, residual) for output position s
         self._u = np.random.default_rng(self.seed).random((self.max_new_tokens + 1, 3))
+
+    def _new_cache(self, model, key: str, capacity: int) -> Any:
+        """An empty KV cache for ``model``: a new DynamicCache, or the model's static cache
+        (reused while its buffers hold ``capacity`` positions)."""
+        if self.cache == "dynamic":
+            from transformers import DynamicCache
+
+            return _rollback_cache(DynamicCache(config=model.config))
+        from .static_cache import PrefixStaticCache
+
+        c = self._static.get(key)
+        if c is None or not c.restart(capacity):
+            c = self._static[key] = PrefixStaticCache(model.config, capacity)
+        return c
+
+    def _positions(self, cache, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Explicit position ids of ``n`` new tokens for a static cache (the host knows its
+        length); with a dynamic cache the model counts them itself, as it always did."""
+        if self.cache == "dynamic":
+            return {}
+        p = cache.get_seq_length()
+        return {"position_ids": torch.arange(p, p + n, device=device).unsqueeze(0)}
 
     @property
     def position(self) -> int:
@@ -374,7 +456,7 @@ class SpeculativeEngine:
     def _ensure_q(self) -> None:
         """Run the draft's catch-up forward: its logits at the current position (once per step)."""
         if self._q is None:
-            t0 = self._now()
+            t0 = self._clock.mark()
             pend = self._d_pending
             if self._late_pos is not None and len(pend) >= 2:
                 # greedy, after a fully accepted draft: pending = [d_g, bonus]; the row for d_g
@@ -387,7 +469,7 @@ class SpeculativeEngine:
             self._late_pos = None
             self._d_pending = []
             self._sig = None
-            self._obs_s = self._now() - t0
+            self._obs_spans = [(t0, self._clock.mark())]
 
     @torch.inference_mode()
     def observe(self) -> DraftSignals:
@@ -406,9 +488,9 @@ class SpeculativeEngine:
         self._ensure_q()
         if self._sig is None:
             assert self._q is not None
-            t0 = self._now()
+            t0 = self._clock.mark()
             self._sig = _signals_from_logits(self._q)
-            self._obs_s += self._now() - t0
+            self._obs_spans.append((t0, self._clock.mark()))
         return self._sig
 
     @property
@@ -458,6 +540,7 @@ class SpeculativeEngine:
             input_ids=torch.tensor([tokens], device=self.draft_device),
             use_cache=True,
             **{self._d_kv: self._d_cache},
+            **self._positions(self._d_cache, len(tokens), self.draft_device),
             logits_to_keep=keep,
         )
         return out.logits[0, -keep:]
@@ -515,23 +598,27 @@ class SpeculativeEngine:
             self._ensure_q()
             assert self._q is not None
             self._dr = _Drafted(
-                t=len(self.out), d_len0=self._d_cache.get_seq_length(), obs_s=self._obs_s, sigs=[self._q]
+                t=len(self.out), d_len0=self._d_cache.get_seq_length(), obs_spans=list(self._obs_spans), sigs=[self._q]
             )
         return self._dr
 
     def _verify(self, dr: _Drafted) -> StepResult:
         """Verify ``dr``'s tokens with one target forward, emit, and roll both caches back."""
         g, t = len(dr.tokens), dr.t
-        t1 = self._now()
+        t1 = self._clock.mark()
         x = torch.tensor([[self._t_pending, *dr.tokens]], device=self.device)
-        logits = self.target(input_ids=x, use_cache=True, **{self._t_kv: self._t_cache}).logits[0]
+        pos = self._positions(self._t_cache, g + 1, self.device)
+        logits = self.target(input_ids=x, use_cache=True, **{self._t_kv: self._t_cache}, **pos).logits[0]
         v = self._accept_sampling(logits, dr, t) if self.sampling else self._accept_greedy(logits, dr)
         acc_raw = v.accepted
         finish = self._cut_at_eos(v)
         self._record_step(t, g, v, dr, acc_raw)
         self._record_target(t, logits, len(v.emitted))
         self._rollback(g, v, dr)
-        t2 = self._now()
+        t2 = self._clock.mark()
+        clock = self._clock
+        clock.wait()  # the step's one synchronisation (CUDA)
+        extra_s = clock.seconds(v.extra_spans)
         self._dr = None
         self._q = None
         self._sig = None
@@ -544,8 +631,8 @@ class SpeculativeEngine:
             accepted=v.accepted,
             tokens=v.emitted,
             draft_rows=dr.sigs[: max(g, 1)],
-            draft_s=dr.obs_s + dr.draft_s + v.extra_draft_s,
-            verify_s=(t2 - t1) - v.extra_draft_s,
+            draft_s=clock.seconds(dr.obs_spans) + clock.seconds(dr.draft_spans) + extra_s,
+            verify_s=clock.seconds([(t1, t2)]) - extra_s,
             done=finish is not None,
             finish_reason=finish,
             events=v.events,
@@ -576,7 +663,7 @@ class SpeculativeEngine:
 
     def _draft_one(self, dr: _Drafted, lookahead: bool) -> None:
         """Draft the next token from ``dr``'s last row; with ``lookahead``, feed it to the draft."""
-        t0 = self._now()
+        t0 = self._clock.mark()
         i = len(dr.tokens)
         d, q = self._pick(dr.sigs[i], dr.t + i)
         dr.tokens.append(d)
@@ -585,52 +672,76 @@ class SpeculativeEngine:
         if lookahead:
             dr.sigs.append(self._draft_forward([d])[-1])
             dr.forwards += 1
-        dr.draft_s += self._now() - t0
+        dr.draft_spans.append((t0, self._clock.mark()))
 
     def _accept_greedy(self, logits: torch.Tensor, dr: _Drafted) -> _Verdict:
-        """Accept drafts while they equal the target's argmax; then emit the target's own token."""
+        """Accept drafts while they equal the target's argmax; then emit the target's own token.
+        One device-to-host transfer: the target's argmax at every row, with the draft's argmax
+        at the bonus position when it is known (the observation at gamma 0, a looked-ahead row
+        in token mode)."""
         g = len(dr.tokens)
-        tgt = torch.argmax(logits, dim=-1).tolist()  # one device-to-host transfer
+        ids = [torch.argmax(logits, dim=-1)]
+        proposal = len(dr.sigs) > g  # the draft's distribution at position t + g is known
+        if proposal:
+            ids.append(torch.argmax(dr.sigs[g]).reshape(1).to(logits.device))
+        host = torch.cat(ids).tolist()
+        tgt = host[: g + 1]
         k = 0
         while k < g and dr.tokens[k] == tgt[k]:
             k += 1
         if g == 0:
-            events = [int(int(torch.argmax(dr.sigs[0])) == tgt[0])]  # the observation's proposal
+            events = [int(host[1] == tgt[0])]  # the observation's proposal
         else:
             events = [1] * k + ([0] if k < g else [])
-        return _Verdict(accepted=k, emitted=dr.tokens[:k] + [tgt[k]], events=events)
+        v = _Verdict(accepted=k, emitted=dr.tokens[:k] + [tgt[k]], events=events)
+        if g > 0 and k == g and proposal:  # token mode, looked ahead: the bonus position's record
+            v.bonus_rec = (dr.t + g, dr.sigs[g], host[-1] == tgt[g])
+        return v
+
+    def _first_rejection(self, p: torch.Tensor, dr: _Drafted, t: int) -> int:
+        """The first drafted position whose test u < p(d)/q(d) fails (len(dr.tokens) if none):
+        p(d_i) and q(d_i) of every drafted token gathered at once, compared with the position's
+        uniforms in one float64 operation (u * q(d) < p(d), as the scalar test always was), one
+        device-to-host transfer."""
+        g = len(dr.tokens)
+        d = torch.tensor(dr.tokens, device=p.device)
+        p_d = p[torch.arange(g, device=p.device), d].double()
+        q_d = torch.stack([q[tok] for q, tok in zip(dr.q_rows, dr.tokens)]).to(p.device).double()
+        u = torch.from_numpy(self._u[t : t + g, 1]).to(p.device)
+        rejected = torch.cat([~(u * q_d < p_d), torch.ones(1, dtype=torch.bool, device=p.device)])
+        return int(torch.argmax(rejected.to(torch.uint8)))  # the first maximum's index
 
     def _accept_sampling(self, logits: torch.Tensor, dr: _Drafted, t: int) -> _Verdict:
         """Exact speculative sampling with position-keyed uniforms (module docstring)."""
         u, g = self._u, len(dr.tokens)
-        for i in range(g):
-            p = self._probs(logits[i])
-            q, d = dr.q_rows[i], dr.tokens[i]
-            if float(u[t + i, 1]) * float(q[d]) < float(p[d]):  # u < p/q without dividing
-                continue
-            tok = _sample_from(torch.clamp(p - q, min=0.0), float(u[t + i, 2]), fallback=p)
-            return _Verdict(accepted=i, emitted=dr.tokens[:i] + [tok], events=[1] * i + [0])
+        p_all = self._probs_rows(logits)
+        if g:
+            k = self._first_rejection(p_all[:g], dr, t)
+            if k < g:  # the residual is drawn at the rejected position only
+                p, q = p_all[k], dr.q_rows[k]
+                tok = _sample_from(torch.clamp(p - q, min=0.0), float(u[t + k, 2]), fallback=p)
+                return _Verdict(accepted=k, emitted=dr.tokens[:k] + [tok], events=[1] * k + [0])
         # all g accepted (or g == 0): draw the token at position t+g with the same rule
         s = t + g
-        extra = 0.0
+        extra: list[tuple[Any, Any]] = []
         if g == 0 or len(dr.sigs) > g:
             qb_logits = dr.sigs[g]  # the observation's distribution, or the looked-ahead one
         else:
-            te = self._now()
+            te = self._clock.mark()
             qb_logits = self._draft_forward([dr.tokens[-1]])[-1]
             dr.forwards += 1
-            extra = self._now() - te
+            extra = [(te, self._clock.mark())]
             dr.sigs.append(qb_logits)
-        qb, pb = self._probs(qb_logits), self._probs(logits[g])
+        qb, pb = self._probs(qb_logits), p_all[g]
         db = _sample_from(qb, float(u[s, 0]))
-        ev = int(float(u[s, 1]) * float(qb[db]) < float(pb[db]))
+        ev = int(float(u[s, 1]) * qb[db].double().to(pb.device) < pb[db].double())  # one transfer
         tok = db if ev else _sample_from(torch.clamp(pb - qb, min=0.0), float(u[s, 2]), fallback=pb)
         return _Verdict(
             accepted=g,
             emitted=dr.tokens + [tok],
             events=[ev] if g == 0 else [1] * g,
             bonus_rec=(s, dr.sigs[-1], bool(ev)),
-            extra_draft_s=extra,
+            extra_spans=extra,
         )
 
     def _cut_at_eos(self, v: _Verdict) -> str | None:
@@ -654,10 +765,8 @@ class SpeculativeEngine:
         for i in range(min(v.accepted + 1, g, n_em)):
             self._record(t + i, dr.sigs[i], i < acc_raw)
         if v.accepted == g and n_em == g + 1:
-            if v.bonus_rec is not None:
+            if v.bonus_rec is not None:  # sampling; greedy when the draft looked ahead (token mode)
                 self._record(*v.bonus_rec)
-            elif len(dr.sigs) > g:  # greedy, looked ahead: the bonus position's row is known
-                self._record(t + g, dr.sigs[g], int(torch.argmax(dr.sigs[g])) == v.emitted[g])
             else:
                 self._late_pos = t + g  # filled by the next observe() (greedy)
 
@@ -679,7 +788,7 @@ class SpeculativeEngine:
         seed: int = 0,
     ) -> GenerationResult:
         """Decode to EOS or max_new_tokens; ``gamma`` is an int, a per-step list, or f(step, signals)."""
-        t0 = self._now()
+        t0 = self._clock.mark()
         self.start(prompt_ids, max_new_tokens, seed)
         steps: list[StepResult] = []
         while not self.done:
@@ -690,4 +799,4 @@ class SpeculativeEngine:
             else:
                 g = int(gamma[len(steps) % len(gamma)])
             steps.append(self.step(g))
-        return GenerationResult(list(self.out), steps, self.finish_reason, self._now() - t0)
+        return GenerationResult(list(self.out), steps, self.finish_reason, self._clock.elapsed(t0))

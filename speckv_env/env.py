@@ -24,6 +24,7 @@ class LiveBackend:
         top_p: float,
         cost_model: CostModel,
         gamma_max: int,
+        cache: str = "dynamic",
     ) -> None:
         from .engine import SpeculativeEngine
 
@@ -43,6 +44,7 @@ class LiveBackend:
             top_p=top_p,
             eos_token_id=pair.eos_token_id,
             max_gamma=self.gamma_max,
+            cache=cache,
         )
         self._encoded: dict[int, list[int]] = {}
         self._last = DraftSignals(0.0, 0.0, 0.0)
@@ -188,7 +190,8 @@ class SpecKVEnv(SpecKVBaseEnv):
     (0 = greedy), ``top_p``, ``gammas``, ``reward``, ``cost_model`` (a CostModel, a path to
     its JSON, or None to calibrate once and cache), ``pair`` (an already loaded ModelPair),
     ``exact`` (True: row-invariant forwards, see below; False: the faster-where-it-differs
-    kernels, for users who need speed and not exact replay).
+    kernels, for users who need speed and not exact replay), ``cache`` ("dynamic"; "static":
+    pre-allocated KV buffers, rollback moves a position, the same tokens: :mod:`speckv_env.static_cache`).
 
     Exactness: with ``exact=True`` (the default) both models compute row-invariant forwards
     (:mod:`speckv_env.invariant`): a position's logits are bit-identical whether it is
@@ -223,6 +226,7 @@ class SpecKVEnv(SpecKVBaseEnv):
         trust_remote_code: bool = False,
         exact: bool = True,
         control: str = "step",
+        cache: str = "dynamic",
     ) -> None:
         from .core import check_control
         from .pair import load_pair
@@ -252,6 +256,7 @@ class SpecKVEnv(SpecKVBaseEnv):
             top_p=top_p,
             cost_model=cost_model,
             gamma_max=gamma_max,
+            cache=cache,
         )
         super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control)
 
