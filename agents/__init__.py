@@ -16,6 +16,7 @@ from .oracle import OracleAgent
 from .ppo import PPOAgent
 from .simple import CostAwareAnalytic, FixedGamma, HFHeuristic
 from .stopping import AdaEDL, EntropyStop, HFConfidence, SpecDecPP, StopRule
+from .survival import SurvivalController, SurvivalTokenController
 from .training import collect_rollouts, evaluate_agent, make_vec_env, summarize, train_agent
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "SpecDecPP",
     "SpecKVMLP",
     "StopRule",
+    "SurvivalController",
+    "SurvivalTokenController",
     "ThompsonSampling",
     "UCB1",
     "collect_rollouts",
