@@ -6,7 +6,12 @@
   * ``speckv_mlp``: rollouts of a behaviour policy (uniformly random gammas, seeded) collect
     (pre-choice obs, acceptance events), then :meth:`agents.mlp.SpecKVMLP.fit`;
   * ``ppo``: stable-baselines3 on a vectorised env (:func:`make_vec_env`: with ``traces=``
-    the numpy-batched ``replay.vector`` env through an SB3 VecEnv adapter, else DummyVecEnv);
+    the numpy-batched ``replay.vector`` env through an SB3 VecEnv adapter, else DummyVecEnv),
+    in either action mode: ``env_kwargs={"control": "token"}`` trains a token-mode PPOAgent
+    (its ``control`` defaults to the env's). :meth:`agents.ppo.PPOAgent.train` wraps the env
+    for training only: the token budget's end made terminal (no bootstrapping) and SB3's
+    ``VecNormalize`` (token mode's defaults; see agents/ppo.py for why, and for discount 1.0);
+    the logged episodic returns are the raw (unnormalised) ones;
   * the rest (fixed, hf_heuristic, cost_aware, oracle) need no training: returned as built.
 The curve is kept on the agent as ``agent.train_log`` (a list of dicts, one per finished
 episode or fit epoch) and, with ``tb_log_dir``, written to TensorBoard with CleanRL-style tags
@@ -102,7 +107,7 @@ def _log_episode(w: _Writer, rec: dict[str, Any]) -> None:
     w.scalar("charts/episodic_return", rec["episodic_return"], st)
     w.scalar("charts/tokens_per_second", rec["tokens_per_second"], st)
     w.scalar("charts/tokens_per_step", rec["tokens_per_step"], st)
-    w.scalar("charts/mean_gamma", rec["mean_gamma"], st)
+    w.scalar("charts/mean_gamma", rec.get("mean_gamma"), st)
     w.scalar("charts/speedup", rec["speedup"], st)
 
 
@@ -191,8 +196,10 @@ class ReplayVecEnvAdapter:
 
     The vector env runs in SAME_STEP autoreset mode, which is SB3's convention: at an episode's
     end the returned observation is the next episode's first, and the last one is in
-    ``infos[i]["terminal_observation"]``; ``infos[i]["TimeLimit.truncated"]`` marks truncation
-    (SB3 bootstraps through it). A finished episode's info also carries
+    ``infos[i]["terminal_observation"]``; ``infos[i]["TimeLimit.truncated"]`` marks truncation,
+    i.e. an episode that stopped at the token budget, not at EOS (SB3 bootstraps through it
+    unless the env is wrapped in :func:`agents.ppo.budget_end_is_terminal`, as PPOAgent's token
+    mode does for training). ``control`` is the vector env's action mode. A finished episode's info also carries
     ``episode_summary = {"modelled_tps": ...}``. Built lazily as a subclass of SB3's VecEnv.
     """
 
@@ -205,6 +212,7 @@ class ReplayVecEnvAdapter:
                 super().__init__(v.num_envs, v.single_observation_space, v.single_action_space)
                 self._actions: np.ndarray | None = None
                 self.gammas = tuple(v.gammas)
+                self.control = getattr(v, "control", "step")
 
             def reset(self):
                 seed = self._seeds[0] if any(s is not None for s in self._seeds) else None
@@ -279,8 +287,15 @@ def make_vec_env(
     return venv
 
 
-def _ppo_callback(writer: _Writer, log: list[dict[str, Any]], gammas: Sequence[int]):
+def _ppo_callback(writer: _Writer, log: list[dict[str, Any]], gammas: Sequence[int], token: bool = False):
+    """CleanRL-style episode records and loss tags during SB3 training. Returns are the env's
+    raw rewards (``VecNormalize.get_original_reward`` when training normalises them). In token
+    mode the actions are draft (1) / verify (0): the record's ``mean_gamma`` becomes
+    ``draft_fraction`` (the share of draft decisions)."""
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    values = (0, 1) if token else tuple(gammas)
 
     class CleanRLTags(BaseCallback):
         def _init_callback(self) -> None:
@@ -290,13 +305,18 @@ def _ppo_callback(writer: _Writer, log: list[dict[str, Any]], gammas: Sequence[i
 
         def _on_step(self) -> bool:
             infos, rewards, dones = self.locals["infos"], self.locals["rewards"], self.locals["dones"]
+            if isinstance(self.training_env, VecNormalize):
+                rewards = self.training_env.get_original_reward()
             actions = self.locals.get("actions")
             self.ret += rewards
             for i, info in enumerate(infos):
                 if actions is not None:
-                    self.used[i].append(gammas[int(np.asarray(actions).reshape(-1)[i])])
+                    self.used[i].append(values[int(np.asarray(actions).reshape(-1)[i])])
                 if dones[i] and "episode_summary" in info:
                     rec = _episode_record(self.num_timesteps, float(self.ret[i]), self.used[i], info)
+                    if token:
+                        rec["draft_fraction"] = rec.pop("mean_gamma")
+                        writer.scalar("charts/draft_fraction", rec["draft_fraction"], rec["global_step"])
                     log.append(rec)
                     _log_episode(writer, rec)
                 if dones[i]:
@@ -318,6 +338,24 @@ def _ppo_callback(writer: _Writer, log: list[dict[str, Any]], gammas: Sequence[i
                     writer.scalar(f"losses/{k}", vals[f"train/{k}"], self.num_timesteps)
 
     return CleanRLTags()
+
+
+def _build_agent(name: str, u: Any, seed: int, agent_kwargs: dict[str, Any] | None) -> Agent:
+    """``make_agent(name, ...)`` with the env's gammas and, where the agent takes them, the
+    seed and the env's action mode (``control``) as defaults."""
+    import inspect
+
+    from .base import AGENTS, _ensure_registered
+
+    kw = dict(agent_kwargs or {})
+    kw.setdefault("gammas", tuple(u.gammas))
+    _ensure_registered()
+    params = inspect.signature(AGENTS[name].__init__).parameters if name in AGENTS else {}
+    if "seed" in params:
+        kw.setdefault("seed", seed)
+    if "control" in params:
+        kw.setdefault("control", getattr(u, "control", "step"))
+    return make_agent(name, **kw)
 
 
 def train_agent(
@@ -342,19 +380,7 @@ def train_agent(
     factory = _factory(env_factory, traces, env_kwargs)
     env = factory()
     u = env.unwrapped
-    if isinstance(name, Agent):
-        agent = name
-    else:
-        kw = dict(agent_kwargs or {})
-        kw.setdefault("gammas", tuple(u.gammas))
-        import inspect
-
-        from .base import AGENTS, _ensure_registered
-
-        _ensure_registered()
-        if name in AGENTS and "seed" in inspect.signature(AGENTS[name].__init__).parameters:
-            kw.setdefault("seed", seed)
-        agent = make_agent(name, **kw)
+    agent = name if isinstance(name, Agent) else _build_agent(name, u, seed, agent_kwargs)
     env_id = getattr(getattr(env, "spec", None), "id", None) or type(u).__name__
     run = run_name or f"{env_id}__{agent.name}__{seed}__{int(time.time())}"
     writer = _Writer(tb_log_dir, run)
@@ -369,7 +395,7 @@ def train_agent(
                 venv,
                 steps,
                 tb_log_dir=str(writer.run_dir) if writer.run_dir else None,
-                callback=_ppo_callback(writer, log, agent.gammas),
+                callback=_ppo_callback(writer, log, agent.gammas, getattr(agent, "control", "step") == "token"),
                 progress=progress,
             )
             venv.close()
