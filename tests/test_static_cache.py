@@ -404,3 +404,31 @@ def test_real_pair_static_equals_dynamic():
         for g_dyn, g_sta in zip([0, 4, [2, 6, 1, 3]], [0, 4, [2, 6, 1, 3]]):
             assert _run(dyn, prompt, 32, g_dyn) == _run(sta, prompt, 32, g_sta)
         assert _token_mode(dyn, prompt, 32, 1) == _token_mode(sta, prompt, 32, 1)
+
+
+def test_bench_engine_takes_the_cache(exact_smol_pair, monkeypatch):
+    """``speckv bench engine --cache static``: the engines decode with static caches, the outputs
+    agree with every other method's (exact kernels), and the result records the cache."""
+    from speckv_env.app import bench_engine as be
+    from speckv_env.app.cli import build_parser
+
+    a = build_parser().parse_args(["bench", "engine", "--cache", "static"])
+    assert a.cache == "static"
+    assert build_parser().parse_args(["bench", "engine"]).cache == "dynamic"
+    made = []
+    init = PrefixStaticCache.__init__
+    monkeypatch.setattr(PrefixStaticCache, "__init__", lambda self, *a: made.append(1) or init(self, *a))
+    r = be.run_engine_bench(
+        exact_smol_pair,
+        prompts=be.bench_prompts(split="test")[:1],
+        val_prompts=be.bench_prompts(split="validation")[:1],
+        max_new_tokens=6,
+        gammas_engine=(0, 2),
+        gammas_hf=(1,),
+        prompt_lookup=(),
+        repeats=1,
+        progress=False,
+        stock=False,
+        cache="static",
+    )
+    assert made and r["cache"] == "static" and r["outputs_identical"], r["output_mismatches"]

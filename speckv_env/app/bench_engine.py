@@ -294,11 +294,12 @@ def build_methods(
     gammas_hf: Sequence[int],
     prompt_lookup: Sequence[int] = PROMPT_LOOKUP,
     stock: bool = True,
+    cache: str = "dynamic",
 ) -> list[Method]:
-    """Every method of the test split (see the module docstring)."""
+    """Every method of the test split (see the module docstring); ``cache``: the engine's KV cache."""
     eos = pair.eos_token_id
     shipped = copy.deepcopy(pair.draft.generation_config)
-    eng = SpeculativeEngine(pair.target, pair.draft, eos_token_id=eos)
+    eng = SpeculativeEngine(pair.target, pair.draft, eos_token_id=eos, cache=cache)
     ms = [
         Method("lean_target", lambda ids: lean_target_loop(pair.target, ids, max_new_tokens, eos)),
         Method("hf_target", lambda ids: _hf_generate(pair.target, ids, max_new_tokens, eos)),
@@ -307,15 +308,17 @@ def build_methods(
     ms += [_hf_method(pair, label, max_new_tokens, shipped) for label in labels]
     ms += [_engine_method(f"engine:{g}", eng, g, max_new_tokens, "main") for g in gammas_engine]
     if fast_pair is not None:
-        ms += _fast_methods(fast_pair, max_new_tokens, gammas_engine, validation=False)
+        ms += _fast_methods(fast_pair, max_new_tokens, gammas_engine, validation=False, cache=cache)
     if stock:
         ms.append(_stock_method(pair, max_new_tokens))
     return ms
 
 
-def _fast_methods(fast_pair, max_new_tokens: int, gammas: Sequence[int], validation: bool) -> list[Method]:
+def _fast_methods(
+    fast_pair, max_new_tokens: int, gammas: Sequence[int], validation: bool, cache: str = "dynamic"
+) -> list[Method]:
     eos = fast_pair.eos_token_id
-    eng = SpeculativeEngine(fast_pair.target, fast_pair.draft, eos_token_id=eos)
+    eng = SpeculativeEngine(fast_pair.target, fast_pair.draft, eos_token_id=eos, cache=cache)
     ms = [_engine_method(f"engine_fast:{g}", eng, g, max_new_tokens, "fast") for g in gammas]
     if not validation:
         ms.insert(
@@ -453,6 +456,7 @@ def run_engine_bench(
     seed: int = 0,
     stock: bool | None = None,
     val_repeats: int | None = None,
+    cache: str = "dynamic",
 ) -> dict[str, Any]:
     """Run the comparison; returns the JSON-able result (see the module docstring).
 
@@ -460,7 +464,7 @@ def run_engine_bench(
     engine's gamma (default: one validation prompt per task); ``fast_pair`` (an ``exact=False``
     pair of the same models) adds the fast engine; ``stock`` (default: when the pair's kernels
     are not PyTorch's own) adds ``hf_target_stock``; ``val_repeats`` (default ``repeats``) repeats
-    the validation runs."""
+    the validation runs; ``cache`` is the engines' KV cache ("dynamic" or "static")."""
     prompts = list(prompts) if prompts is not None else bench_prompts()
     val_prompts = list(val_prompts) if val_prompts is not None else bench_prompts(split="validation")
     if {p.id for p in prompts} & {p.id for p in val_prompts}:
@@ -470,19 +474,19 @@ def run_engine_bench(
     if stock is None:
         stock = bool(getattr(pair, "exact", False) or getattr(pair, "cpu_kernels", False))
     # warm-up: every code path once, short
-    warm = build_methods(pair, fast_pair, 4, sorted(set(gammas_engine)), gammas_hf, prompt_lookup, stock)
+    warm = build_methods(pair, fast_pair, 4, sorted(set(gammas_engine)), gammas_hf, prompt_lookup, stock, cache)
     run_interleaved(warm, val_encoded[:1], 1, seed=seed)
     # 1. the engine's gamma, chosen on the validation prompts only
-    eng = SpeculativeEngine(pair.target, pair.draft, eos_token_id=pair.eos_token_id)
+    eng = SpeculativeEngine(pair.target, pair.draft, eos_token_id=pair.eos_token_id, cache=cache)
     val_methods = [_engine_method(f"engine:{g}", eng, g, max_new_tokens, "main") for g in gammas_engine]
     if fast_pair is not None:
-        val_methods += _fast_methods(fast_pair, max_new_tokens, gammas_engine, validation=True)
+        val_methods += _fast_methods(fast_pair, max_new_tokens, gammas_engine, validation=True, cache=cache)
     val_repeats = repeats if val_repeats is None else val_repeats
     val = run_interleaved(
         val_methods, val_encoded, val_repeats, seed=seed + 1, progress=progress, desc="bench (validation)"
     )
     # 2. every method on the test prompts
-    methods = build_methods(pair, fast_pair, max_new_tokens, gammas_engine, gammas_hf, prompt_lookup, stock)
+    methods = build_methods(pair, fast_pair, max_new_tokens, gammas_engine, gammas_hf, prompt_lookup, stock, cache)
     test = run_interleaved(methods, encoded, repeats, seed=seed + 2, progress=progress, desc="bench (test)")
     r = _results(pair, fast_pair, methods, test, val)
     r.update(
@@ -493,6 +497,7 @@ def run_engine_bench(
         repeats=repeats,
         val_repeats=val_repeats,
         seed=seed,
+        cache=cache,
         target=pair.target_name,
         draft=pair.draft_name,
         compression=pair.compression,

@@ -843,6 +843,7 @@ def cmd_bench(a: argparse.Namespace) -> Output:
             val_prompts=bench_prompts(a.val_prompts_per_task, split="validation"),
             val_repeats=a.val_repeats,
             progress=not a.quiet,
+            cache=a.cache,
         )
         text = format_engine_table(r)
     elif a.what == "env":
@@ -1077,6 +1078,12 @@ def _add_bench(sub: Any) -> None:
         "--val-repeats", type=_int_arg(1), default=None, help="engine bench: validation repeats (default: --repeats)"
     )
     b.add_argument("--no-fast", action="store_true", help="engine bench: skip the fast (exact=False) engine")
+    b.add_argument(
+        "--cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="engine bench: the engine's KV cache (static: pre-allocated, rollback moves a position)",
+    )
     b.add_argument(
         "--seconds", type=_float_arg(0.0, lo_open=True), default=2.0, help="env bench: seconds per measurement"
     )
