@@ -46,6 +46,8 @@ swap to a subclass defined here, reading its own weights), and :func:`undo` rest
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -141,6 +143,40 @@ def _packed_query(q: torch.Tensor, n_rep: int) -> torch.Tensor:
     return q.reshape(b, h // n_rep, n_rep, d) if n_rep > 1 else q
 
 
+_ROW_PADS: list[int] | None = None
+"""Set by :func:`padded_rows`: left padding of each batch row (one query row each)."""
+
+
+@contextmanager
+def padded_rows(pads: Sequence[int]):
+    """Within this context, a batched one-token forward attends each batch row ``r`` to its keys
+    ``pads[r]:`` only (its own prefix, left-padded into a common cache): the very call a
+    one-sequence, one-token step makes, so each row's result is bit-identical to it. Used by
+    the traces' rollouts (:mod:`speckv_env.rollout`) to run many positions in one forward."""
+    global _ROW_PADS
+    prev, _ROW_PADS = _ROW_PADS, [int(p) for p in pads]
+    try:
+        yield
+    finally:
+        _ROW_PADS = prev
+
+
+def _padded_rows_attention(query, key, value, n_rep: int, scaling) -> torch.Tensor:
+    """One query row per batch row, each against its own unpadded keys ([b, q=1, heads, d] out)."""
+    assert _ROW_PADS is not None
+    h = query.shape[1]
+    outs = []
+    for r, pad in enumerate(_ROW_PADS):
+        o = nn.functional.scaled_dot_product_attention(
+            _packed_query(query[r : r + 1, :, 0:1], n_rep),
+            key[r : r + 1, :, pad:].contiguous(),
+            value[r : r + 1, :, pad:].contiguous(),
+            scale=scaling,
+        )
+        outs.append(o.reshape(1, h, 1, value.shape[-1]))
+    return torch.cat(outs, dim=0).transpose(1, 2).contiguous()
+
+
 def row_invariant_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -167,6 +203,8 @@ def row_invariant_attention(
             f"row-invariant attention supports sliding-window models only within their window "
             f"({window} tokens; this forward sees {kv_len}): load the pair with exact=False for longer contexts"
         )
+    if _ROW_PADS is not None and q_len == 1 and b == len(_ROW_PADS):
+        return _padded_rows_attention(query, key, value, n_rep, scaling), None
     if b != 1 or q_len > WIDTH:
         return _masked_sdpa(module, query, key, value, attention_mask, dropout, scaling)
     outs = []
