@@ -35,14 +35,17 @@ makes maximising E[reward] - rho * E[time] per step the optimal policy's rule at
 rate). rho is kept per compression level (the observation's one-hot) and overall.
 
 **Token mode** (``survival_token``, ``control="token"``): at a decision with j tokens drafted,
-a token head (logistic on :func:`agents.stopping.token_features` of the token observation: the
-next distribution's signals, drafted, survival, last_draft_p) gives
-``P1 = P(L_t >= j + 1 | obs_j)``, fitted on every decision point (t, j) of the training traces
-(every j < G that a step at t can reach, whatever the earlier tokens' fate: the head must say
-how likely the drafted tokens were accepted too, so the policy needs no state within a step).
-Tokens further on use the step model's conditional hazards at the next distribution (the
-observation's first 13 values: with the drafted tokens accepted they are the step observation of
-position t + j)::
+``P1 = P(L_t >= j + 1 | obs_j)`` is, at j = 0, the step model's h_1 (the token observation's
+first 13 values are then the step observation), and for j >= 1 the product of two logistic
+heads on :func:`agents.stopping.token_features` of the token observation (the next
+distribution's signals, drafted, survival, last_draft_p): a reach head P(L_t >= j | obs_j),
+fitted on every decision point (t, j) a step at t can reach whatever became of the tokens drafted
+before (:func:`token_decision_data`), times SpecDec++'s conditional acceptance head
+P(token j accepted | tokens < j accepted, obs_j), fitted on the decisions whose drafted tokens
+were all accepted (:func:`agents.stopping.head_training_data`). The policy keeps no state
+within a step (so ``act_batch`` serves vector envs). Tokens further on use the step model's
+conditional hazards at the next distribution (the observation's first 13 values: with the
+drafted tokens accepted they are the step observation of position t + j)::
 
     P(L_t >= j + m | obs_j) = P1 * h_2 * ... * h_m        (h from the step model on obs_j[:13])
 
@@ -86,6 +89,7 @@ from .stopping import (
     VERIFY,
     auc,
     fit_logistic,
+    head_training_data,
     token_features,
 )
 
@@ -185,10 +189,11 @@ def hazard_data(obs: np.ndarray, trace: Any, G: int) -> tuple[list[np.ndarray], 
     return xs, ys
 
 
-def token_decision_data(traces: Sequence[Any], G: int) -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) over every decision point (t, j), j < G, that a token-mode step at t can reach
-    (j below the budget's cap): :func:`agents.stopping.token_features` of the observation there,
-    label ``L_t >= j + 1`` (the next token is drafted and every drafted one is accepted)."""
+def token_decision_data(traces: Sequence[Any], G: int, first: int = 1, ahead: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) over every decision point (t, j), ``first <= j < G``, that a token-mode step at t
+    can reach, whatever became of the tokens drafted before (j below the budget's cap):
+    :func:`agents.stopping.token_features` of the observation there, label ``L_t >= j + ahead``
+    (default: the j drafted tokens are all accepted: the reach head)."""
     Xs, ys = [], []
     for tr in traces:
         if not tr.has_rollouts:
@@ -196,7 +201,7 @@ def token_decision_data(traces: Sequence[Any], G: int) -> tuple[np.ndarray, np.n
         if tr.gamma_max < G:
             raise ValueError(f"{tr.source}: trace {tr.trace_id!r} records runs up to {tr.gamma_max} < {G}")
         n, L = tr.n, tr.L.astype(np.int64)
-        for j in range(G):
+        for j in range(first, G):
             t = np.arange(min(n, max(tr.max_new_tokens - 1 - j, 0)))
             if not t.size:
                 break
@@ -205,7 +210,7 @@ def token_decision_data(traces: Sequence[Any], G: int) -> tuple[np.ndarray, np.n
             last = p[:, -1] if j else np.ones(t.size)
             sig = (tr.roll_top1[t, j], tr.roll_entropy[t, j], tr.roll_margin[t, j])
             Xs.append(token_features(*sig, j / G, surv, last))
-            ys.append(L[t] >= j + 1)
+            ys.append(L[t] >= j + ahead)
     if not Xs:
         raise ValueError("no training decisions: the traces are empty")
     return np.concatenate(Xs), np.concatenate(ys).astype(np.float64)
@@ -265,7 +270,8 @@ class SurvivalController(CostModelMixin, Agent):
             raise ValueError(f"{self.kind}: needs a gamma set with a positive gamma, got {self.gammas}")
         self.l2, self.refits, self.iterations = float(l2), int(refits), int(iterations)
         self.weights = np.zeros((self.G, len(STEP_FEATURES)))
-        self.token_weights = np.zeros(len(FEATURES))
+        # token mode: the reach head (row 0) and the conditional acceptance head (row 1)
+        self.token_weights = np.zeros((2, len(FEATURES)))
         # unfitted: rho = 1 token per target step (plain decoding's rate), hazards 1/2
         self.rho: dict[str, float] = {"*": 1.0}
         self.summary: dict[str, Any] = {"fitted": False}
@@ -550,8 +556,10 @@ class SurvivalTokenController(SurvivalController):
         x = token_features(
             obs[:, I_TOP1], obs[:, I_ENT], obs[:, I_MARGIN], obs[:, I_DRAFTED], obs[:, I_SURV], obs[:, I_LASTP]
         )
-        p1 = _sigmoid(x @ self.token_weights)
-        chain = np.concatenate((np.ones((n, 1)), np.cumprod(self.hazards(obs)[:, 1:], axis=1)), axis=1)
+        r, c = _sigmoid(x @ self.token_weights.T).T
+        h = self.hazards(obs)
+        p1 = np.where(j == 0, h[:, 0], r * c)
+        chain = np.concatenate((np.ones((n, 1)), np.cumprod(h[:, 1:], axis=1)), axis=1)
         P = p1[:, None] * chain  # P[:, m - 1] = P(L_t >= j + m | obs)
         gain = np.cumsum(P, axis=1)
         stop_at = j[:, None] + np.arange(1, G + 1)[None, :]
@@ -573,15 +581,20 @@ class SurvivalTokenController(SurvivalController):
             return VERIFY
         t = min(max(float(o[I_TOP1]), 1e-6), 1 - 1e-6)
         surv = min(max(float(o[I_SURV]), 1e-12), 1.0)
-        x = (1.0, t, o[I_ENT], o[I_MARGIN], math.log(t) - math.log1p(-t), o[I_DRAFTED], math.log(surv), o[I_LASTP])
-        z = sum([a * b for a, b in zip(self._lists[4], x)])
-        P = 1.0 / (1.0 + math.exp(-min(max(z, -60.0), 60.0)))
-        hs = self._step_survival(o, W, 1)
+        hs = self._step_survival(o, W, 0)
+        if j == 0:
+            P = hs[0]
+        else:
+            x = (1.0, t, o[I_ENT], o[I_MARGIN], math.log(t) - math.log1p(-t), o[I_DRAFTED], math.log(surv), o[I_LASTP])
+            P = 1.0
+            for w in self._lists[4]:
+                z = sum([a * b for a, b in zip(w, x)])
+                P *= 1.0 / (1.0 + math.exp(-min(max(z, -60.0), 60.0)))
         stop, cap_bonus = tab["stop_l"], tab["cap_bonus"]
         gain, best = 0.0, -math.inf
         for m in range(1, G - j + 1):
             if m > 1:
-                P *= hs[m - 2]
+                P *= hs[m - 1]
             gain += P
             dT = stop[j + m] - stop[j] + (cap_bonus * P if j + m == G else 0.0)
             best = max(best, gain - rho * dT)
@@ -631,16 +644,19 @@ class SurvivalTokenController(SurvivalController):
         traces = list(traces)
         summary = super().fit(traces, costs)
         cms = [_cost_of(costs, i, tr.compression) for i, tr in enumerate(traces)]
-        X, y = token_decision_data(traces, self.G)
-        self.token_weights = fit_logistic(X, y, l2=self.l2)
+        Xr, yr = token_decision_data(traces, self.G)
+        Xc, yc = head_training_data(traces, self.G)
+        self.token_weights = np.stack((fit_logistic(Xr, yr, l2=self.l2), fit_logistic(Xc, yc, l2=self.l2)))
         sampling = self.sampling
         try:
             path = self._iterate_rho(lambda: self._token_rates(traces, cms))
         finally:
             self.sampling = sampling
         summary.update(
-            token_decisions=len(y),
-            auc_token=auc(X @ self.token_weights, y),
+            reach_decisions=len(yr),
+            auc_reach=auc(Xr @ self.token_weights[0], yr),
+            cond_decisions=len(yc),
+            auc_cond=auc(Xc @ self.token_weights[1], yc),
             step_rho=summary["rho"],
             rho=dict(self.rho),
             token_rho_path=path,
