@@ -2,7 +2,7 @@
 forwards, on one loaded model (the same weights, switched with ``invariant.undo`` /
 ``make_row_invariant``), two rounds alternating the two paths.
 
-    python experiments/forward_rows_timing.py int8     # or fp32, nf4, bf16
+    python experiments/forward_rows_timing.py int8 [THREADS]     # or fp32, nf4, bf16; threads default 2
 
 The prompt's prefill is not timed; each timed forward is cropped off the cache again; min of 3.
 """
@@ -37,7 +37,7 @@ def bench(model, ids: list[int], rows: list[int], reps: int = 3) -> dict[int, fl
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
     comp = sys.argv[1] if len(sys.argv) > 1 else "fp32"
     pair = load_pair(compression=comp, device="cpu", exact=False, cpu_kernels=False)
     ids = pair.encode_chat("Write a Python function that returns the n-th Fibonacci number, with a docstring.")
