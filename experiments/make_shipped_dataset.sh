@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# How the shipped profiling data set (speckv_env/data/traces/) was made, on a 2-core CPU.
+# How the shipped profiling data set (speckv_env/data/traces/) is made, on a 2-core CPU.
+# Traces are speckv-trace/2 (exact row-invariant kernels, the draft's rollouts from every
+# position for token mode, the target's signals, the prompt's tokens); the rollouts run batched
+# over positions (speckv_env/rollout.py). The version 1 traces shipped before were recorded the
+# same way without rollouts and on the stock kernels.
 #  1. Record full-information traces in two processes of 1 thread each, each stopping cleanly
 #     at its time budget (prompts interleaved over splits and tasks, so a stopped recording
 #     is balanced): fp32 in one, nf4 then int8 in the other (half the budget each). All test
