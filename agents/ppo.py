@@ -424,8 +424,10 @@ class PPOAgent(Agent):
             raise ValueError(f"a normalising agent needs tensors {list(_RMS)}")
         mean, var = (np.asarray(r, np.float64) for r in rms)
         if mean.shape != (self.obs_dim,) or var.shape != (self.obs_dim,):
+            other = mean.shape[-1:] in ((OBS_DIM,), (TOKEN_OBS_DIM,))
             raise ValueError(
                 f"observation statistics of shape {mean.shape}, expected ({self.obs_dim},) for control={self.control!r}"
+                + (": they belong to the other control mode" if other else "")
             )
         self.obs_mean, self.obs_var = mean.copy(), var.copy()
 

@@ -73,7 +73,7 @@ class _Writer:
             self.run_dir = Path(tb_log_dir) / run_name
             self.w = SummaryWriter(str(self.run_dir))
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
+    def scalar(self, tag: str, value: float | None, step: int) -> None:
         if self.w is not None and value is not None and np.isfinite(value):
             self.w.add_scalar(tag, float(value), int(step))
 
