@@ -304,9 +304,15 @@ class SurvivalController(CostModelMixin, Agent):
             cm = self._ratio_cms[cost_ratio] = cost_from_ratio(cost_ratio, self.G, self.verify_slope)
         return cm
 
+    def _sampling_now(self) -> bool:
+        """The bound env's current sampling mode (re-read at each decision, like its cost model:
+        a data set may mix greedy and sampled episodes), else the configured one."""
+        backend = getattr(self._env, "backend", None)
+        return bool(getattr(backend, "sampling", self.sampling))
+
     def _context(self, o: Sequence[float]) -> tuple[dict[str, Any], float, list[list[float]]]:
         """One decision's tables, rho and the step weights as lists (the scalar fast path)."""
-        tab = self.tables(self._cost_for(float(o[I_COST_RATIO])), self.sampling)
+        tab = self.tables(self._cost_for(float(o[I_COST_RATIO])), self._sampling_now())
         c = o[_I_COMP : _I_COMP + 3]
         lv = 0 if c[0] >= c[1] and c[0] >= c[2] else (1 if c[1] >= c[2] else 2)
         if self._lists[0] is not self.weights or self._lists[1] is not self.rho:
@@ -391,12 +397,12 @@ class SurvivalController(CostModelMixin, Agent):
     def _batch(self, o: np.ndarray) -> np.ndarray:
         rho = self.rho_of(o)
         if self.cost_model is not None or self._env is not None:
-            return self._decide_rows(o, self.tables(self._cost_for(0.0), self.sampling), rho)
+            return self._decide_rows(o, self.tables(self._cost_for(0.0), self._sampling_now()), rho)
         out = np.empty(len(o), dtype=np.int64)
         ratios = o[:, OBS_INDEX["cost_ratio"]]
         for r in np.unique(ratios):
             m = ratios == r
-            out[m] = self._decide_rows(o[m], self.tables(self._cost_for(float(r)), self.sampling), rho[m])
+            out[m] = self._decide_rows(o[m], self.tables(self._cost_for(float(r)), self._sampling_now()), rho[m])
         return out
 
     def _decide_rows(self, o: np.ndarray, tab: dict[str, Any], rho: np.ndarray) -> np.ndarray:

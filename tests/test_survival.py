@@ -9,7 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from agents import AgentFormatError, FixedGamma, HFConfidence, SurvivalController, SurvivalTokenController, load_agent
+from agents import (
+    AgentFormatError,
+    FixedGamma,
+    HFConfidence,
+    SurvivalController,
+    SurvivalTokenController,
+    load_agent,
+    make_agent,
+)
 from agents.stopping import auc, head_training_data, run_token_episodes
 from agents.survival import _constant, hazard_data, replay_observations, token_decision_data
 from replay.env import SpecKVReplayEnv
@@ -149,6 +157,7 @@ def test_save_load_round_trip(data, step_agent, token_agent, tmp_path):
         load_agent(tmp_path / "old.json")
     with pytest.raises(AgentFormatError, match="'survival' agent"):
         SurvivalTokenController.load(tmp_path / "survival.json")
+    assert make_agent("survival").control == "step" and make_agent("survival_token").control == "token"
 
 
 def test_clear_errors_on_the_wrong_env_mode_and_data(data, step_agent, token_agent):
@@ -168,3 +177,22 @@ def test_clear_errors_on_the_wrong_env_mode_and_data(data, step_agent, token_age
         SurvivalTokenController(iterations=1, refits=0).fit(v1, CM)
     with pytest.raises(ValueError, match="no training traces"):
         SurvivalController().fit([], CM)
+
+
+def test_token_controller_in_the_vector_env_equals_the_scalar_env(data, token_agent):
+    from replay.vector import SpecKVReplayVectorEnv
+
+    held = [t for t in data[1] if t.mode == "sample"]  # one mode per vector env, as the comparison groups them
+    E = len(held)
+    env = SpecKVReplayEnv(traces=held, cost_model=CM, control="token")
+    scalar = [run_token_episodes(token_agent, env, [e])[1] for e in range(E)]
+    venv = SpecKVReplayVectorEnv(num_envs=E, traces=held, cost_model=CM, control="token")
+    obs, _ = venv.reset(seed=0, options={"episodes": np.arange(E)})
+    assert token_agent.bind(env)._sampling_now()
+    active = np.ones(E, dtype=bool)
+    seconds = np.zeros(E)
+    while active.any():  # stateless within a step: act_batch decides every env at once
+        obs, _, term, trunc, info = venv.step(token_agent.act_batch(obs))
+        seconds += np.where(active, info["modelled_time"], 0.0)
+        active &= ~(term | trunc)
+    assert seconds == pytest.approx(scalar, rel=1e-9)
