@@ -212,8 +212,21 @@ def token_decision_data(traces: Sequence[Any], G: int, first: int = 1, ahead: in
             Xs.append(token_features(*sig, j / G, surv, last))
             ys.append(L[t] >= j + ahead)
     if not Xs:
-        raise ValueError("no training decisions: the traces are empty")
+        return np.zeros((0, len(FEATURES))), np.zeros(0)
     return np.concatenate(Xs), np.concatenate(ys).astype(np.float64)
+
+
+def fit_head(X: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray | None:
+    """A logistic head (:func:`agents.stopping.fit_logistic`); with one class only, the bias at
+    the smoothed rate (the weights would run off); None without data."""
+    if not len(y):
+        return None
+    if y.min() == y.max():
+        w = np.zeros(X.shape[1])
+        rate = (y.sum() + 0.5) / (len(y) + 1.0)
+        w[0] = math.log(rate) - math.log1p(-rate)
+        return w
+    return fit_logistic(X, y, l2=l2)
 
 
 def _constant(a: int) -> Callable[[np.ndarray], int]:
@@ -445,11 +458,9 @@ class SurvivalController(CostModelMixin, Agent):
         first_auc = float("nan")
         for j in range(self.G):
             X, y = np.concatenate(xs[j]), np.concatenate(ys[j])
-            if len(y) < 2 or y.min() == y.max():  # nothing to learn at this depth: keep the last one
-                W[j] = W[j - 1] if j else 0.0
-                continue
-            W[j] = fit_logistic(X, y, l2=self.l2)
-            if j == 0:
+            w = fit_head(X, y, self.l2)
+            W[j] = w if w is not None else (W[j - 1] if j else 0.0)  # no data this deep: the last one
+            if j == 0 and w is not None:
                 first_auc = auc(X @ W[0], y)
         self.weights = W
         return first_auc
@@ -585,26 +596,30 @@ class SurvivalTokenController(SurvivalController):
         j = min(round(o[I_DRAFTED] * G), G)
         if j >= G:
             return VERIFY
-        t = min(max(float(o[I_TOP1]), 1e-6), 1 - 1e-6)
-        surv = min(max(float(o[I_SURV]), 1e-12), 1.0)
-        hs = self._step_survival(o, W, 0)
+        hs: list[float] | None = None
         if j == 0:
+            hs = self._step_survival(o, W, 0)
             P = hs[0]
         else:
+            t = min(max(float(o[I_TOP1]), 1e-6), 1 - 1e-6)
+            surv = min(max(float(o[I_SURV]), 1e-12), 1.0)
             x = (1.0, t, o[I_ENT], o[I_MARGIN], math.log(t) - math.log1p(-t), o[I_DRAFTED], math.log(surv), o[I_LASTP])
             P = 1.0
             for w in self._lists[4]:
                 z = sum([a * b for a, b in zip(w, x)])
                 P *= 1.0 / (1.0 + math.exp(-min(max(z, -60.0), 60.0)))
         stop, cap_bonus = tab["stop_l"], tab["cap_bonus"]
-        gain, best = 0.0, -math.inf
-        for m in range(1, G - j + 1):
+        gain = 0.0
+        for m in range(1, G - j + 1):  # the first stopping point worth more than stopping now
             if m > 1:
+                if hs is None:
+                    hs = self._step_survival(o, W, 0)
                 P *= hs[m - 1]
             gain += P
             dT = stop[j + m] - stop[j] + (cap_bonus * P if j + m == G else 0.0)
-            best = max(best, gain - rho * dT)
-        return DRAFT if best > 0.0 else VERIFY
+            if gain - rho * dT > 0.0:
+                return DRAFT
+        return VERIFY
 
     def act(self, obs: np.ndarray) -> int:
         if isinstance(obs, np.ndarray) and obs.shape == (TOKEN_OBS_DIM,):
@@ -652,7 +667,8 @@ class SurvivalTokenController(SurvivalController):
         cms = [_cost_of(costs, i, tr.compression) for i, tr in enumerate(traces)]
         Xr, yr = token_decision_data(traces, self.G)
         Xc, yc = head_training_data(traces, self.G)
-        self.token_weights = np.stack((fit_logistic(Xr, yr, l2=self.l2), fit_logistic(Xc, yc, l2=self.l2)))
+        heads = [fit_head(Xr, yr, self.l2), fit_head(Xc, yc, self.l2)]
+        self.token_weights = np.stack([np.zeros(len(FEATURES)) if w is None else w for w in heads])
         sampling = self.sampling
         try:
             path = self._iterate_rho(lambda: self._token_rates(traces, cms))

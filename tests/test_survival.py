@@ -21,7 +21,7 @@ from agents import (
 from agents.stopping import auc, head_training_data, run_token_episodes
 from agents.survival import _constant, hazard_data, replay_observations, token_decision_data
 from replay.env import SpecKVReplayEnv
-from replay.trace import synthetic_dataset
+from replay.trace import synthetic_dataset, synthetic_trace
 from speckv_env.core import OBS_DIM, TOKEN_OBS_DIM, CostModel
 
 CM = CostModel.unit(draft_ratio=0.1)
@@ -177,6 +177,11 @@ def test_clear_errors_on_the_wrong_env_mode_and_data(data, step_agent, token_age
         SurvivalTokenController(iterations=1, refits=0).fit(v1, CM)
     with pytest.raises(ValueError, match="no training traces"):
         SurvivalController().fit([], CM)
+    # degenerate data fits without error: a 1-token trace (no decision after a draft), all accepted
+    for trs in ([synthetic_trace(1, rollouts=True)], [synthetic_trace(30, p_accept=0.999, rollouts=True)]):
+        agent = SurvivalTokenController(iterations=2)
+        agent.fit(trs, CM)
+        assert np.isfinite(agent.weights).all() and np.isfinite(agent.token_weights).all()
 
 
 def test_token_controller_in_the_vector_env_equals_the_scalar_env(data, token_agent):
