@@ -20,7 +20,10 @@ behaviour's up to s and then one step at s of gamma u - s - 1, fully accepted (a
 that ends at u: that gamma accepts all its tokens because L_s >= k >= u - s - 1). So every
 position gets the observation of a path that reaches it, through the env's own code, and the
 arrivals after a rejection are the behaviour's own. The behaviour is first the best fixed gamma
-on the training traces, then (``refits``, default 1) the fitted controller itself.
+on the training traces, then (``refits``, default 1) the fitted controller itself. Why not the
+path-independent features alone: the path's acceptance statistics carry information the draft's
+signals do not (on the partial real speckv-trace/2 recording, held-out AUC of "the next token is
+accepted": 0.80 with them, 0.78 without, 0.77 from the signals alone).
 
 **The decision (renewal objective).** With C(g) = S_1 + ... + S_g the expected accepted tokens
 at gamma g and T(g, k) the cost model's step time in target-step units (t_target = 1)::
