@@ -383,3 +383,110 @@ class LinUCB(BanditAgent):
                 f"LinUCB tables have shapes {A.shape}, {b.shape}; expected {self.A_inv.shape}, {self.b.shape}"
             )
         self.A_inv, self.b = A, b
+
+
+@register
+class PerContext(Agent):
+    """A bandit kept per deployment context: one set of statistics per (compression, decoding
+    mode), since the best gamma differs between an fp32 and an nf4 target and between greedy and
+    sampled decoding. The context is taken from the episode (``begin_episode``: its info's
+    ``compression`` and ``mode``) or from the env when bound (its backend's compression and
+    sampling). A context seen for the first time starts from a fresh copy of the bandit."""
+
+    kind = "per_context"
+    learns = True
+
+    def __init__(
+        self,
+        bandit: str = "ucb1",
+        bandit_kwargs: dict[str, Any] | None = None,
+        seed: int | None = 0,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
+    ) -> None:
+        from .base import make_agent
+
+        super().__init__(gammas)
+        self.bandit = str(bandit)
+        self.bandit_kwargs = dict(bandit_kwargs or {})
+        self.seed = seed
+        from .base import AGENTS, _ensure_registered
+
+        _ensure_registered()
+        if not issubclass(AGENTS.get(self.bandit, Agent), BanditAgent):
+            raise ValueError(f"per_context keeps bandits per context; {self.bandit!r} is not a bandit")
+        tpl = make_agent(self.bandit, seed=seed, gammas=self.gammas, **self.bandit_kwargs)
+        if not isinstance(tpl, BanditAgent):
+            raise ValueError(f"per_context keeps bandits per context; {self.bandit!r} is not a bandit")
+        self.template: BanditAgent = tpl
+        self.name = self.template.name
+        self.contexts: dict[str, BanditAgent] = {}
+        self.context = ""
+        self.current: BanditAgent = self.template
+
+    @staticmethod
+    def context_of(compression: Any, sampling: Any) -> str:
+        return f"{compression}/{'sample' if sampling in (True, 'sample') else 'greedy'}"
+
+    def select(self, context: str) -> BanditAgent:
+        """Switch to ``context``'s bandit (a fresh copy of the bandit for a new context)."""
+        import copy
+
+        if context not in self.contexts:
+            self.contexts[context] = copy.deepcopy(self.template)
+        self.context, self.current = context, self.contexts[context]
+        return self.current
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.current.rng
+
+    @rng.setter
+    def rng(self, value: np.random.Generator) -> None:  # evaluation reseeds each episode's copy
+        for b in (self.template, *self.contexts.values()):
+            b.rng = value
+
+    def bind(self, env: Any) -> Agent:
+        u = getattr(env, "unwrapped", env)
+        b = getattr(u, "backend", None)
+        comp = getattr(b, "compression", None) or getattr(getattr(u, "cost_model", None), "compression", "?")
+        self.select(self.context_of(comp, getattr(b, "sampling", False)))
+        self.current.bind(env)
+        return self
+
+    def begin_episode(self, env: Any, info: dict[str, Any]) -> None:
+        if "compression" in info:
+            self.select(self.context_of(info["compression"], info.get("mode", "greedy")))
+        self.current.begin_episode(env, info)
+
+    def act(self, obs: np.ndarray) -> int:
+        return self.current.act(obs)
+
+    def act_batch(self, obs: np.ndarray) -> np.ndarray:
+        return self.current.act_batch(obs)
+
+    def learn(self, obs, action, reward, next_obs, info) -> None:
+        self.current.learn(obs, action, reward, next_obs, info)
+
+    def reset(self) -> None:
+        self.current.reset()
+
+    def best_arm(self) -> int:
+        return self.current.best_arm()
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "bandit": self.bandit,
+            "bandit_kwargs": self.bandit_kwargs,
+            "seed": self.seed,
+            "gammas": list(self.gammas),
+        }
+
+    def get_state(self) -> dict[str, Any]:
+        return {"contexts": {c: b.get_state() for c, b in self.contexts.items()}, "context": self.context}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.contexts = {}
+        for c, s in dict(state.get("contexts", {})).items():
+            self.select(str(c)).set_state(s)
+        if state.get("context") in self.contexts:
+            self.select(str(state["context"]))

@@ -42,8 +42,9 @@ Seeds
     and the seed-to-seed spread of throughput is reported beside the interval.
 
 How bandits are evaluated ("continue-per-episode")
-    A bandit first learns online on the training episodes (``bandit_steps`` steps). Every
-    evaluation episode then starts from that trained state (a copy, with its own seeded
+    A bandit keeps one set of statistics per deployment context, compression x decoding mode
+    (:class:`agents.bandits.PerContext`). It first learns online on the training episodes
+    (``bandit_steps`` steps). Every evaluation episode then starts from that trained state (a copy, with its own seeded
     random stream) and keeps learning *within* the episode, as a deployed online learner
     would; nothing learned on one test episode carries to the next. So each test episode's
     outcome is independent of the order of the test set, and resampling episodes in the

@@ -175,7 +175,14 @@ def train_learner(
         )
     if name == "ppo":
         return train("ppo", steps=cfg.ppo_steps, n_envs=cfg.ppo_n_envs, agent_kwargs=dict(cfg.ppo_kwargs))
-    return train(name, steps=cfg.bandit_steps)
+    return train(contextual_bandit(name, seed, cfg), steps=cfg.bandit_steps)
+
+
+def contextual_bandit(name: str, seed: int, cfg: CompareConfig) -> Any:
+    """A bandit of the comparison, kept per deployment context (compression x decoding mode)."""
+    from agents.base import make_agent
+
+    return make_agent("per_context", bandit=name, seed=seed, gammas=cfg.gammas)
 
 
 def checkpoints(name: str, cfg: CompareConfig) -> list[int]:
@@ -215,7 +222,7 @@ def train_with_curve(
     common: dict[str, Any] = {"traces": trs, "tb_log_dir": None, "progress": False, "env_kwargs": data.env_kwargs()}
     if name == "ppo":
         common.update(n_envs=cfg.ppo_n_envs)
-    agent: Any = name
+    agent: Any = name if name == "ppo" else contextual_bandit(name, seed, cfg)
     done, log = 0, []
     curve: list[dict[str, Any]] = []
     T_o, T_f = refs
