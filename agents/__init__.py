@@ -5,8 +5,9 @@
 
 Registry names (:data:`AGENTS`): fixed, hf_heuristic, cost_aware, speckv_mlp, epsilon_greedy,
 ucb1, thompson, exp3, linucb, ppo, oracle; token mode's stopping rules (:mod:`agents.stopping`):
-hf_confidence, svip, adaedl, specdecpp. torch and stable-baselines3 are imported only
-when an MLP is trained or a PPO agent is built.
+hf_confidence, svip, adaedl, specdecpp, rule_bandit; per_context keeps a bandit per
+(compression, mode). torch and stable-baselines3 are imported only when an MLP is trained or
+a PPO agent is built.
 """
 
 from .bandits import EXP3, UCB1, EpsilonGreedy, LinUCB, ThompsonSampling
@@ -15,7 +16,7 @@ from .mlp import SpecKVMLP
 from .oracle import OracleAgent
 from .ppo import PPOAgent
 from .simple import CostAwareAnalytic, FixedGamma, HFHeuristic
-from .stopping import AdaEDL, EntropyStop, HFConfidence, SpecDecPP, StopRule
+from .stopping import AdaEDL, EntropyStop, HFConfidence, RuleBandit, SpecDecPP, StopRule
 from .survival import SurvivalController, SurvivalTokenController
 from .training import collect_rollouts, evaluate_agent, make_vec_env, summarize, train_agent
 
@@ -36,6 +37,7 @@ __all__ = [
     "LinUCB",
     "OracleAgent",
     "PPOAgent",
+    "RuleBandit",
     "SpecDecPP",
     "SpecKVMLP",
     "StopRule",

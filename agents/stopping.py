@@ -246,7 +246,10 @@ class SpecDecPP(StopRule):
     kind = "specdecpp"
 
     def __init__(
-        self, weights: Sequence[float] | np.ndarray | None = None, h: float = 0.5, gammas: Sequence[int] = DEFAULT_GAMMAS
+        self,
+        weights: Sequence[float] | np.ndarray | None = None,
+        h: float = 0.5,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
     ) -> None:
         super().__init__(gammas)
         self.weights = np.zeros(len(FEATURES)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -355,3 +358,78 @@ def run_token_episodes(agent: StopRule, env: Any, episodes: Sequence[int]) -> tu
         tokens += int(s["tokens"])
         seconds += float(s["modelled_s"])
     return tokens, seconds
+
+
+# ---- a bandit over stopping rules -------------------------------------------------------------
+
+
+@register
+class RuleBandit(StopRule):
+    """A bandit whose arms are stopping rules: at each step's first decision it picks a rule
+    (UCB1 on the renewal throughput reward, :mod:`agents.bandits`), which then makes every
+    decision of that step; the step's emitted tokens and modelled time (summed over its
+    decisions) are the arm's outcome. Rules by registry name and parameters, e.g.
+    ``[("hf_confidence", {"threshold": 0.4}), ("svip", {"h": 1.0})]``."""
+
+    kind = "rule_bandit"
+    learns = True
+
+    DEFAULT_RULES: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("hf_confidence", {"threshold": 0.4}),
+        ("hf_confidence", {"threshold": 0.7}),
+        ("svip", {"h": 1.0}),
+        ("adaedl", {"lam": 0.4}),
+    )
+
+    def __init__(
+        self,
+        rules: Sequence[tuple[str, dict[str, Any]]] | None = None,
+        c: float = 0.5,
+        seed: int | None = 0,
+        gammas: Sequence[int] = DEFAULT_GAMMAS,
+    ) -> None:
+        from .bandits import UCB1
+        from .base import make_agent
+
+        super().__init__(gammas)
+        self.rules = [(str(k), dict(kw)) for k, kw in (rules if rules is not None else self.DEFAULT_RULES)]
+        if not self.rules:
+            raise ValueError("rule_bandit needs at least one rule")
+        self.arms: list[StopRule] = []
+        for k, kw in self.rules:
+            agent = make_agent(k, gammas=self.gammas, **kw)
+            if not isinstance(agent, StopRule):
+                raise ValueError(f"rule_bandit: {k!r} is not a token-mode stopping rule")
+            self.arms.append(agent)
+        self.c, self.seed = float(c), seed
+        self.ucb = UCB1(c=c, seed=seed, gammas=tuple(range(len(self.arms))))
+        self.rng = self.ucb.rng
+        self._arm = 0
+        self._e = self._t = 0.0
+
+    def act(self, obs: np.ndarray) -> int:
+        if obs[I_DRAFTED] == 0.0:
+            self._arm = self.ucb.act(obs)
+        return self.arms[self._arm].act(obs)
+
+    def learn(self, obs, action, reward, next_obs, info) -> None:
+        self._e += float(info.get("emitted", 0))
+        self._t += float(info.get("modelled_time", 0.0))
+        if "gamma" in info:  # the step's verification: the arm's outcome is known
+            self.ucb._record(self._arm, 0.0, {"emitted": self._e, "modelled_time": self._t})
+            self._e = self._t = 0.0
+
+    def reset(self) -> None:
+        self._e = self._t = 0.0
+        for a in self.arms:
+            a.reset()
+
+    def get_config(self) -> dict[str, Any]:
+        return {"rules": [[k, kw] for k, kw in self.rules], "c": self.c, "seed": self.seed, "gammas": list(self.gammas)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"ucb": self.ucb.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.ucb.set_state(state["ucb"])
+        self.rng = self.ucb.rng

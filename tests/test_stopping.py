@@ -113,3 +113,29 @@ def test_stopping_rules_save_and_load(tmp_path):
         assert type(back) is type(agent) and back.get_config() == agent.get_config()
     with pytest.raises(ValueError, match="weights expected"):
         SpecDecPP([1.0, 2.0])
+
+
+def test_rule_bandit_learns_the_better_rule_and_saves(traces, tmp_path):
+    """Arms: a rule that never drafts and one that drafts confidently; with a cheap draft the
+    bandit must come to prefer drafting, one rule per step, and round-trip through save/load."""
+    from agents import RuleBandit
+
+    rules = [("hf_confidence", {"threshold": 1.0}), ("svip", {"h": 3.0})]  # hf@1.0 still drafts one token
+    bandit = RuleBandit(rules, seed=0)
+    env = _env([t for t in traces if t.split == "train"])
+    bandit.bind(env)
+    for ep in range(len(env.unwrapped.backend.traces)):
+        obs, info = env.reset(options={"episode": ep})
+        bandit.begin_episode(env, info)
+        done = False
+        while not done:
+            a = bandit.act(obs)
+            nobs, r, te, tu, info = env.step(a)
+            bandit.learn(obs, a, r, nobs, info)
+            obs, done = nobs, te or tu
+    pulls = bandit.ucb.stats[0]
+    assert pulls.sum() > 100 and pulls[1] > pulls[0]
+    back = load_agent(bandit.save(tmp_path / "rb.json"))
+    assert back.get_config() == bandit.get_config() and (back.ucb.stats == bandit.ucb.stats).all()
+    with pytest.raises(ValueError, match="not a token-mode stopping rule"):
+        RuleBandit([("fixed", {"g": 2})])

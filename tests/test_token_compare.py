@@ -32,11 +32,18 @@ def test_token_policies_run_beside_the_gamma_policies(v2_result):
     # the oracle over gammas bounds token mode too
     assert all(tps[p] <= tps["oracle"] + 1e-9 for p in TOKEN_POLICIES)
     choices = h["folds"][0]["token_choices"]
-    assert set(choices) == {"hf-confidence(train)", "svip(train)", "adaedl(train)", "specdecpp(train)"}
+    assert set(choices) == {
+        "hf-confidence(train)",
+        "svip(train)",
+        "adaedl(train)",
+        "specdecpp(train)",
+        "rule-bandit(train)",
+    }
+    assert sum(choices["rule-bandit(train)"]["pulls"]) > 0
     assert {"fp32", "int8", "*"} <= set(choices["hf-confidence(train)"])
     assert choices["specdecpp(train)"]["auc"] > 0.6
     # the learned token controller is a candidate of the primary contrast, chosen on validation
-    assert "specdecpp(train)" in h["primary"]["validation_tokens_per_s"]
+    assert {"specdecpp(train)", "rule-bandit(train)"} <= set(h["primary"]["validation_tokens_per_s"])
     report = (out / "report.md").read_text()
     assert "specdecpp(train)" in report and "hf-confidence" in report
     assert (

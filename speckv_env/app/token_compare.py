@@ -11,7 +11,10 @@ Policies (names in the report):
   best fixed gamma;
 - ``specdecpp(train)``: SpecDec++'s acceptance head fitted on the fold's training prompts, its
   stop threshold chosen on the same training episodes. A learned controller: a candidate for
-  the primary contrast (chosen on validation like every learned one).
+  the primary contrast (chosen on validation like every learned one);
+- ``rule-bandit(train)``: a bandit whose arms are stopping rules (UCB1 on the renewal
+  throughput reward, one rule per step), trained online on the training episodes and evaluated
+  continue-per-episode as the gamma bandits are. Also a candidate of the primary contrast.
 
 A rule's per-episode results record the tokens drafted per verification as its "gamma", so
 the report's mean gamma and histograms read as in step mode.
@@ -29,7 +32,7 @@ from .results import EvalResult, select
 
 STATIC_TOKEN = {"hf-confidence": ("hf_confidence", 0.4)}
 TUNED_TOKEN = {"hf-confidence(train)": "hf_confidence", "svip(train)": "svip", "adaedl(train)": "adaedl"}
-LEARNED_TOKEN = ("specdecpp(train)",)
+LEARNED_TOKEN = ("specdecpp(train)", "rule-bandit(train)")
 TOKEN_POLICIES: tuple[str, ...] = (*STATIC_TOKEN, *TUNED_TOKEN, *LEARNED_TOKEN)
 TOKEN_SPLITS: tuple[str, ...] = ("heldout",)
 """Splits on which token mode's rules run (their grids make them the slowest reference policies)."""
@@ -48,8 +51,17 @@ def _make(kind: str, value: float, gammas: Sequence[int], **kw: Any) -> Any:
     return make_agent(kind, gammas=tuple(gammas), **{param: value, **kw})
 
 
-def eval_token(agent: Any, data: _Data, idx: np.ndarray) -> EvalResult:
-    """Play ``agent`` (a token-mode rule) on episodes ``idx``, one scalar token env per cost model."""
+def eval_token(
+    agent: Any, data: _Data, idx: np.ndarray, learn: bool = False, per_episode: bool = True, seed: int = 0
+) -> EvalResult:
+    """Play ``agent`` (a token-mode rule) on episodes ``idx``, one scalar token env per cost model.
+
+    ``learn`` (online learners): the agent learns from every decision; with ``per_episode``
+    each episode starts from a copy of the agent's state with its own random stream and keeps
+    learning within the episode only (the comparison's "continue-per-episode"); without it the
+    agent itself learns across the episodes (training)."""
+    import copy
+
     from replay.env import SpecKVReplayEnv
 
     gam = list(data.gammas)
@@ -64,12 +76,19 @@ def eval_token(agent: Any, data: _Data, idx: np.ndarray) -> EvalResult:
         env = SpecKVReplayEnv(traces=[data.traces[int(idx[j])] for j in js], cost_model=cm, gammas=gam, control="token")
         agent.bind(env)
         for e, j in enumerate(js):
+            ag = agent
+            if learn and per_episode:
+                ag = copy.deepcopy(agent)
+                ag.rng = np.random.default_rng([int(seed), int(idx[j])])
             obs, info = env.reset(options={"episode": e})
-            agent.begin_episode(env, info)
+            ag.begin_episode(env, info)
             done = False
             while not done:
-                obs, _, te, tu, info = env.step(agent.act(obs))
-                done = te or tu
+                a = ag.act(obs)
+                nobs, r, te, tu, info = env.step(a)
+                if learn:
+                    ag.learn(obs, a, r, nobs, info)
+                obs, done = nobs, te or tu
                 if "gamma" in info:  # a verification
                     S[j] += 1
                     Gs[j] += info["gamma"]
@@ -154,4 +173,19 @@ class TokenPolicies:
         test["specdecpp(train)"] = eval_token(agent, self.data, fold.test)
         if fold.val.size:
             val["specdecpp(train)"] = eval_token(agent, self.data, fold.val)
+        bandit = self.rule_bandit(fold.train)
+        info["rule-bandit(train)"] = {"pulls": bandit.ucb.stats[0].tolist(), "rules": bandit.rules}
+        test["rule-bandit(train)"] = eval_token(bandit, self.data, fold.test, learn=True)
+        if fold.val.size:
+            val["rule-bandit(train)"] = eval_token(bandit, self.data, fold.val, learn=True)
         return test, val, info
+
+    def rule_bandit(self, train: np.ndarray, seed: int = 0) -> Any:
+        """The bandit over stopping rules, trained online on the training episodes (one pass,
+        in a seeded random order)."""
+        from agents.base import make_agent
+
+        agent = make_agent("rule_bandit", seed=seed, gammas=self.data.gammas)
+        order = np.random.default_rng(seed).permutation(train)
+        eval_token(agent, self.data, order, learn=True, per_episode=False)
+        return agent
