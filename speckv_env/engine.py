@@ -321,6 +321,9 @@ class SpeculativeEngine:
         self.max_gamma = max_gamma
         self._cuda = self.device.type == "cuda" or self.draft_device.type == "cuda"
         self._clock = _Clock(self._cuda)
+        #: sampling: decide every drafted position at once, one device-to-host transfer (CUDA);
+        #: off on CPU, where it would compute rows past the first rejection (:meth:`_target_rows`)
+        self.batch_accept = self._cuda
         self._t_kv = cache_kwarg(target)
         self._d_kv = cache_kwarg(draft)
         self._t_keep1 = {"logits_to_keep": 1} if _accepts(target, "logits_to_keep") else {}
@@ -711,16 +714,40 @@ class SpeculativeEngine:
         rejected = torch.cat([~(u * q_d < p_d), torch.ones(1, dtype=torch.bool, device=p.device)])
         return int(torch.argmax(rejected.to(torch.uint8)))  # the first maximum's index
 
+    def _target_rows(self, logits: torch.Tensor, dr: _Drafted, t: int) -> tuple[int, Callable[[int], torch.Tensor]]:
+        """The first rejected drafted position k (len(dr.tokens) if none) and the target's
+        distribution by row. ``batch_accept`` (on CUDA): every row at once, the acceptance of all
+        drafted positions in one operation and one transfer (:meth:`_first_rejection`). Off
+        (CPU, where a read costs nothing): rows up to the first rejection only, tested one by
+        one, because a top-p row sorts the vocabulary (tens of ms a row on CPU). Both give the
+        same rows to the bit (:meth:`_probs_rows`) and the same k."""
+        g = len(dr.tokens)
+        if self.batch_accept:
+            p_all = self._probs_rows(logits)
+            return (self._first_rejection(p_all[:g], dr, t) if g else 0), p_all.__getitem__
+        rows: dict[int, torch.Tensor] = {}
+
+        def p_row(i: int) -> torch.Tensor:
+            if i not in rows:
+                rows[i] = self._probs_rows(logits[i : i + 1])[0]
+            return rows[i]
+
+        k = 0
+        while k < g:
+            q, d = dr.q_rows[k], dr.tokens[k]
+            if not float(self._u[t + k, 1]) * float(q[d]) < float(p_row(k)[d]):  # u < p/q without dividing
+                break
+            k += 1
+        return k, p_row
+
     def _accept_sampling(self, logits: torch.Tensor, dr: _Drafted, t: int) -> _Verdict:
         """Exact speculative sampling with position-keyed uniforms (module docstring)."""
         u, g = self._u, len(dr.tokens)
-        p_all = self._probs_rows(logits)
-        if g:
-            k = self._first_rejection(p_all[:g], dr, t)
-            if k < g:  # the residual is drawn at the rejected position only
-                p, q = p_all[k], dr.q_rows[k]
-                tok = _sample_from(torch.clamp(p - q, min=0.0), float(u[t + k, 2]), fallback=p)
-                return _Verdict(accepted=k, emitted=dr.tokens[:k] + [tok], events=[1] * k + [0])
+        k, p_row = self._target_rows(logits, dr, t)
+        if k < g:  # the residual is drawn at the rejected position only
+            p, q = p_row(k), dr.q_rows[k]
+            tok = _sample_from(torch.clamp(p - q, min=0.0), float(u[t + k, 2]), fallback=p)
+            return _Verdict(accepted=k, emitted=dr.tokens[:k] + [tok], events=[1] * k + [0])
         # all g accepted (or g == 0): draw the token at position t+g with the same rule
         s = t + g
         extra: list[tuple[Any, Any]] = []
@@ -732,7 +759,7 @@ class SpeculativeEngine:
             dr.forwards += 1
             extra = [(te, self._clock.mark())]
             dr.sigs.append(qb_logits)
-        qb, pb = self._probs(qb_logits), p_all[g]
+        qb, pb = self._probs(qb_logits), p_row(g)
         db = _sample_from(qb, float(u[s, 0]))
         ev = int(float(u[s, 1]) * qb[db].double().to(pb.device) < pb[db].double())  # one transfer
         tok = db if ev else _sample_from(torch.clamp(pb - qb, min=0.0), float(u[s, 2]), fallback=pb)

@@ -40,10 +40,16 @@ def _run(eng: SpeculativeEngine, prompt, n, gamma, seed=3):
 
 
 def _pair_engines(target, draft, temperature, top_p, **kw):
-    return [
+    """A dynamic-cache engine with the CPU's acceptance (row by row up to the first rejection)
+    and a static-cache one with CUDA's (every drafted position at once, one transfer): equal
+    outputs show both changes at once."""
+    dyn, sta = (
         SpeculativeEngine(target, draft, temperature=temperature, top_p=top_p, max_gamma=8, cache=c, **kw)
         for c in ("dynamic", "static")
-    ]
+    )
+    assert not dyn.batch_accept
+    sta.batch_accept = True
+    return dyn, sta
 
 
 @pytest.mark.parametrize("temperature,top_p", MODES)
@@ -316,8 +322,10 @@ def test_sampling_acceptance_equals_the_loop_with_one_transfer(top_p):
             k = eng._first_rejection(eng._probs_rows(tl[:g]), dr, t)
         assert k == ref_k and reads[0] == 1
         if k < g:
-            v = eng._accept_sampling(tl, dr, t)
-            assert (v.accepted, v.emitted[-1]) == (ref_k, ref_tok)
+            for batch in (True, False):
+                eng.batch_accept = batch
+                v = eng._accept_sampling(tl, dr, t)
+                assert (v.accepted, v.emitted[-1]) == (ref_k, ref_tok)
         seen.add(k)
     assert len(seen) >= 4, seen  # rejections at several positions, and full acceptance
 
