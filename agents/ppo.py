@@ -20,7 +20,12 @@ bootstrapping):
   N - T / t_target (tokens/s). With a discount below 1 a decision's credit for the tokens a
   longer draft accepts later in the step (and for the time it saves later in the episode) is
   shrunk geometrically, which biases the policy toward myopic early stops; the variance that
-  discounting usually buys down is handled by GAE's lambda < 1 instead.
+  discounting usually buys down is handled by GAE's lambda < 1 instead. Measured on synthetic
+  version 2 traces (``CostModel.unit(draft_ratio=0.1)``, 64 envs, n_steps 128, batch 1024,
+  4 epochs): at 1M steps 0.99 was ahead by about 2% held-out tokens/s (3 seeds each: 1.79 vs
+  1.83), at 3M steps they were equal (1.854 vs 1.855): 1.0 learns a little slower here, since
+  a draft decision's consequences land within its step (at most max(gammas) decisions), where
+  0.99's bias is small.
 * Observation normalisation (SB3 ``VecNormalize``, ``norm_obs``): the running mean and variance
   are exported with the actor, so ``act()`` stays a pure numpy function of the raw observation:
   ``clip((obs - mean) / sqrt(var + 1e-8), -clip_obs, clip_obs)`` then the MLP, equal to SB3's
