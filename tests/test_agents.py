@@ -58,33 +58,65 @@ def rollout_obs(env, n: int = 300, seed: int = 0) -> np.ndarray:
 # ---- interface --------------------------------------------------------------------------
 
 
+TOKEN_KINDS = {"hf_confidence", "svip", "adaedl", "specdecpp", "rule_bandit", "survival_token"}
+"""Token mode's agents (``control = "token"``): they act on token-mode observations."""
+
+
+def token_env(n: int = 6, seed: int = 0):
+    from replay.trace import synthetic_dataset
+
+    trs = synthetic_dataset(n, seed=seed, rollouts=True, modes=("greedy", "sample"))
+    return gym.make("SpecKVReplay-v0", traces=trs, cost_model=CostModel.unit(), control="token")
+
+
+def token_obs(env, n: int = 300, seed: int = 0) -> np.ndarray:
+    """Token-mode observations of random draft/verify decisions."""
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    out: list[np.ndarray] = []
+    while len(out) < n:
+        out.append(obs)
+        obs, _, te, tu, _ = env.step(int(rng.random() < 0.7))
+        if te or tu:
+            obs, _ = env.reset()
+    return np.asarray(out)
+
+
 def test_registry_has_every_kind():
-    assert set(AGENTS) == {
-        "fixed",
-        "hf_heuristic",
-        "cost_aware",
-        "speckv_mlp",
-        "epsilon_greedy",
-        "ucb1",
-        "thompson",
-        "exp3",
-        "linucb",
-        "ppo",
-        "oracle",
-    }
+    assert (
+        set(AGENTS)
+        == {
+            "fixed",
+            "hf_heuristic",
+            "cost_aware",
+            "speckv_mlp",
+            "epsilon_greedy",
+            "ucb1",
+            "thompson",
+            "exp3",
+            "linucb",
+            "ppo",
+            "oracle",
+            "per_context",
+            "survival",
+        }
+        | TOKEN_KINDS
+    )
     with pytest.raises(ValueError, match="unknown agent"):
         make_agent("nope")
 
 
 @pytest.mark.parametrize("name", sorted(set(AGENTS) - {"oracle"}))
 def test_act_returns_valid_index_and_batch_matches(name):
-    env = replay_env(4)
+    token = name in TOKEN_KINDS
+    env = token_env(4) if token else replay_env(4)
     agent = make_agent(name)
     agent.bind(env)
-    obs = rollout_obs(env, 64)
+    obs = token_obs(env, 64) if token else rollout_obs(env, 64)
     acts = [agent.act(o) for o in obs]
-    assert all(isinstance(a, int) and 0 <= a < len(GAMMAS) for a in acts)
-    if name not in ("epsilon_greedy", "thompson", "exp3"):  # randomised bandits draw per call
+    assert all(isinstance(a, (int, np.integer)) and 0 <= a < env.action_space.n for a in acts)
+    # randomised bandits draw per call; stateful token rules decide a step's tokens in sequence
+    if name not in ("epsilon_greedy", "thompson", "exp3", "specdecpp", "rule_bandit", "survival_token"):
         assert np.array_equal(agent.act_batch(obs), np.array(acts))
 
 
@@ -369,6 +401,12 @@ def test_oracle_matches_dp_and_beats_everyone():
 
 
 def _trained(name: str):
+    if name in TOKEN_KINDS:
+        env = token_env(4)
+        agent = make_agent(name)
+        if agent.learns:
+            run_online(agent, env, 500)
+        return agent, env
     env = toy_env(regimes=(0.3, 0.9), n_episodes=4, length=128)
     if name == "speckv_mlp":
         return train_agent(name, env_factory=lambda: env, steps=800, progress=False, fit_kwargs={"epochs": 3}), env
@@ -389,7 +427,7 @@ def test_save_load_round_trip_identical_decisions(name, tmp_path):
     assert type(agent).load(p).kind == name
     head = p.read_bytes()[:1]
     assert (head == b"{") == (not agent.get_tensors())  # JSON unless there are tensors
-    obs = rollout_obs(env, 200, seed=9)
+    obs = token_obs(env, 200, seed=9) if name in TOKEN_KINDS else rollout_obs(env, 200, seed=9)
     if name == "oracle":
         tr = replay_env(2)
         o, info = tr.reset(seed=0)

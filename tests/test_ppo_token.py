@@ -5,6 +5,8 @@ and learning on synthetic version 2 traces against the trivial stopping policies
 
 from __future__ import annotations
 
+from typing import Any
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from replay.trace import synthetic_dataset
 from speckv_env.core import OBS_DIM, TOKEN_OBS_DIM, CostModel
 
 CM = CostModel.unit(draft_ratio=0.1)
-TOKEN_KW = {"cost_model": CM, "control": "token"}
+TOKEN_KW: dict[str, Any] = {"cost_model": CM, "control": "token"}
 SMALL = {"n_steps": 64, "batch_size": 256, "n_epochs": 2}
 
 
@@ -52,10 +54,11 @@ def _raw_obs(traces, control: str, n: int = 600, seed: int = 0) -> np.ndarray:
     v = SpecKVReplayVectorEnv(num_envs=8, traces=traces, cost_model=CM, control=control)
     obs, _ = v.reset(seed=seed)
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[np.ndarray] = []
+    n_actions = int(getattr(v.single_action_space, "n", 2))
     while len(out) * 8 < n:
         out.append(obs)
-        obs, *_ = v.step(rng.integers(0, v.single_action_space.n, 8))
+        obs, *_ = v.step(rng.integers(0, n_actions, 8))
     return np.concatenate(out)
 
 
