@@ -257,7 +257,7 @@ def test_set_reaches_every_comparison_setting_with_its_type():
 
     types = cli.compare_setting_types()
     assert list(types) == [f.name for f in dataclasses.fields(CompareConfig)]
-    assert len(types) == 19
+    assert len(types) == 20
     checks = cli.compare_setting_checks()
     assert set(checks) <= set(types)  # no rule for a setting that does not exist
     got = cli.parse_settings(

@@ -38,12 +38,15 @@ def test_token_policies_run_beside_the_gamma_policies(v2_result):
         "adaedl(train)",
         "specdecpp(train)",
         "rule-bandit(train)",
+        "ppo-token(train)",
     }
-    assert sum(choices["rule-bandit(train)"]["pulls"]) > 0
+    assert sum(choices["rule-bandit(train)"]["pulls"]) > 0 and choices["ppo-token(train)"]["steps"] >= 16_384
     assert {"fp32", "int8", "*"} <= set(choices["hf-confidence(train)"])
     assert choices["specdecpp(train)"]["auc"] > 0.6
     # the learned token controller is a candidate of the primary contrast, chosen on validation
-    assert {"specdecpp(train)", "rule-bandit(train)"} <= set(h["primary"]["validation_tokens_per_s"])
+    assert {"specdecpp(train)", "rule-bandit(train)", "ppo-token(train)"} <= set(
+        h["primary"]["validation_tokens_per_s"]
+    )
     report = (out / "report.md").read_text()
     assert "specdecpp(train)" in report and "hf-confidence" in report
     assert (

@@ -258,7 +258,7 @@ def _baselines(data: _Data, cfg: CompareConfig, pol: set[str]) -> _Baselines:
         static["hf-heuristic"] = eval_vector(make_agent("hf_heuristic", gammas=cfg.gammas), data, all_idx, "all")
     if "cost_aware" in pol:
         static["cost-aware"] = eval_vector(make_agent("cost_aware", gammas=cfg.gammas), data, all_idx, "all")
-    tokens = TokenPolicies(data) if "token" in pol and has_token_data(data) else None
+    tokens = TokenPolicies(data, ppo_steps=cfg.ppo_token_steps) if "token" in pol and has_token_data(data) else None
     return _Baselines(fixed, static, oracle_result(data, all_idx, {}), tokens)
 
 

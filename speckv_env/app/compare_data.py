@@ -81,6 +81,9 @@ class CompareConfig:
     """vectorised replay envs feeding PPO"""
     ppo_kwargs: dict[str, Any] = field(default_factory=lambda: {"n_steps": 256, "batch_size": 256, "n_epochs": 5})
     """PPOAgent keyword arguments"""
+    ppo_token_steps: int = 1_000_000
+    """token mode's PPO (``ppo-token(train)``): decisions of training (1M: it keeps improving up to
+    there on synthetic data; about a minute on the 2-core CPU host), 64 envs, discount 1"""
     n_boot: int = 2000
     """bootstrap resamples (>= 1000)"""
     level: float = 0.95
@@ -103,6 +106,7 @@ class CompareConfig:
             "ppo_steps": 1024,
             "ppo_n_envs": 4,
             "ppo_kwargs": {"n_steps": 128, "batch_size": 128, "n_epochs": 2},
+            "ppo_token_steps": 16_384,
             "n_boot": 1000,
             "policies": (
                 "fixed",

@@ -14,7 +14,9 @@ Policies (names in the report):
   the primary contrast (chosen on validation like every learned one);
 - ``rule-bandit(train)``: a bandit whose arms are stopping rules (UCB1 on the renewal
   throughput reward, one rule per step), trained online on the training episodes and evaluated
-  continue-per-episode as the gamma bandits are. Also a candidate of the primary contrast.
+  continue-per-episode as the gamma bandits are. Also a candidate of the primary contrast;
+- ``ppo-token(train)``: PPO in token mode (``ppo_token_steps`` decisions of training on the
+  fold's training episodes, 64 vector envs), a candidate of the primary contrast.
 
 A rule's per-episode results record the tokens drafted per verification as its "gamma", so
 the report's mean gamma and histograms read as in step mode.
@@ -32,7 +34,7 @@ from .results import EvalResult, select
 
 STATIC_TOKEN = {"hf-confidence": ("hf_confidence", 0.4)}
 TUNED_TOKEN = {"hf-confidence(train)": "hf_confidence", "svip(train)": "svip", "adaedl(train)": "adaedl"}
-LEARNED_TOKEN = ("specdecpp(train)", "rule-bandit(train)")
+LEARNED_TOKEN = ("specdecpp(train)", "rule-bandit(train)", "ppo-token(train)")
 TOKEN_POLICIES: tuple[str, ...] = (*STATIC_TOKEN, *TUNED_TOKEN, *LEARNED_TOKEN)
 TOKEN_SPLITS: tuple[str, ...] = ("heldout",)
 """Splits on which token mode's rules run (their grids make them the slowest reference policies)."""
@@ -101,10 +103,11 @@ class TokenPolicies:
     """Token-mode results on a data set: the fixed-parameter evaluations over every episode are
     computed once and shared by the folds; fold-dependent fits (SpecDec++) run per fold."""
 
-    def __init__(self, data: _Data, grids: Mapping[str, Sequence[float]] | None = None) -> None:
+    def __init__(self, data: _Data, grids: Mapping[str, Sequence[float]] | None = None, ppo_steps: int = 0) -> None:
         from agents.stopping import THRESHOLD_GRIDS
 
         self.data = data
+        self.ppo_steps = int(ppo_steps)
         self.all = np.arange(len(data.traces))
         self.grids = {k: tuple(grids[k]) if grids and k in grids else v[1] for k, v in THRESHOLD_GRIDS.items()}
         self._cache: dict[tuple[str, float], EvalResult] = {}
@@ -178,7 +181,30 @@ class TokenPolicies:
         test["rule-bandit(train)"] = eval_token(bandit, self.data, fold.test, learn=True)
         if fold.val.size:
             val["rule-bandit(train)"] = eval_token(bandit, self.data, fold.val, learn=True)
+        if self.ppo_steps > 0:
+            ppo = self.ppo(fold.train)
+            info["ppo-token(train)"] = {"steps": int(ppo.timesteps)}
+            test["ppo-token(train)"] = eval_token(ppo, self.data, fold.test)
+            if fold.val.size:
+                val["ppo-token(train)"] = eval_token(ppo, self.data, fold.val)
         return test, val, info
+
+    def ppo(self, train: np.ndarray, seed: int = 0) -> Any:
+        """Token mode's PPO (:class:`agents.ppo.PPOAgent`, ``control="token"``: observation and
+        reward normalisation, discount 1, the budget's end terminal) trained on the training
+        episodes for ``ppo_steps`` decisions on the vector replay env."""
+        from agents.training import train_agent
+
+        return train_agent(
+            "ppo",
+            traces=[self.data.traces[int(i)] for i in train],
+            steps=self.ppo_steps,
+            seed=seed,
+            progress=False,
+            n_envs=64,
+            env_kwargs={**self.data.env_kwargs(), "control": "token"},
+            agent_kwargs={"n_steps": 128, "batch_size": 1024, "n_epochs": 4},
+        )
 
     def rule_bandit(self, train: np.ndarray, seed: int = 0) -> Any:
         """The bandit over stopping rules, trained online on the training episodes (one pass,
