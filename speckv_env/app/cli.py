@@ -379,6 +379,7 @@ def compare_setting_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
     }
     checks.update(
         ppo_n_envs=_at_least(1),
+        ppo_token_steps=_at_least(0),
         n_boot=_at_least(1),
         boot_seed=_at_least(0),
         gammas=gammas_ok,
