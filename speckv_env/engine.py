@@ -182,9 +182,8 @@ def _signals_from_logits(logits: torch.Tensor) -> DraftSignals:
     e = torch.exp(z)
     S = e.sum()
     ent = torch.log(S) - torch.dot(e, z) / S
-    t1 = float(1.0 / S)
-    t2 = float(torch.exp(top[1] - top[0]) / S)
-    return DraftSignals(t1, max(float(ent), 0.0), t1 - t2)
+    t1, t2, h = torch.stack([1.0 / S, torch.exp(top[1] - top[0]) / S, ent]).tolist()  # one transfer
+    return DraftSignals(t1, max(h, 0.0), t1 - t2)
 
 
 def _token_prob(logits: torch.Tensor, token: int) -> float:

@@ -345,6 +345,29 @@ def test_greedy_verification_reads_the_device_once(tiny_pair):
         eng._verify(dr)
 
 
+def test_draft_signals_read_the_device_once_with_the_same_values():
+    """The observation's signals (top-1, entropy, margin) in one transfer, equal to the three
+    reads they replaced."""
+    from speckv_env.engine import _signals_from_logits
+
+    def three_reads(logits):
+        lf = logits.float()
+        top = torch.topk(lf, 2).values
+        z = lf - top[0]
+        e = torch.exp(z)
+        S = e.sum()
+        ent = torch.log(S) - torch.dot(e, z) / S
+        t1, t2 = float(1.0 / S), float(torch.exp(top[1] - top[0]) / S)
+        return t1, max(float(ent), 0.0), t1 - t2
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):
+        x = torch.randn(49152 if i % 2 else 64, generator=g) * (0.1 + i / 6)
+        with count_host_reads() as reads:
+            s = _signals_from_logits(x)
+        assert reads[0] == 1 and (s.top1, s.entropy, s.margin) == three_reads(x)
+
+
 # ---- timing ---------------------------------------------------------------------------------------
 
 
