@@ -41,6 +41,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -343,7 +344,8 @@ def logistic_line(name: str, r: dict) -> str:
 
 def report(result: dict) -> str:
     out = [
-        f"Traces: {result['n_traces']} from {', '.join(result['trace_folders'])} (commit {result['commit'][:10]}).",
+        f"Traces: {result['n_traces']} from {', '.join(result['trace_folders'])} (commit {result['commit'][:10]}, "
+        f"{result['generated_utc']}).",
         "AUC of sign x feature (entropies and `drafted` negated); 95% cluster-bootstrap interval over prompts.",
         "",
     ]
@@ -378,6 +380,7 @@ def analyse(traces: Sequence[Trace], folders: Sequence[str]) -> dict[str, Any]:
         "trace_folders": [str(f) for f in folders],
         "commit": commit,
         "worktree_dirty": dirty,
+        "generated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "n_traces": len(v2),
         "n_traces_skipped_v1": len(traces) - len(v2),
         "traces_by_split": {s: sum(t.split == s for t in v2) for s in SPLITS},
