@@ -365,7 +365,9 @@ def report(result: dict) -> str:
 def git_commit() -> tuple[str, bool]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout
         return head or "unknown", bool(dirty.strip())
     except OSError:
         return "unknown", False
@@ -379,7 +381,7 @@ def analyse(traces: Sequence[Trace], folders: Sequence[str]) -> dict[str, Any]:
         "schema": "speckv-feature-auc/1",
         "trace_folders": [str(f) for f in folders],
         "commit": commit,
-        "worktree_dirty": dirty,
+        "worktree_dirty": dirty,  # tracked files changed since the commit
         "generated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "n_traces": len(v2),
         "n_traces_skipped_v1": len(traces) - len(v2),
