@@ -19,7 +19,12 @@ def v2_result(tmp_path_factory):
     trs = synthetic_dataset(40, rollouts=True, modes=("greedy", "sample"), compressions=("fp32", "int8"), seed=4)
     out = tmp_path_factory.mktemp("cmp")
     r = run_comparison(
-        traces=trs, cost_models=CMS, out_dir=out, quick=True, splits=("heldout",), policies=("fixed", "oracle", "token")
+        traces=trs,
+        cost_models=CMS,
+        out_dir=out,
+        quick=True,
+        splits=("heldout",),
+        policies=("fixed", "oracle", "token", "survival"),
     )
     return r, out
 
@@ -39,14 +44,21 @@ def test_token_policies_run_beside_the_gamma_policies(v2_result):
         "specdecpp(train)",
         "rule-bandit(train)",
         "ppo-token(train)",
+        "survival-token(train)",
     }
     assert sum(choices["rule-bandit(train)"]["pulls"]) > 0 and choices["ppo-token(train)"]["steps"] >= 16_384
     assert {"fp32", "int8", "*"} <= set(choices["hf-confidence(train)"])
     assert choices["specdecpp(train)"]["auc"] > 0.6
     # the learned token controller is a candidate of the primary contrast, chosen on validation
-    assert {"specdecpp(train)", "rule-bandit(train)", "ppo-token(train)"} <= set(
-        h["primary"]["validation_tokens_per_s"]
-    )
+    # the step mode's survival controller ran beside them, and every learned one is a candidate
+    assert "survival(train)" in h["policies"] and h["folds"][0]["survival"]["rho"]["*"] > 0
+    assert {
+        "specdecpp(train)",
+        "rule-bandit(train)",
+        "ppo-token(train)",
+        "survival-token(train)",
+        "survival(train)",
+    } <= set(h["primary"]["validation_tokens_per_s"])
     report = (out / "report.md").read_text()
     assert "specdecpp(train)" in report and "hf-confidence" in report
     assert (

@@ -25,7 +25,7 @@ from speckv_env.core import DEFAULT_GAMMAS, OBS_INDEX
 
 from .compare_data import POLICY_GROUPS
 
-TOKEN_AGENTS: tuple[str, ...] = ("hf_confidence", "svip", "adaedl", "specdecpp")
+TOKEN_AGENTS: tuple[str, ...] = ("hf_confidence", "svip", "adaedl", "specdecpp", "survival_token")
 """Token mode's stopping rules (:mod:`agents.stopping`), timed on token-mode observations."""
 # every policy the comparison knows (its "token" group is the stopping rules, timed one by one)
 DEFAULT_AGENTS: tuple[str, ...] = (*(p for p in POLICY_GROUPS if p != "token"), *TOKEN_AGENTS)
@@ -82,6 +82,8 @@ def bench_token_agents(n: int, warmup: int, seed: int = 0, names: Sequence[str] 
         agent: Any = make_agent(name, gammas=tuple(env.unwrapped.gammas))
         if name == "specdecpp":
             agent.fit(env.unwrapped.backend.traces)
+        elif name == "survival_token":
+            agent.fit(env.unwrapped.backend.traces, env.unwrapped.cost_model)
         agent.bind(env)
         r: dict[str, Any] = dict(time_decisions(agent.act, pool, n, warmup))
         r.update(control="token", target_us=TARGET_US[name], meets_target=r["median_us"] <= TARGET_US[name])
@@ -128,6 +130,8 @@ def bench_agents(
         if name == "oracle":
             _, info = env.reset(seed=seed)
             agent.begin_episode(env, info)
+        elif name == "survival":  # fitted, so the timed path is the trained one
+            agent.fit(env.unwrapped.backend.traces, env.unwrapped.cost_model)  # type: ignore[attr-defined]
         elif agent.learns:  # give learners some statistics so the timed path is the steady state
             obs, _ = env.reset(seed=seed)
             for _ in range(200):

@@ -28,7 +28,9 @@ Policies
     are given too (:func:`.folds.best_fixed_choice`);
     ``hf-heuristic``; ``cost-aware`` (EMA acceptance + Leviathan's formula, the true cost
     model); ``mlp-time`` / ``mlp-tokens`` (the SpecKV MLP with the tokens/s rule and with the
-    paper's tokens/step rule: the same trained network); the bandits ``epsilon-greedy``,
+    paper's tokens/step rule: the same trained network); ``survival(train)`` (a hazard model of
+    the accepted run length fitted on every training position, gamma by the renewal objective:
+    :mod:`agents.survival`); the bandits ``epsilon-greedy``,
     ``ucb1``, ``thompson``, ``exp3``, ``linucb``; ``ppo`` (stable-baselines3, small budget);
     ``oracle`` (the clairvoyant DP: the ceiling, not a controller); with traces that carry the
     draft's rollouts (``speckv-trace/2``), token mode's stopping rules (:mod:`.token_compare`,
@@ -109,6 +111,7 @@ from .evaluate import (
     eval_vector,
     mlp_tokens_twin,
     oracle_result,
+    survival_on_fold,
     thin,
     train_learner,
     train_with_curve,
@@ -290,6 +293,10 @@ def _run_split(
         fold_info.append(describe_fold(fold.name, fold.held_out, fold.seen, fold.test, meta, choice, fold.val))
         jobs = _fold_jobs(fold, data, cfg, pol, base, choice, keep_curves=split == "heldout" or len(folds) == 1)
         got, got_val = _learned_on_fold(jobs, data, cfg, tb, curves, done)
+        if "survival" in pol:
+            sv, sv_val, fold_info[-1]["survival"] = survival_on_fold(data, fold)
+            got.update({name: [r] for name, r in sv.items()})
+            got_val.update({name: [r] for name, r in sv_val.items()})
         if base.tokens is not None and split in TOKEN_SPLITS:
             tok, tok_val, fold_info[-1]["token_choices"] = base.tokens.on_fold(fold)
             got.update({name: [r] for name, r in tok.items()})

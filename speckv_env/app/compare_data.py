@@ -26,6 +26,7 @@ POLICY_GROUPS = (
     "linucb",
     "ppo",
     "oracle",
+    "survival",
     "token",
 )
 """Policy groups of the comparison; ``token``: token mode's stopping rules (traces with rollouts)."""
@@ -42,7 +43,7 @@ DISPLAY = {
     "oracle": "oracle",
 }
 BEST_FIXED = "best-fixed(train)"
-LEARNED = ("mlp-time", "mlp-tokens", "epsilon-greedy", "ucb1", "thompson", "exp3", "linucb", "ppo")
+LEARNED = ("mlp-time", "mlp-tokens", "survival(train)", "epsilon-greedy", "ucb1", "thompson", "exp3", "linucb", "ppo")
 SPLITS = ("heldout", "loto", "loco")
 VAL_SPLITS = ("val", "validation")
 
@@ -118,6 +119,7 @@ class CompareConfig:
                 "linucb",
                 "ppo",
                 "oracle",
+                "survival",
                 "token",
             ),
         }

@@ -277,3 +277,18 @@ def thin(log: Sequence[dict[str, Any]], max_points: int = 400) -> list[dict[str,
         return log
     step = len(log) / max_points
     return [log[int(i * step)] for i in range(max_points)]
+
+
+def survival_on_fold(data: _Data, fold: Any) -> tuple[dict[str, EvalResult], dict[str, EvalResult], dict[str, Any]]:
+    """The survival controller (:class:`agents.survival.SurvivalController`, deterministic)
+    fitted on the fold's training episodes with their cost models, on its test and validation
+    episodes: ``survival(train)``, a learned controller (a candidate of the primary contrast)."""
+    from agents.base import make_agent
+
+    agent: Any = make_agent("survival", gammas=data.gammas)
+    summary = agent.fit([data.traces[int(i)] for i in fold.train], [data.cm[int(i)] for i in fold.train])
+    test = {"survival(train)": eval_vector(agent, data, fold.test, ("survival", fold.name, "test"))}
+    val = {}
+    if fold.val.size:
+        val["survival(train)"] = eval_vector(agent, data, fold.val, ("survival", fold.name, "val"))
+    return test, val, {"rho": summary.get("rho"), "auc_first_token": summary.get("auc_first_token")}

@@ -15,6 +15,8 @@ Policies (names in the report):
 - ``rule-bandit(train)``: a bandit whose arms are stopping rules (UCB1 on the renewal
   throughput reward, one rule per step), trained online on the training episodes and evaluated
   continue-per-episode as the gamma bandits are. Also a candidate of the primary contrast;
+- ``survival-token(train)``: the survival controller in token mode (:mod:`agents.survival`),
+  fitted on the training prompts, a candidate of the primary contrast;
 - ``ppo-token(train)``: PPO in token mode (``ppo_token_steps`` decisions of training on the
   fold's training episodes, 64 vector envs), a candidate of the primary contrast.
 
@@ -34,7 +36,7 @@ from .results import EvalResult, select
 
 STATIC_TOKEN = {"hf-confidence": ("hf_confidence", 0.4)}
 TUNED_TOKEN = {"hf-confidence(train)": "hf_confidence", "svip(train)": "svip", "adaedl(train)": "adaedl"}
-LEARNED_TOKEN = ("specdecpp(train)", "rule-bandit(train)", "ppo-token(train)")
+LEARNED_TOKEN = ("specdecpp(train)", "survival-token(train)", "rule-bandit(train)", "ppo-token(train)")
 TOKEN_POLICIES: tuple[str, ...] = (*STATIC_TOKEN, *TUNED_TOKEN, *LEARNED_TOKEN)
 TOKEN_SPLITS: tuple[str, ...] = ("heldout",)
 """Splits on which token mode's rules run (their grids make them the slowest reference policies)."""
@@ -51,6 +53,15 @@ def _make(kind: str, value: float, gammas: Sequence[int], **kw: Any) -> Any:
 
     param = THRESHOLD_GRIDS[kind][0]
     return make_agent(kind, gammas=tuple(gammas), **{param: value, **kw})
+
+
+def _make_fit(kind: str, data: _Data, train: np.ndarray) -> Any:
+    """Agent ``kind`` fitted on the training episodes ``train`` with their cost models."""
+    from agents.base import make_agent
+
+    agent: Any = make_agent(kind, gammas=data.gammas)
+    agent.fit([data.traces[int(i)] for i in train], [data.cm[int(i)] for i in train])
+    return agent
 
 
 def eval_token(
@@ -176,6 +187,11 @@ class TokenPolicies:
         test["specdecpp(train)"] = eval_token(agent, self.data, fold.test)
         if fold.val.size:
             val["specdecpp(train)"] = eval_token(agent, self.data, fold.val)
+        surv = _make_fit("survival_token", self.data, fold.train)
+        info["survival-token(train)"] = {"rho": surv.summary.get("rho"), "auc_reach": surv.summary.get("auc_reach")}
+        test["survival-token(train)"] = eval_token(surv, self.data, fold.test)
+        if fold.val.size:
+            val["survival-token(train)"] = eval_token(surv, self.data, fold.val)
         bandit = self.rule_bandit(fold.train)
         info["rule-bandit(train)"] = {"pulls": bandit.ucb.stats[0].tolist(), "rules": bandit.rules}
         test["rule-bandit(train)"] = eval_token(bandit, self.data, fold.test, learn=True)
