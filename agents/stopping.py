@@ -284,6 +284,12 @@ class SpecDecPP(StopRule):
     def reset(self) -> None:
         self._keep = 1.0
 
+    def act_batch(self, obs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(
+            "specdecpp keeps the product of its predicted acceptances over the step's decisions, one "
+            "state per episode: call act() once per env (a batch of rows from different envs would share it)"
+        )
+
     def act(self, obs: np.ndarray) -> int:
         if obs[I_DRAFTED] == 0.0:
             self._keep = 1.0
@@ -406,6 +412,11 @@ class RuleBandit(StopRule):
         self.rng = self.ucb.rng
         self._arm = 0
         self._e = self._t = 0.0
+
+    def act_batch(self, obs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(
+            "rule_bandit keeps the step's rule and statistics per episode: call act() once per env"
+        )
 
     def act(self, obs: np.ndarray) -> int:
         if obs[I_DRAFTED] == 0.0:

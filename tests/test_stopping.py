@@ -139,3 +139,14 @@ def test_rule_bandit_learns_the_better_rule_and_saves(traces, tmp_path):
     assert back.get_config() == bandit.get_config() and (back.ucb.stats == bandit.ucb.stats).all()
     with pytest.raises(ValueError, match="not a token-mode stopping rule"):
         RuleBandit([("fixed", {"g": 2})])
+
+
+def test_stateful_rules_refuse_batches():
+    """SpecDec++ and the rule bandit carry per-step state: a batch of rows from different envs
+    would share it, so act_batch is an error, not a silently wrong answer."""
+    from agents import RuleBandit
+
+    obs = np.zeros((4, TOKEN_OBS_DIM), dtype=np.float32)
+    for agent in (SpecDecPP(), RuleBandit()):
+        with pytest.raises(NotImplementedError, match="once per env"):
+            agent.act_batch(obs)
