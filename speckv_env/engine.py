@@ -22,6 +22,11 @@ Verification (Leviathan et al. 2023; Chen et al. 2023):
   when g = 0) is drawn with the same draft-then-accept rule. Every emitted token y_s is
   then a fixed function of (p_s, q_s, u_s), so the emitted sequence does not depend on the
   gammas chosen, and each token is an exact sample from the target's p_s.
+
+Token by token (token mode): :meth:`draft_token` drafts one more token of the current step by
+the same rule (and, with ``lookahead``, feeds it to the draft so that :meth:`observe` shows the
+next position's distribution); :meth:`verify` verifies what is drafted. ``step(g)`` is these
+phases in a row, so a step drafted token by token emits exactly what ``step(g)`` emits.
 """
 
 from __future__ import annotations
