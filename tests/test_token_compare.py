@@ -78,3 +78,4 @@ def test_version_1_traces_compare_without_token_policies(tmp_path):
     )
     assert not set(TOKEN_POLICIES) & set(r["splits"]["heldout"]["policies"])
     assert "skipped" in r["token_mode"] and "speckv-trace/1" in r["token_mode"]
+    assert "**Token mode.** token mode's stopping rules skipped" in (tmp_path / "report.md").read_text()

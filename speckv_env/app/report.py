@@ -220,6 +220,7 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
         "column gives the seeds and the sd of tokens/s across seeds.",
         f"- **Bandits.** Trained online for {cfg['bandit_steps']} steps on the training episodes (per fold and seed), "
         f"then evaluated {results['bandit_evaluation']}. Run on splits {', '.join(cfg['bandit_splits'])} only.",
+        *([f"- **Token mode.** {results['token_mode']}."] if results.get("token_mode") else []),
         f"- **SpecKV MLP.** {cfg['mlp_rollout_steps']} random-gamma rollout steps per fold and seed, "
         f"{cfg['mlp_epochs']} epochs of weighted BCE over acceptance events; `mlp-time` picks gamma by expected "
         "tokens/s under the true cost model, `mlp-tokens` is the same network with the paper's tokens/step rule.",
