@@ -79,3 +79,19 @@ def test_version_1_traces_compare_without_token_policies(tmp_path):
     assert not set(TOKEN_POLICIES) & set(r["splits"]["heldout"]["policies"])
     assert "skipped" in r["token_mode"] and "speckv-trace/1" in r["token_mode"]
     assert "**Token mode.** token mode's stopping rules skipped" in (tmp_path / "report.md").read_text()
+
+
+def test_token_histogram_with_a_sparse_gamma_set():
+    """With gammas (0, 2, 4), a step that drafted 1 or 3 tokens counts under the largest gamma
+    below it (token mode drafts any count up to max(gammas))."""
+    import numpy as np
+
+    from agents import HFConfidence
+    from speckv_env.app.compare_data import _Data
+    from speckv_env.app.token_compare import eval_token
+
+    trs = synthetic_dataset(6, rollouts=True, modes=("greedy", "sample"), seed=2)
+    data = _Data(trs, {"fp16": CostModel.unit()}, (0, 2, 4))
+    r = eval_token(HFConfidence(0.3, gammas=(0, 2, 4)), data, np.arange(6))
+    assert r.hist.sum() == r.steps.sum() and r.hist.shape == (6, 3)
+    assert (r.gsum[0] <= 4 * r.steps[0]).all()

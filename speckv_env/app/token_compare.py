@@ -26,6 +26,7 @@ the report's mean gamma and histograms read as in step mode.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -105,14 +106,15 @@ def eval_token(
                 if "gamma" in info:  # a verification
                     S[j] += 1
                     Gs[j] += info["gamma"]
-                    hist[j, gam.index(min(info["gamma"], gam[-1]))] += 1
+                    hist[j, max(bisect_right(gam, info["gamma"]) - 1, 0)] += 1  # the largest gamma <= drafted
             T[j] = info["episode_summary"]["modelled_s"]
     return EvalResult(np.asarray(idx), T[None], S[None], Gs[None], hist)
 
 
 class TokenPolicies:
     """Token-mode results on a data set: the fixed-parameter evaluations over every episode are
-    computed once and shared by the folds; fold-dependent fits (SpecDec++) run per fold."""
+    computed once and shared by the folds; fold-dependent fits (SpecDec++, the survival
+    controller, the rule bandit, PPO) run per fold."""
 
     def __init__(self, data: _Data, grids: Mapping[str, Sequence[float]] | None = None, ppo_steps: int = 0) -> None:
         from agents.stopping import THRESHOLD_GRIDS
