@@ -209,6 +209,8 @@ class Agent:
     """Base class of every gamma policy. Subclasses set ``kind`` and register themselves."""
 
     kind: ClassVar[str] = "agent"
+    #: length of the observation the agent decides on (token-mode agents: TOKEN_OBS_DIM; PPO per instance)
+    obs_dim: int = OBS_DIM
     #: whether learn() changes the policy (the training loop skips calling it otherwise)
     learns: bool = False  # a class default; an agent may decide per instance (cost_aware with estimate="beta")
 
@@ -222,8 +224,8 @@ class Agent:
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs)
-        if obs.ndim != 2 or obs.shape[1] != OBS_DIM:
-            raise ValueError(f"act_batch expects an array of shape (N, {OBS_DIM}), got {obs.shape}")
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"act_batch expects an array of shape (N, {self.obs_dim}), got {obs.shape}")
         return np.fromiter((self.act(o) for o in obs), dtype=np.int64, count=len(obs))
 
     def learn(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, info: dict[str, Any]) -> None:

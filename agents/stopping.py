@@ -52,6 +52,7 @@ class StopRule(Agent):
     env stops drafting there by force)."""
 
     control = "token"
+    obs_dim = TOKEN_OBS_DIM
 
     def __init__(self, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
         super().__init__(gammas)
@@ -64,12 +65,6 @@ class StopRule(Agent):
                 f"{self.name} decides per drafted token: make the env with control='token' (got {control!r})"
             )
         return self
-
-    def act_batch(self, obs: np.ndarray) -> np.ndarray:
-        obs = np.asarray(obs)
-        if obs.ndim != 2 or obs.shape[1] != TOKEN_OBS_DIM:
-            raise ValueError(f"act_batch expects token observations of shape (N, {TOKEN_OBS_DIM}), got {obs.shape}")
-        return np.fromiter((self.act(o) for o in obs), dtype=np.int64, count=len(obs))
 
 
 @register

@@ -42,6 +42,20 @@ class Rollouts:
     p: np.ndarray
     forwards: int  # draft forwards run (the cost)
 
+    @classmethod
+    def of_entries(cls, out: np.ndarray, forwards: int) -> Rollouts:
+        """From an ``(N, gamma_max, 5)`` array of :func:`_entry` tuples (token, top1, entropy,
+        margin, own probability), in the trace's dtypes."""
+        f32 = np.float32
+        return cls(
+            tokens=out[:, :, 0].astype(np.int32),
+            top1=out[:, :, 1].astype(f32),
+            entropy=out[:, :, 2].astype(f32),
+            margin=out[:, :, 3].astype(f32),
+            p=out[:, :, 4].astype(f32),
+            forwards=forwards,
+        )
+
 
 def _entry(engine: Any, logits: torch.Tensor, pos: int) -> tuple[int, float, float, float, float]:
     """(token, top1, entropy, margin, own probability) of drafting at output position ``pos``."""
@@ -111,14 +125,7 @@ def sequential_rollouts(engine: Any, prompt_ids: list[int], tokens: list[int], g
             out[t] = np.asarray(cur, dtype=np.float64)
     finally:
         engine._u = engine_u
-    return Rollouts(
-        tokens=out[:, :, 0].astype(np.int32),
-        top1=out[:, :, 1].astype(np.float32),
-        entropy=out[:, :, 2].astype(np.float32),
-        margin=out[:, :, 3].astype(np.float32),
-        p=out[:, :, 4].astype(np.float32),
-        forwards=forwards,
-    )
+    return Rollouts.of_entries(out, forwards)
 
 
 def _extended_uniforms(engine: Any, G: int) -> np.ndarray:
@@ -203,11 +210,4 @@ def batched_rollouts(engine: Any, prompt_ids: list[int], tokens: list[int], gamm
             out[:, i] = np.asarray(cur, dtype=np.float64)
     finally:
         engine._u = engine_u
-    return Rollouts(
-        tokens=out[:, :, 0].astype(np.int32),
-        top1=out[:, :, 1].astype(np.float32),
-        entropy=out[:, :, 2].astype(np.float32),
-        margin=out[:, :, 3].astype(np.float32),
-        p=out[:, :, 4].astype(np.float32),
-        forwards=forwards,
-    )
+    return Rollouts.of_entries(out, forwards)

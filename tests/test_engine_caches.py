@@ -4,7 +4,7 @@ row-invariant attention refuses contexts past a sliding window instead of comput
 from __future__ import annotations
 
 import torch
-from tiny_models import make_tiny_pair
+from tiny_models import make_tiny_mistral, make_tiny_pair
 
 from speckv_env import invariant
 from speckv_env.engine import SpeculativeEngine
@@ -19,32 +19,12 @@ def test_eos_id_zero_is_kept():
     assert eng.eos == frozenset([0])
 
 
-def _tiny_mistral(window: int, seed: int = 0):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = MistralConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=window,
-        eos_token_id=3,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-    )
-    return MistralForCausalLM(cfg).eval()
-
-
 def test_sliding_window_caches_roll_back_past_the_window():
     """Rejections after the window is full used to raise in transformers' crop; now every gamma
     gives the target's own greedy output."""
     import copy
 
-    target = _tiny_mistral(window=8)
+    target = make_tiny_mistral(window=8)
     draft = copy.deepcopy(target)
     with torch.no_grad():
         for p in draft.parameters():
@@ -60,7 +40,7 @@ def test_sliding_window_caches_roll_back_past_the_window():
 def test_row_invariant_attention_refuses_past_the_window():
     import pytest
 
-    target = _tiny_mistral(window=8)
+    target = make_tiny_mistral(window=8)
     invariant.make_row_invariant(target)
     with torch.inference_mode():
         target(input_ids=torch.tensor([[5, 6, 7]]))  # within the window: fine

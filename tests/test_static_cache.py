@@ -178,18 +178,9 @@ def test_buffers_are_reused_and_rollback_moves_the_position_only(tiny_pair):
 
 
 def test_static_cache_refuses_sliding_window_models_and_bad_values(tiny_pair):
-    from transformers import MistralConfig, MistralForCausalLM
+    from tiny_models import make_tiny_mistral
 
-    cfg = MistralConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=8,
-    )
-    mistral = MistralForCausalLM(cfg).eval()
+    mistral = make_tiny_mistral(window=8)
     with pytest.raises(ValueError, match="full-attention"):
         SpeculativeEngine(mistral, copy.deepcopy(mistral), cache="static")
     with pytest.raises(ValueError, match="cache must be"):

@@ -79,3 +79,24 @@ def make_tiny_smol_pair():
         m.config.eos_token_id = tok.eos_token_id
         m.generation_config.eos_token_id = tok.eos_token_id
     return ModelPair(target, draft, tok, "tiny-target", "tiny-draft", "fp32", torch.device("cpu"))
+
+
+def make_tiny_mistral(window: int, seed: int = 0):
+    """A tiny random Mistral with a sliding attention window of ``window`` tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=window,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
+    return MistralForCausalLM(cfg).eval()
