@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from speckv_env.base_env import SpecKVBaseEnv, action_to_index
+from speckv_env.base_env import TOKEN_MODE_DOC, SpecKVBaseEnv, action_to_index
 from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, check_control, episode_summary, step_tables
 
 from .backend import TraceBackend
@@ -374,22 +374,8 @@ SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; 
       step's signals are observed instead (zeros at the first step). Entropy is converted
       from bits to nats; the paper recorded no top-1/top-2 margin (observed as 0).
 
-    ## Token mode (``control="token"``)
-    One step is one decision of the field's per-token stopping rules: action ``Discrete(2)``,
-    1 = draft one more token, 0 = stop and verify what is drafted (0 drafted = a plain target
-    step). Drafting stops by force at ``max(gammas)`` and at the token budget (the step then
-    verifies at once; 1 when nothing may be drafted verifies too). Observation ``Box(16,)``
-    (``speckv_env.core.TOKEN_OBS_SPEC``): the step mode's 13 values, whose draft signals are those
-    of the distribution the next token would be drafted from, then ``drafted`` (tokens drafted in
-    this step / max gamma), ``survival`` (the product of their own draft probabilities) and
-    ``last_draft_p`` (the last one's; 1 before drafting). Rewards: a decision that drafts and looks
-    at the next distribution costs one draft forward (``-t_draft / t_target`` under ``"cost"``);
-    a verification earns its emitted tokens minus the rest of the step's modelled time
-    (``CostModel.verify_charge``), so the return is still N - T / t_target. Needs
-    ``speckv-trace/2`` traces (the draft's rollouts); on version 1 traces or step logs it is an
-    error naming the file. ``info``: ``decision`` ("draft" or "verify"), ``drafted``,
-    ``draft_p``, and at verifications the step mode's keys plus ``lookahead`` and ``step_time``.
-    The emitted tokens are the step mode's, whatever the decisions.
+{TOKEN_MODE_DOC}    Needs ``speckv-trace/2`` traces (the draft's rollouts); on version 1 traces or step logs
+    token mode is an error naming the file.
 
     ## Vector form
     ``gym.make_vec("SpecKVReplay-v0", num_envs=256, vectorization_mode="vector_entry_point",

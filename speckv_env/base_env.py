@@ -34,6 +34,24 @@ from .core import (
     get_reward,
 )
 
+TOKEN_MODE_DOC = """    ## Token mode (``control="token"``)
+    One step is one decision of the field's per-token stopping rules: action ``Discrete(2)``,
+    1 = draft one more token, 0 = stop and verify what is drafted (0 drafted = a plain target
+    step). Drafting stops by force at ``max(gammas)`` and at the token budget (the step then
+    verifies at once; 1 when nothing may be drafted verifies too). Observation ``Box(16,)``
+    (``speckv_env.core.TOKEN_OBS_SPEC``): the step mode's 13 values, whose draft signals are those
+    of the distribution the next token would be drafted from, then ``drafted`` (tokens drafted in
+    this step / max gamma), ``survival`` (the product of their own draft probabilities) and
+    ``last_draft_p`` (the last one's; 1 before drafting). Rewards: a decision that drafts and looks
+    at the next distribution costs one draft forward (``-t_draft / t_target`` under ``"cost"``);
+    a verification earns its emitted tokens minus the rest of the step's modelled time
+    (``CostModel.verify_charge``), so the return is still N - T / t_target. ``info``: ``decision``
+    ("draft" or "verify"), ``drafted``, ``draft_p``, and at verifications the step mode's keys
+    plus ``lookahead`` and ``step_time``. The emitted tokens are the step mode's, whatever the
+    decisions.
+"""
+"""The token-mode section of both environments' docstrings (``SpecKV-v0``, ``SpecKVReplay-v0``)."""
+
 TOKEN_ACTIONS: tuple[str, ...] = ("verify", "draft")
 """Token mode's actions, by index: 0 = stop and verify what is drafted, 1 = draft one more token."""
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base_env import SpecKVBaseEnv
+from .base_env import TOKEN_MODE_DOC, SpecKVBaseEnv
 from .core import DEFAULT_GAMMAS, CostModel, DraftSignals, EpisodeInfo, StepOutcome
 
 
@@ -193,21 +193,7 @@ class SpecKVEnv(SpecKVBaseEnv):
     kernels, for users who need speed and not exact replay), ``cache`` ("dynamic"; "static":
     pre-allocated KV buffers, rollback moves a position, the same tokens: :mod:`speckv_env.static_cache`).
 
-    ## Token mode (``control="token"``)
-    One step is one decision of the field's per-token stopping rules: action ``Discrete(2)``,
-    1 = draft one more token, 0 = stop and verify what is drafted (0 drafted = a plain target
-    step). Drafting stops by force at ``max(gammas)`` and at the token budget (the step then
-    verifies at once; 1 when nothing may be drafted verifies too). Observation ``Box(16,)``
-    (``speckv_env.core.TOKEN_OBS_SPEC``): the step mode's 13 values, whose draft signals are those
-    of the distribution the next token would be drafted from, then ``drafted`` (tokens drafted in
-    this step / max gamma), ``survival`` (the product of their own draft probabilities) and
-    ``last_draft_p`` (the last one's; 1 before drafting). Rewards: a decision that drafts and looks
-    at the next distribution costs one draft forward (``-t_draft / t_target`` under ``"cost"``);
-    a verification earns its emitted tokens minus the rest of the step's modelled time
-    (``CostModel.verify_charge``), so the return is still N - T / t_target. ``info``: ``decision``
-    ("draft" or "verify"), ``drafted``, ``draft_p``, and at verifications the step mode's keys
-    plus ``lookahead`` and ``step_time``. The emitted tokens are the step mode's, whatever the
-    decisions.
+    ## Token mode
     ``control`` is ``"step"`` (default: the action is gamma) or ``"token"``.
 
     Exactness: with ``exact=True`` (the default) both models compute row-invariant forwards
@@ -286,3 +272,7 @@ class SpecKVEnv(SpecKVBaseEnv):
     def text(self) -> str:
         """The text emitted so far in this episode."""
         return self.pair.tokenizer.decode(self.emitted_tokens, skip_special_tokens=True)
+
+
+# the token-mode section is the replay env's too: one text (speckv_env.base_env.TOKEN_MODE_DOC)
+SpecKVEnv.__doc__ = (SpecKVEnv.__doc__ or "").replace("    ## Token mode\n", TOKEN_MODE_DOC, 1)
