@@ -120,6 +120,16 @@ class TraceBackend:
         tr = self.trace
         return DraftSignals(float(tr.roll_top1[t, j]), float(tr.roll_entropy[t, j]), float(tr.roll_margin[t, j]))
 
+    def drafted_signals(self) -> DraftSignals:
+        """Token mode, draft-then-decide (j >= 1 tokens drafted): the signals of the distribution
+        the rollout drafted token j from (``roll_*[t, j - 1]``)."""
+        t, j = self._pos, self._j
+        if j < 1:
+            raise RuntimeError("drafted_signals() needs a drafted token in the current step")
+        tr = self.trace
+        i = j - 1
+        return DraftSignals(float(tr.roll_top1[t, i]), float(tr.roll_entropy[t, i]), float(tr.roll_margin[t, i]))
+
     # ---- token mode (speckv-trace/2 traces) ---------------------------------------------
     def draft_token(self, lookahead: bool = True) -> float:
         """Draft the rollout's next token at this step; return its own draft probability.

@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 
 from speckv_env.base_env import TOKEN_MODE_DOC, SpecKVBaseEnv, action_to_index
-from speckv_env.core import DEFAULT_GAMMAS, OBS_SPEC, CostModel, check_control, episode_summary, step_tables
+from speckv_env.core import (
+    DEFAULT_GAMMAS,
+    OBS_SPEC,
+    CostModel,
+    check_control,
+    check_lookahead,
+    episode_summary,
+    step_tables,
+)
 
 from .backend import TraceBackend
 from .costs import CostModelSet, Episode, load_cost_models, resolver
@@ -127,10 +135,12 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         recorded_gamma: None | int | Sequence[int] = None,
         allow_cost_model_mismatch: bool = False,
         control: str = "step",
+        lookahead: bool = True,
     ) -> None:
         filters = {"task": task, "split": split, "compression": compression, "mode": mode}
         backend: Any
         check_control(control)
+        check_lookahead(lookahead, control)
         if source is not None or (logs is not None and traces is None and _is_step_log(self._paths(logs))):
             if control == "token":
                 raise ValueError(
@@ -154,7 +164,9 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
             if control == "token":
                 _require_rollouts(trs)
             backend = TraceBackend(trs, resolver(cost_model, cost_models, found, allow_cost_model_mismatch))
-        super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control)
+        super().__init__(
+            backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control, lookahead=lookahead
+        )
         # the fast path (TraceBackend.advance) for full-information traces; None: step logs,
         # or the generic SpecKVBaseEnv.step path when set to None by hand (the tests compare both)
         self._trace_backend: TraceBackend | None = backend if type(backend) is TraceBackend else None

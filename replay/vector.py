@@ -28,6 +28,9 @@ rollout's). Token-mode info adds ``verified`` (the decision verified), ``drafted
 drafted in the step after the decision), ``lookahead``, ``draft_p`` (the drafted token's own
 probability, NaN where none was drafted) and ``step_time`` (the whole step's modelled time);
 ``gamma``, ``accepted``, ``lookahead`` and ``step_time`` are 0 (False) where nothing was verified.
+``lookahead=False`` is token mode's draft-then-decide variant (``speckv_env.base_env.TOKEN_MODE_DOC``):
+the signals table then holds, at entry j >= 1, the distribution token j was drafted from, and
+the planes of :func:`token_tables` price its deferred forwards.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from speckv_env.core import (
     RewardFn,
     StepOutcome,
     check_control,
+    check_lookahead,
     get_reward,
     step_tables,
 )
@@ -100,32 +104,45 @@ _O_DRAFTED, _O_SURVIVAL, _O_LAST_P = (_TOKEN_INDEX[n] for n in ("drafted", "surv
 assert (_O_TOP1, _O_ENTROPY, _O_MARGIN) == (0, 1, 2), "the draft signals lead the observation"
 assert TOKEN_OBS_SPEC[:OBS_DIM] == OBS_SPEC, "token mode's observation extends the step mode's"
 
-# token mode's tables hold three planes per (cost model, sampling) group, indexed [plane, g, k]
-_P_VERIFY, _P_VERIFY_LOOKAHEAD, _P_DRAFT = range(3)
-"""Planes: a verification without / with lookahead (``CostModel.verify_charge``), and a draft
-decision that looks ahead (entry [0, 0]: one ``t_draft``)."""
+# token mode's tables hold five planes per (cost model, sampling) group, indexed [plane, g, k]
+_P_VERIFY, _P_VERIFY_LOOKAHEAD, _P_DRAFT, _P_VERIFY_FED, _P_FREE = range(5)
+"""Planes: a verification without / with lookahead (``CostModel.verify_charge``); a draft
+decision charged one forward (entry [0, 0]: one ``t_draft``: look-ahead's forward past the new
+token, or draft-then-decide's deferred one); a draft decision that feeds the last token and
+reaches the cap, so verifies at once (draft-then-decide: ``t_draft`` plus the verification
+without lookahead); a draft decision charged nothing (entry [0, 0]: draft-then-decide's first
+token)."""
+_N_PLANES = 5
 
 
 def token_tables(
     cost: CostModel, sampling: bool, gamma_max: int, reward_fn: RewardFn
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token mode's modelled time, reward and whole-step time of every decision outcome, as
-    ``(3, gamma_max + 1, gamma_max + 1)`` float64 tables indexed ``[plane, g, k]`` (planes
-    :data:`_P_VERIFY`, :data:`_P_VERIFY_LOOKAHEAD`, :data:`_P_DRAFT`), from the cost model's own
-    :meth:`~speckv_env.core.CostModel.verify_charge` and
-    :meth:`~speckv_env.core.CostModel.step_time` and the reward function, as the scalar env
+    ``(5, gamma_max + 1, gamma_max + 1)`` float64 tables indexed ``[plane, g, k]`` (planes
+    :data:`_P_VERIFY`, :data:`_P_VERIFY_LOOKAHEAD`, :data:`_P_DRAFT`, :data:`_P_VERIFY_FED`,
+    :data:`_P_FREE`), from the cost model's own :meth:`~speckv_env.core.CostModel.verify_charge`
+    and :meth:`~speckv_env.core.CostModel.step_time` and the reward function, as the scalar env
     charges them (``SpecKVBaseEnv._token_step``)."""
     g1 = gamma_max + 1
-    times, rewards, steps = np.zeros((3, g1, g1)), np.zeros((3, g1, g1)), np.zeros((3, g1, g1))
-    for plane, lookahead in ((_P_VERIFY, False), (_P_VERIFY_LOOKAHEAD, True)):
+    shape = (_N_PLANES, g1, g1)
+    times, rewards, steps = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for plane, lookahead, charged in (
+        (_P_VERIFY, False, 0.0),
+        (_P_VERIFY_LOOKAHEAD, True, 0.0),
+        (_P_VERIFY_FED, False, cost.t_draft),
+    ):
         for g in range(g1):
             for k in range(g + 1):
                 t = cost.verify_charge(g, k, sampling, lookahead)
+                if charged:
+                    t = charged + t
                 times[plane, g, k] = t
                 rewards[plane, g, k] = float(reward_fn(StepOutcome(g, k, [0] * (k + 1), False), t, cost))
                 steps[plane, g, k] = cost.step_time(g, k, sampling, lookahead)
-    times[_P_DRAFT, 0, 0] = cost.t_draft
-    rewards[_P_DRAFT, 0, 0] = float(reward_fn(StepOutcome(0, 0, [], False), cost.t_draft, cost))
+    for plane, t in ((_P_DRAFT, cost.t_draft), (_P_FREE, 0.0)):
+        times[plane, 0, 0] = t
+        rewards[plane, 0, 0] = float(reward_fn(StepOutcome(0, 0, [], False), t, cost))
     return times, rewards, steps
 
 
@@ -159,6 +176,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
         render_mode: str | None = None,
         allow_cost_model_mismatch: bool = False,
         control: str = "step",
+        lookahead: bool = True,
     ) -> None:
         from .env import _require_rollouts, load_traces
 
@@ -168,6 +186,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.control = check_control(control)
         self._token = control == "token"
+        self.lookahead = check_lookahead(lookahead, control)
         filters = {"task": task, "split": split, "compression": compression, "mode": mode}
         trs, found = load_traces(logs, traces, filters)
         if self._token:
@@ -263,7 +282,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
     def _flatten_rollouts(self, trs: Sequence[Trace], base: np.ndarray) -> None:
         """Token mode: the signals each decision shows and the drafted tokens' own probabilities,
         ``W`` entries per flat index (``[fi * W + j]``: j tokens drafted at position fi): entry 0
-        the position's own signals, entries j > 0 the rollout's (``TraceBackend.signals``);
+        the position's own signals, entries j > 0 the rollout's (``TraceBackend.signals``; in
+        draft-then-decide, ``TraceBackend.drafted_signals``: the row before);
         ``roll_p[t, j]`` for the token drafted at j (``TraceBackend.draft_token``). Stored as the
         traces' float32 (clipped like the observation; the padding slots hold zeros)."""
         W = self._W = self._gm
@@ -276,7 +296,10 @@ class SpecKVReplayVectorEnv(VectorEnv):
                 sig, (t.sig_top1, t.sig_entropy, t.sig_margin), (t.roll_top1, t.roll_entropy, t.roll_margin)
             ):
                 row[b : b + n, 0] = own
-                row[b : b + n, 1:] = roll[:, 1:W]
+                if self.lookahead:
+                    row[b : b + n, 1:] = roll[:, 1:W]
+                else:  # draft-then-decide: token j's own distribution (TraceBackend.drafted_signals)
+                    row[b : b + n, 1:] = roll[:, 0 : W - 1]
             p[b : b + n] = t.roll_p[:, :W]
         lo, hi = OBS_LOW[_O_SIGNALS, None, None], OBS_HIGH[_O_SIGNALS, None, None]
         np.clip(sig, lo, hi, out=sig)
@@ -453,7 +476,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
     def _token_step(self, actions: Any):
         """Token mode: one decision per env, ``SpecKVBaseEnv._token_step`` batched. A draft
         decision below the cap drafts the rollout's next token and looks ahead (charged
-        ``t_draft``); a stop, a draft that reaches the cap (no lookahead) and a draft with a cap of
+        ``t_draft``; draft-then-decide: charged ``t_draft`` when it first feeds the last token, at
+        j >= 1, nothing at j = 0); a stop, a draft that reaches the cap (no lookahead) and a draft with a cap of
         0 verify the tokens drafted by the step rule at gamma = tokens drafted."""
         a = self._actions(actions)
         I, S = self._I, self._S  # noqa: E741  (integer state, observation)
@@ -468,7 +492,14 @@ class SpecKVReplayVectorEnv(VectorEnv):
         cont &= draft  # drafted and looked ahead: no verification now
         ver = ~cont
         look = j > 0
-        look &= ~draft  # a chosen stop after drafting: the last token was looked past
+        if self.lookahead:
+            look &= ~draft  # a chosen stop after drafting: the last token was looked past
+            cont_plane, ver_plane = cont * _P_DRAFT, look * _P_VERIFY_LOOKAHEAD
+        else:  # draft-then-decide: a draft at j >= 1 feeds token j first (charged), none looks past
+            fed = look & draft
+            look[:] = False
+            cont_plane = np.where(fed, _P_DRAFT, _P_FREE) * cont
+            ver_plane = (fed & ver) * _P_VERIFY_FED
         geff, k, ones, rej = step_arrays(self._L.take(fi), self._acc.take(fi), j1, lim)
         ones *= ver
         rej &= ver
@@ -500,8 +531,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
         ti = geff * self._G1
         ti += k
         ti *= ver
-        plane = cont * (_P_DRAFT * self._G1 * self._G1)
-        plane += look * (_P_VERIFY_LOOKAHEAD * self._G1 * self._G1)
+        plane = cont_plane + ver_plane
+        plane *= self._G1 * self._G1
         ti += plane
         ti += I[_GRP]
         reward = self._R.take(ti, mode="clip")  # clip: only envs being autoreset can be out of range
@@ -528,7 +559,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
         truncated = done ^ terminated
         any_done = np.count_nonzero(done) > 0
         if any_done:
-            info["episode_tps"] = np.where(done, F[_LEN] / F[_TIME], np.nan)
+            # only where done: an env may have spent no time yet (draft-then-decide's free first draft)
+            info["episode_tps"] = np.divide(F[_LEN], F[_TIME], out=np.full(self.num_envs, np.nan), where=done)
             info["_episode_tps"] = done
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             pd = self._prev_done

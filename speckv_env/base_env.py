@@ -30,6 +30,7 @@ from .core import (
     ObservationBuilder,
     StepOutcome,
     check_control,
+    check_lookahead,
     episode_summary,
     get_reward,
 )
@@ -49,6 +50,15 @@ TOKEN_MODE_DOC = """    ## Token mode (``control="token"``)
     ("draft" or "verify"), ``drafted``, ``draft_p``, and at verifications the step mode's keys
     plus ``lookahead`` and ``step_time``. The emitted tokens are the step mode's, whatever the
     decisions.
+
+    ``lookahead=False`` (token mode only; default True, the above) is *draft-then-decide*, Hugging
+    Face's rule: a decision with j >= 1 tokens drafted sees the signals (top1, entropy, margin) of
+    the distribution token j was drafted *from* and ``last_draft_p`` = token j's own probability
+    (at j = 0 the step's observation, as above). Action 1 at j = 0 drafts token 1 from the
+    observation's distribution (free); at j >= 1 it first feeds token j to the draft (one forward,
+    ``-t_draft / t_target``) and drafts token j + 1. A chosen stop after g tokens then costs exactly
+    the step mode's step at gamma g, and verifications charge
+    ``CostModel.verify_charge(g, k, sampling, lookahead=False)``.
 """
 """The token-mode section of both environments' docstrings (``SpecKV-v0``, ``SpecKVReplay-v0``)."""
 
@@ -210,11 +220,13 @@ class SpecKVBaseEnv(gym.Env):
         reward: str = "cost",
         render_mode: str | None = None,
         control: str = "step",
+        lookahead: bool = True,
     ) -> None:
         self.backend = backend
         self.gammas = check_gammas(gammas, backend.gamma_max)
         self.control = check_control(control)
         self._token = control == "token"
+        self.lookahead = check_lookahead(lookahead, control)
         self._drafted = 0  # token mode: tokens drafted so far in the current step
         self._survival = 1.0  # token mode: product of their own draft probabilities
         self._last_p = 1.0  # token mode: the last drafted token's own draft probability
@@ -309,23 +321,32 @@ class SpecKVBaseEnv(gym.Env):
         """One decision: 1 = draft one more token, 0 = verify what is drafted (DESIGN.md).
 
         A draft decision that reaches :meth:`token_cap` verifies at once (no choice is left), as
-        does 1 when nothing may be drafted. Costs: a token drafted and looked past is charged one
+        does 1 when nothing may be drafted. Costs: a token drafted and looked past (look-ahead), or
+        fed to the draft before the next one is drafted (draft-then-decide, j >= 1), is charged one
         draft forward at its decision; the verification charges the rest of the step's time
         (:meth:`CostModel.verify_charge`), so the return is N - T / t_target as in step mode."""
         a = action_to_index(action, len(TOKEN_ACTIONS), TOKEN_ACTIONS)
         cap, j = self.token_cap(), self._drafted
         if a == 0 or j >= cap:
-            return self._token_verify(lookahead=j > 0, decision=TOKEN_ACTIONS[a])
-        lookahead = j + 1 < cap
-        p = self.backend.draft_token(lookahead)  # type: ignore[attr-defined]  # token backends
-        self._drafted, self._survival, self._last_p = j + 1, self._survival * p, p
-        if not lookahead:  # the cap: verify now
-            return self._token_verify(lookahead=False, decision="draft", draft_p=p)
+            return self._token_verify(lookahead=self.lookahead and j > 0, decision=TOKEN_ACTIONS[a])
         cm = self.cost_model
-        t_model = cm.t_draft
+        if self.lookahead:
+            looks = j + 1 < cap
+            charged = cm.t_draft if looks else 0.0  # the forward past the new token
+        else:
+            looks = False
+            charged = cm.t_draft if j > 0 else 0.0  # the deferred forward that feeds token j
+        p = self.backend.draft_token(looks)  # type: ignore[attr-defined]  # token backends
+        self._drafted, self._survival, self._last_p = j + 1, self._survival * p, p
+        if j + 1 >= cap:  # the cap: verify now
+            return self._token_verify(lookahead=False, decision="draft", draft_p=p, charged=charged)
+        t_model = charged
         reward = float(self._reward_fn(StepOutcome(0, 0, [], False), t_model, cm))
         self._stats["modelled_s"] += t_model
-        self._last_signals = self.backend.signals()
+        if self.lookahead:
+            self._last_signals = self.backend.signals()
+        else:
+            self._last_signals = self.backend.drafted_signals()  # type: ignore[attr-defined]
         info = {
             "decision": "draft",
             "drafted": j + 1,
@@ -337,12 +358,15 @@ class SpecKVBaseEnv(gym.Env):
         }
         return self._observe(), reward, False, False, info
 
-    def _token_verify(self, lookahead: bool, decision: str, draft_p: float | None = None):
+    def _token_verify(self, lookahead: bool, decision: str, draft_p: float | None = None, charged: float = 0.0):
         """Token mode: verify the step's drafted tokens and emit (the step mode's step, priced by
-        :meth:`CostModel.verify_charge`)."""
+        :meth:`CostModel.verify_charge`, plus ``charged``: the draft forward of the decision that
+        reached the cap in draft-then-decide)."""
         out = self.backend.verify()  # type: ignore[attr-defined]  # token backends
         cm = self.cost_model
         t_model = cm.verify_charge(out.gamma, out.accepted, self.backend.sampling, lookahead)
+        if charged:
+            t_model = charged + t_model
         reward = float(self._reward_fn(out, t_model, cm))
         obs, terminated, truncated, info = self._emit(out, t_model)
         info.update(

@@ -26,6 +26,9 @@ a step that *chose* to stop after g >= 1 drafted tokens ran g + 1 draft forwards
 (``lookahead``; a sampled bonus token then reuses that distribution), while a step stopped by
 force (at gamma_max or the token budget) drafted its last token without looking further and
 costs what the step mode's step costs. :meth:`CostModel.draft_forwards` holds the rule.
+Token mode's *draft-then-decide* variant (``lookahead=False``) never looks past a drafted token
+before deciding: continuing after token j feeds it to the draft then (one deferred forward), so
+a chosen stop after g tokens ran the step mode's forwards (``lookahead=False`` here too).
 """
 
 from __future__ import annotations
@@ -99,11 +102,30 @@ TOKEN_OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (
     ),
     ("last_draft_p", 0.0, 1.0, "token mode: the last drafted token's own draft probability (1 before drafting)"),
 )
-"""Token mode's observation: the step mode's (whose draft signals are those of the distribution
-the next token would be drafted from) plus where the decision stands within the step."""
+"""Token mode's observation: the step mode's plus where the decision stands within the step.
+The draft signals (``draft_top1``, ``draft_entropy``, ``draft_margin``) depend on the variant
+once j >= 1 tokens are drafted: look-ahead (``lookahead=True``, default) shows the distribution
+the next token (j + 1) would be drafted from; draft-then-decide (``lookahead=False``) the
+distribution token j was drafted from (``last_draft_p`` is token j's own probability under it).
+At j = 0 both show the step's observation (the distribution token 1 would be drafted from)."""
 TOKEN_OBS_LOW = np.array([s[1] for s in TOKEN_OBS_SPEC], dtype=np.float32)
 TOKEN_OBS_HIGH = np.array([s[2] for s in TOKEN_OBS_SPEC], dtype=np.float32)
 TOKEN_OBS_DIM = len(TOKEN_OBS_SPEC)
+
+
+def check_lookahead(lookahead: Any, control: str = "token") -> bool:
+    """Validate token mode's variant flag: True = look-ahead, False = draft-then-decide
+    (``lookahead=False`` needs ``control="token"``)."""
+    if not isinstance(lookahead, (bool, np.bool_)):
+        raise ValueError(f"lookahead must be True or False, got {lookahead!r}")
+    if not lookahead and control != "token":
+        raise ValueError("lookahead=False (draft-then-decide) applies to control='token' only")
+    return bool(lookahead)
+
+
+def token_variant(lookahead: bool) -> str:
+    """Token mode's variant by name: ``"lookahead"`` or ``"dtd"`` (draft-then-decide)."""
+    return "lookahead" if lookahead else "dtd"
 
 
 def check_control(control: str) -> str:

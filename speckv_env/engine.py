@@ -25,7 +25,8 @@ Verification (Leviathan et al. 2023; Chen et al. 2023):
 
 Token by token (token mode): :meth:`draft_token` drafts one more token of the current step by
 the same rule (and, with ``lookahead``, feeds it to the draft so that :meth:`observe` shows the
-next position's distribution); :meth:`verify` verifies what is drafted. ``step(g)`` is these
+next position's distribution; without it, the next :meth:`draft_token` feeds it first);
+:meth:`verify` verifies what is drafted. ``step(g)`` is these
 phases in a row, so a step drafted token by token emits exactly what ``step(g)`` emits.
 """
 
@@ -490,7 +491,9 @@ class SpeculativeEngine:
         dr = self._dr
         if dr is not None and dr.tokens:
             if len(dr.sigs) <= len(dr.tokens):
-                raise RuntimeError("the last token was drafted without lookahead: nothing to observe before verify()")
+                raise RuntimeError(
+                    "the last token was drafted without lookahead: see drafted_signals(), or draft_token() feeds it"
+                )
             return _signals_from_logits(dr.sigs[len(dr.tokens)])
         self._ensure_q()
         if self._sig is None:
@@ -575,7 +578,9 @@ class SpeculativeEngine:
         """Token mode: draft one more token of the current step and return its own draft
         probability (softmax of the draft's logits, temperature 1). ``lookahead``: also feed
         it to the draft, so that :meth:`observe` shows the next position's distribution (the
-        next decision's signals); without it, the next call must be :meth:`verify`. The token is
+        next decision's signals); without it (draft-then-decide), :meth:`drafted_signals` shows the
+        distribution it was drafted from, and a further call first feeds it to the draft (the
+        deferred forward, counted in ``draft_forwards``). The token is
         drafted by the step mode's rule (greedy argmax; sampling with the position's uniform),
         so a step drafted token by token equals ``step(gamma)`` with the same tokens."""
         if not self._started or self.done:
@@ -586,11 +591,22 @@ class SpeculativeEngine:
                 f"cannot draft more than {self.draft_limit()} tokens at position {dr.t} "
                 f"(max_gamma {self.max_gamma}, budget {self.max_new_tokens}): call verify()"
             )
-        if len(dr.sigs) <= len(dr.tokens):
-            raise RuntimeError("the last token was drafted without lookahead: call verify()")
+        if len(dr.sigs) <= len(dr.tokens):  # drafted without lookahead: feed it now (deferred)
+            t0 = self._clock.mark()
+            dr.sigs.append(self._draft_forward([dr.tokens[-1]])[-1])
+            dr.forwards += 1
+            dr.draft_spans.append((t0, self._clock.mark()))
         row = dr.sigs[len(dr.tokens)]
         self._draft_one(dr, lookahead)
         return _token_prob(row, dr.tokens[-1])
+
+    def drafted_signals(self) -> DraftSignals:
+        """Token mode: the signals of the distribution the last drafted token of the current step
+        was drafted from (draft-then-decide's observation)."""
+        dr = self._dr
+        if dr is None or not dr.tokens:
+            raise RuntimeError("drafted_signals() needs a drafted token in the current step")
+        return _signals_from_logits(dr.sigs[len(dr.tokens) - 1])
 
     @torch.inference_mode()
     def verify(self) -> StepResult:

@@ -85,6 +85,10 @@ class LiveBackend:
         """Draft one more token of the current step; its own draft probability."""
         return self.engine.draft_token(lookahead)
 
+    def drafted_signals(self) -> DraftSignals:
+        """Draft-then-decide: the signals of the distribution the last drafted token came from."""
+        return self.engine.drafted_signals()
+
     def verify(self) -> StepOutcome:
         """Verify what the current step has drafted."""
         return self._outcome(self.engine.verify())
@@ -194,7 +198,8 @@ class SpecKVEnv(SpecKVBaseEnv):
     pre-allocated KV buffers, rollback moves a position, the same tokens: :mod:`speckv_env.static_cache`).
 
     ## Token mode
-    ``control`` is ``"step"`` (default: the action is gamma) or ``"token"``.
+    ``control`` is ``"step"`` (default: the action is gamma) or ``"token"``; ``lookahead``
+    (token mode; default True) picks its variant.
 
     Exactness: with ``exact=True`` (the default) both models compute row-invariant forwards
     (:mod:`speckv_env.invariant`): a position's logits are bit-identical whether it is
@@ -230,11 +235,13 @@ class SpecKVEnv(SpecKVBaseEnv):
         exact: bool = True,
         control: str = "step",
         cache: str = "dynamic",
+        lookahead: bool = True,
     ) -> None:
-        from .core import check_control
+        from .core import check_control, check_lookahead
         from .pair import load_pair
 
         check_control(control)
+        check_lookahead(lookahead, control)
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -261,7 +268,9 @@ class SpecKVEnv(SpecKVBaseEnv):
             gamma_max=gamma_max,
             cache=cache,
         )
-        super().__init__(backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control)
+        super().__init__(
+            backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control, lookahead=lookahead
+        )
 
     @property
     def engine(self):

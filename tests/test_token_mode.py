@@ -39,7 +39,8 @@ def exact_pair():
     return ModelPair(target, draft, tok, "tiny-target", "tiny-draft", "fp32", torch.device("cpu"), exact=True)
 
 
-def _live(pair, temperature, max_new_tokens=24):
+def _live(pair, temperature, max_new_tokens=24, lookahead=True, control="token"):
+    kw = {"control": control} if control == "step" else {"control": control, "lookahead": lookahead}
     return gym.make(
         "SpecKV-v0",
         pair=pair,
@@ -48,7 +49,7 @@ def _live(pair, temperature, max_new_tokens=24):
         task="math",
         max_new_tokens=max_new_tokens,
         temperature=temperature,
-        control="token",
+        **kw,
     )
 
 
@@ -78,6 +79,11 @@ def _play_both(live, rep, seed, p_draft):
         if "lookahead" in i_l:  # a verification: the engine's own account of its draft forwards
             steps += 1
             assert i_l["lookahead"] == i_r["lookahead"]
+            if not live.unwrapped.lookahead:  # draft-then-decide never looks past a drafted token
+                assert i_l["lookahead"] is False
+                assert i_l["step_time"] == live.unwrapped.cost_model.step_time(
+                    i_l["gamma"], i_l["accepted"], bool(live.unwrapped.backend.sampling)
+                )
             want = CostModel.draft_forwards(
                 i_l["gamma"], i_l["accepted"], bool(live.unwrapped.backend.sampling), i_l["lookahead"]
             )
@@ -87,16 +93,18 @@ def _play_both(live, rep, seed, p_draft):
     return decisions, steps
 
 
+@pytest.mark.parametrize("lookahead", [True, False], ids=["lookahead", "dtd"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_live_token_mode_replays_exactly_from_a_v2_trace(exact_pair, temperature):
-    live = _live(exact_pair, temperature)
+def test_live_token_mode_replays_exactly_from_a_v2_trace(exact_pair, temperature, lookahead):
+    """Both variants: look-ahead and draft-then-decide (``lookahead=False``)."""
+    live = _live(exact_pair, temperature, lookahead=lookahead)
     prompts = live.unwrapped.backend.prompts
     total_steps = 0
     for ep in range(3):
         seed = 500 + ep
         tr = _record(exact_pair, prompts[ep], temperature, seed)
         assert tr.has_rollouts and tr.meta["exact"] is True and tr.meta["rollout_forwards"] > 0
-        rep = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit(), control="token")
+        rep = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit(), control="token", lookahead=lookahead)
         o_l, i_l = live.reset(options={"episode": ep, "episode_seed": seed})
         o_r, _ = rep.reset(options={"episode": 0})
         np.testing.assert_array_equal(o_l, o_r)
@@ -139,10 +147,11 @@ def test_rollouts_with_shared_work_equal_naive_rollouts(exact_pair):
         assert ro.forwards < len(res.tokens) * G
 
 
-def test_token_return_is_n_minus_time_and_oracle_is_the_ceiling():
+@pytest.mark.parametrize("lookahead", [True, False], ids=["lookahead", "dtd"])
+def test_token_return_is_n_minus_time_and_oracle_is_the_ceiling(lookahead):
     cm = CostModel.unit()
     trs = synthetic_dataset(12, rollouts=True, modes=("greedy", "sample"), seed=3)
-    env = SpecKVReplayEnv(traces=trs, cost_model=cm, control="token")
+    env = SpecKVReplayEnv(traces=trs, cost_model=cm, control="token", lookahead=lookahead)
     rng = np.random.default_rng(0)
     for ep, tr in enumerate(trs):
         best = oracle(tr, cm).total_time
@@ -180,6 +189,62 @@ def test_always_draft_is_fixed_gamma_max_and_never_draft_is_gamma_zero():
                     assert info["episode_summary"]["modelled_s"] == pytest.approx(t_tok, rel=1e-12)
 
 
+def _run_fixed(env, ep, actions_of, options=None):
+    """Play episode ``ep``; ``actions_of(info)`` gives the next action. Per-step (tokens, time,
+    return so far) at every verification, and the episode's summary."""
+    env.reset(options={"episode": ep, **(options or {})})
+    out, ret, done, info = [], 0.0, False, {"drafted": 0}
+    while not done:
+        _, r, te, tu, info = env.step(actions_of(info))
+        ret += r
+        done = te or tu
+        if "gamma" in info:
+            out.append((list(info["tokens"]), info["gamma"], info["accepted"], ret))
+    return out, info["episode_summary"]
+
+
+def _draft_exactly(g):
+    """Token-mode policy: draft g tokens, then stop (0 drafted after a verification)."""
+    return lambda info: int((0 if "gamma" in info else info["drafted"]) < g)
+
+
+def _step_vs_dtd(step_env, dtd_env, ep, g, options=None):
+    """Draft-then-decide drafting exactly g tokens then stopping equals step mode at gamma g:
+    same tokens, gammas and accepted counts step by step, the same return after every step and
+    the same total modelled time."""
+    gi = list(step_env.unwrapped.gammas).index(g)
+    steps_s, sum_s = _run_fixed(step_env, ep, lambda info: gi, options)
+    steps_t, sum_t = _run_fixed(dtd_env, ep, _draft_exactly(g), options)
+    assert [x[:3] for x in steps_t] == [x[:3] for x in steps_s]
+    np.testing.assert_allclose([x[3] for x in steps_t], [x[3] for x in steps_s], rtol=0, atol=1e-9)
+    assert sum_t["modelled_s"] == pytest.approx(sum_s["modelled_s"], rel=1e-12)
+    assert sum_t["tokens"] == sum_s["tokens"]
+    return len(steps_s)
+
+
+def test_dtd_draft_g_then_stop_is_step_mode_at_gamma_g_in_replay():
+    cm = CostModel.unit(draft_ratio=0.2)
+    trs = synthetic_dataset(6, rollouts=True, modes=("greedy", "sample"), seed=7)
+    step = SpecKVReplayEnv(traces=trs, cost_model=cm)
+    dtd = SpecKVReplayEnv(traces=trs, cost_model=cm, control="token", lookahead=False)
+    look = SpecKVReplayEnv(traces=trs, cost_model=cm, control="token")
+    for g in (0, 1, 3, 8):
+        for ep in range(len(trs)):
+            assert _step_vs_dtd(step, dtd, ep, g) > 0
+    # look-ahead pays one more forward per chosen stop: strictly slower at 1 <= g < gamma_max
+    _, s_look = _run_fixed(look, 0, _draft_exactly(3))
+    _, s_dtd = _run_fixed(dtd, 0, _draft_exactly(3))
+    assert s_look["modelled_s"] > s_dtd["modelled_s"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_dtd_draft_g_then_stop_is_step_mode_at_gamma_g_live(exact_pair, temperature):
+    step = _live(exact_pair, temperature, max_new_tokens=16, control="step")
+    dtd = _live(exact_pair, temperature, max_new_tokens=16, lookahead=False)
+    for g in (1, 3):
+        assert _step_vs_dtd(step, dtd, 0, g, {"episode_seed": 11}) > 1
+
+
 def test_token_mode_errors():
     cm = CostModel.unit()
     with pytest.raises(ValueError, match="speckv-trace/2"):
@@ -192,6 +257,10 @@ def test_token_mode_errors():
         with pytest.raises(ValueError, match="invalid action"):
             env.step(bad)
     assert env.action_space.n == 2 and env.observation_space.shape == (TOKEN_OBS_DIM,)
+    with pytest.raises(ValueError, match="applies to control='token' only"):
+        SpecKVReplayEnv(traces=synthetic_dataset(2, rollouts=True), cost_model=cm, lookahead=False)
+    with pytest.raises(ValueError, match="lookahead must be True or False"):
+        SpecKVReplayEnv(traces=synthetic_dataset(2, rollouts=True), cost_model=cm, control="token", lookahead="no")
 
 
 def test_v2_traces_round_trip_and_v1_still_reads(tmp_path):
@@ -254,8 +323,9 @@ def test_real_pair_token_mode_replays_exactly(compression):
         assert live.unwrapped.emitted_tokens == tr.tokens.tolist()
 
 
-def test_token_mode_passes_both_checkers_with_zero_warnings(exact_pair):
-    """Gymnasium's and stable-baselines3's env checkers, replay and live, in token mode."""
+@pytest.mark.parametrize("lookahead", [True, False], ids=["lookahead", "dtd"])
+def test_token_mode_passes_both_checkers_with_zero_warnings(exact_pair, lookahead):
+    """Gymnasium's and stable-baselines3's env checkers, replay and live, in token mode (both variants)."""
     import warnings
 
     from gymnasium.utils.env_checker import check_env as gym_check_env
@@ -266,8 +336,9 @@ def test_token_mode_passes_both_checkers_with_zero_warnings(exact_pair):
         traces=synthetic_dataset(6, rollouts=True, compressions=("fp16", "int8"), modes=("greedy", "sample")),
         cost_models={"fp16": CostModel.unit(), "int8": CostModel.unit(draft_ratio=0.3)},
         control="token",
+        lookahead=lookahead,
     )
-    live = _live(exact_pair, 0.7, max_new_tokens=12)
+    live = _live(exact_pair, 0.7, max_new_tokens=12, lookahead=lookahead)
     for env in (replay, live):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")

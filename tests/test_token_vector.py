@@ -8,6 +8,7 @@ ends and both autoreset modes; and every episode's rewards add up to N - T / t_t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -70,14 +71,18 @@ def _decisions(rng: np.random.Generator, p_draft: np.ndarray) -> np.ndarray:
     return (rng.random(p_draft.shape[0]) < p_draft).astype(np.int64)
 
 
+LOOKAHEAD = pytest.mark.parametrize("lookahead", [True, False], ids=["lookahead", "dtd"])
+"""Both token-mode variants: look-ahead and draft-then-decide (``lookahead=False``)."""
+
+
+@LOOKAHEAD
 @pytest.mark.parametrize("reward", ["cost", "time"])
 @pytest.mark.parametrize("gammas", [tuple(range(9)), (0, 2, 5), (0,)])
-def test_next_step_matches_scalar_token_envs(reward: str, gammas: tuple[int, ...]) -> None:
+def test_next_step_matches_scalar_token_envs(reward: str, gammas: tuple[int, ...], lookahead: bool) -> None:
     ds, E = _ds(), 7
-    vec = SpecKVReplayVectorEnv(E, traces=ds, cost_models=CMS, gammas=gammas, reward=reward, control="token")
-    singles = [
-        SpecKVReplayEnv(traces=ds, cost_models=CMS, gammas=gammas, reward=reward, control="token") for _ in range(E)
-    ]
+    kw: dict[str, Any] = {"gammas": gammas, "reward": reward, "control": "token", "lookahead": lookahead}
+    vec = SpecKVReplayVectorEnv(E, traces=ds, cost_models=CMS, **kw)
+    singles = [SpecKVReplayEnv(traces=ds, cost_models=CMS, **kw) for _ in range(E)]
     obs, _ = vec.reset(seed=0, options={"episodes": list(range(E))})
     assert obs.shape == (E, TOKEN_OBS_DIM) and obs.dtype == np.float32
     for e, env in enumerate(singles):
@@ -110,10 +115,12 @@ def test_next_step_matches_scalar_token_envs(reward: str, gammas: tuple[int, ...
     assert vec.observation_space.contains(obs)
 
 
-def test_same_step_autoreset_matches_scalar_token_envs() -> None:
+@LOOKAHEAD
+def test_same_step_autoreset_matches_scalar_token_envs(lookahead: bool) -> None:
     ds, E = _ds(1), 5
-    vec = SpecKVReplayVectorEnv(E, traces=ds, cost_models=CMS, autoreset_mode="same-step", control="token")
-    singles = [SpecKVReplayEnv(traces=ds, cost_models=CMS, control="token") for _ in range(E)]
+    kw: dict[str, Any] = {"control": "token", "lookahead": lookahead}
+    vec = SpecKVReplayVectorEnv(E, traces=ds, cost_models=CMS, autoreset_mode="same-step", **kw)
+    singles = [SpecKVReplayEnv(traces=ds, cost_models=CMS, **kw) for _ in range(E)]
     vec.reset(seed=3, options={"episodes": [5, 6, 7, 8, 9]})
     for e, env in enumerate(singles):
         env.reset(options={"episode": 5 + e})
@@ -139,12 +146,13 @@ def test_same_step_autoreset_matches_scalar_token_envs() -> None:
     assert ends > 10
 
 
-def test_episode_returns_are_n_minus_time_over_t_target() -> None:
+@LOOKAHEAD
+def test_episode_returns_are_n_minus_time_over_t_target(lookahead: bool) -> None:
     """Every finished episode's rewards add up to N - T / t_target, T its modelled time (the sum of
     its decisions' times, also N / episode_tps), and no decision sequence beats the oracle."""
     ds, E = _ds(2), 8
     cm_of = [CMS[t.compression] for t in ds]
-    vec = SpecKVReplayVectorEnv(E, traces=ds, cost_models=CMS, control="token")
+    vec = SpecKVReplayVectorEnv(E, traces=ds, cost_models=CMS, control="token", lookahead=lookahead)
     vec.reset(seed=5)
     rng = np.random.default_rng(3)
     p_draft = np.linspace(0.0, 1.0, E)
@@ -192,13 +200,14 @@ def test_make_vec_spaces_and_bad_actions() -> None:
         traces=_ds(),
         cost_models=CMS,
         control="token",
+        lookahead=False,
     )
     obs, _ = vec.reset(seed=0)
     assert obs.shape == (3, TOKEN_OBS_DIM) and vec.single_action_space == gym.spaces.Discrete(2)
     obs, *_ = vec.step(np.array([1, 0, 1]))
     assert obs.shape == (3, TOKEN_OBS_DIM)
     inner = vec.unwrapped
-    assert isinstance(inner, SpecKVReplayVectorEnv) and inner.control == "token"
+    assert isinstance(inner, SpecKVReplayVectorEnv) and inner.control == "token" and inner.lookahead is False
     before = inner._buf.copy()
     for bad, msg in (
         (np.array([0, 2, 1]), r"invalid action\(s\) \[2\]: must be in 0\.\.1, indices into token actions"),
@@ -222,5 +231,7 @@ def test_token_mode_needs_v2_traces_like_the_scalar_env() -> None:
     assert str(vec_err.value) == str(scalar_err.value)
     with pytest.raises(ValueError, match="control must be one of"):
         SpecKVReplayVectorEnv(2, traces=_ds(), cost_model=CostModel.unit(), control="tokens")
+    with pytest.raises(ValueError, match="applies to control='token' only"):
+        SpecKVReplayVectorEnv(2, traces=_ds(), cost_model=CostModel.unit(), lookahead=False)
     # step mode still replays /1 traces, and /2 ones unchanged
     assert SpecKVReplayVectorEnv(2, traces=v1, cost_model=CostModel.unit()).reset(seed=0)[0].shape == (2, 13)
