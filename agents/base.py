@@ -205,6 +205,38 @@ class GammaTable:
         return self._choices_np[np.searchsorted(self._lthr_np, z, side="right")]
 
 
+def env_lookahead(env: Any) -> bool | None:
+    """Token mode's variant of ``env`` (True: look-ahead, False: draft-then-decide; a gymnasium
+    env, its wrappers, the vector replay or an SB3 VecEnv), or None where the object does not say."""
+    for obj in (env, getattr(env, "unwrapped", None), getattr(env, "venv", None)):
+        v = getattr(obj, "lookahead", None)
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+    get_attr = getattr(env, "get_attr", None)
+    if get_attr is not None:
+        try:
+            v = get_attr("lookahead", indices=[0])[0]
+        except (AttributeError, IndexError, TypeError):
+            return None
+        return bool(v) if isinstance(v, (bool, np.bool_)) else None
+    return None
+
+
+def check_token_variant(name: str, lookahead: bool, env: Any) -> None:
+    """Refuse to run a token-mode agent built (tuned, trained) for one variant of token mode in an
+    env of the other (``lookahead``: :data:`speckv_env.core.TOKEN_OBS_SPEC` means different
+    signals in each)."""
+    from speckv_env.core import token_variant
+
+    v = env_lookahead(env)
+    if v is not None and v != bool(lookahead):
+        raise ValueError(
+            f"{name} was built for token mode's {token_variant(lookahead)} variant (lookahead={bool(lookahead)}) "
+            f"but the env runs the {token_variant(v)} variant (lookahead={v}): make the env with "
+            f"lookahead={bool(lookahead)}, or build (tune, train) {name} with lookahead={v}"
+        )
+
+
 class Agent:
     """Base class of every gamma policy. Subclasses set ``kind`` and register themselves."""
 

@@ -8,7 +8,9 @@ logits), identical to ``policy.predict(obs, deterministic=True)`` (tested).
 
 **Modes.** ``control="step"`` (the default, unchanged): the observation is ``OBS_SPEC`` and the
 action an index into ``gammas``. ``control="token"``: the observation is ``TOKEN_OBS_SPEC`` and
-the action ``Discrete(2)`` (1 = draft one more token, 0 = verify). The config records the mode;
+the action ``Discrete(2)`` (1 = draft one more token, 0 = verify); ``lookahead`` (token mode,
+default True) is the token-mode variant it trains and runs in (an env of the other is refused;
+:func:`agents.training.train_agent` takes it from the env). The config records the mode;
 ``bind()``, ``train()`` and loading refuse an env or a file of the other mode with an error
 naming both.
 
@@ -63,9 +65,10 @@ from speckv_env.core import (
     TOKEN_OBS_HIGH,
     TOKEN_OBS_LOW,
     check_control,
+    check_lookahead,
 )
 
-from .base import Agent, register
+from .base import Agent, check_token_variant, register
 
 ACTIVATIONS = ("tanh", "relu")
 #: discount per mode when ``discount=None`` (step mode: SB3's usual 0.99, unchanged)
@@ -132,11 +135,13 @@ class PPOAgent(Agent):
         norm_reward: bool | None = None,
         clip_obs: float = 10.0,
         budget_end_terminal: bool | None = None,
+        lookahead: bool = True,
     ) -> None:
         super().__init__(gammas)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: choose one of {ACTIVATIONS}")
         self.control = check_control(control)
+        self.lookahead = check_lookahead(lookahead, self.control)
         token = self.control == "token"
         self.net_arch = tuple(int(h) for h in net_arch)
         self.activation = activation
@@ -208,6 +213,8 @@ class PPOAgent(Agent):
                 f"{self.name}: a control={self.control!r} agent cannot run in a control={control!r} env "
                 f"(train or load a PPOAgent(control={control!r}) for it)"
             )
+        if self.control == "token":
+            check_token_variant(self.name, self.lookahead, env)
         space = getattr(env, "observation_space", None)
         shape = getattr(getattr(env, "single_observation_space", space), "shape", None)
         if shape is not None and tuple(shape)[-1:] != (self.obs_dim,):
@@ -375,6 +382,7 @@ class PPOAgent(Agent):
             "norm_reward": self.norm_reward,
             "clip_obs": self.clip_obs,
             "budget_end_terminal": self.budget_end_terminal,
+            "lookahead": self.lookahead,
         }
 
     def get_state(self) -> dict[str, Any]:

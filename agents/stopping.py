@@ -23,6 +23,13 @@ so far in the step, the product of their own draft probabilities and the last on
   traces (:func:`fit_acceptance_head`), ``h`` chosen on training data.
 
 Every rule is a few float operations per decision (``speckv bench agents`` measures them).
+
+**Variants.** Each rule takes ``lookahead`` (default True), the token-mode variant it runs in
+(``speckv_env.base_env.TOKEN_MODE_DOC``). In draft-then-decide (``lookahead=False``) a decision
+with j >= 1 drafted sees the distribution token j came from and its probability, which is how
+these rules run in inference engines: draft a token, then judge it; so ``svip``, ``adaedl`` and
+``specdecpp`` always draft the first token there (``hf_confidence`` does in both variants).
+A rule refuses an env of the other variant (:func:`agents.base.check_token_variant`).
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from speckv_env.base_env import TOKEN_ACTIONS
-from speckv_env.core import DEFAULT_GAMMAS, OBS_INDEX, TOKEN_OBS_DIM, TOKEN_OBS_SPEC
+from speckv_env.core import DEFAULT_GAMMAS, OBS_INDEX, TOKEN_OBS_DIM, TOKEN_OBS_SPEC, check_lookahead
 
-from .base import Agent, register
+from .base import Agent, check_token_variant, register
 
 _TOK = {name: i for i, (name, *_rest) in enumerate(TOKEN_OBS_SPEC)}
 I_TOP1, I_ENT, I_MARGIN = _TOK["draft_top1"], _TOK["draft_entropy"], _TOK["draft_margin"]
@@ -49,13 +56,16 @@ class StopRule(Agent):
     """Base of token-mode agents: ``act(obs)`` is 1 (draft one more) or 0 (verify).
 
     ``gammas`` names the step mode's gamma set; in token mode only its maximum matters (the
-    env stops drafting there by force)."""
+    env stops drafting there by force). ``lookahead``: the token-mode variant the rule runs in
+    (True: look-ahead, False: draft-then-decide; module docstring); :meth:`bind` refuses an env
+    of the other variant, and the config (so a saved agent) carries it."""
 
     control = "token"
     obs_dim = TOKEN_OBS_DIM
 
-    def __init__(self, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
+    def __init__(self, gammas: Sequence[int] = DEFAULT_GAMMAS, lookahead: bool = True) -> None:
         super().__init__(gammas)
+        self.lookahead = check_lookahead(lookahead)
 
     def bind(self, env: Any) -> Agent:
         u = getattr(env, "unwrapped", env)
@@ -64,17 +74,25 @@ class StopRule(Agent):
             raise ValueError(
                 f"{self.name} decides per drafted token: make the env with control='token' (got {control!r})"
             )
+        check_token_variant(self.name, self.lookahead, env)
         return self
+
+    def _config(self, **kw: Any) -> dict[str, Any]:
+        """The config: the rule's parameters, the gammas and the variant."""
+        return {**kw, "gammas": list(self.gammas), "lookahead": self.lookahead}
 
 
 @register
 class HFConfidence(StopRule):
-    """Draft while the last drafted token's own probability is >= ``threshold`` (HF's default 0.4)."""
+    """Draft while the last drafted token's own probability is >= ``threshold`` (HF's default 0.4);
+    always draft the first token. The same rule in both variants (``last_draft_p`` is the last
+    drafted token's probability in each): in draft-then-decide it is Hugging Face's rule and cost
+    exactly; in look-ahead it pays the forward past each token before deciding."""
 
     kind = "hf_confidence"
 
-    def __init__(self, threshold: float = 0.4, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
-        super().__init__(gammas)
+    def __init__(self, threshold: float = 0.4, gammas: Sequence[int] = DEFAULT_GAMMAS, lookahead: bool = True) -> None:
+        super().__init__(gammas, lookahead)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.threshold = float(threshold)
@@ -87,35 +105,45 @@ class HFConfidence(StopRule):
         return ((obs[:, I_DRAFTED] == 0.0) | (obs[:, I_LASTP] >= self.threshold)).astype(np.int64)
 
     def get_config(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "gammas": list(self.gammas)}
+        return self._config(threshold=self.threshold)
 
 
 @register
 class EntropyStop(StopRule):
-    """SVIP-style: draft the next token while sqrt(entropy) of its distribution is <= ``h``."""
+    """SVIP-style: draft the next token while sqrt(entropy) of its distribution is <= ``h``
+    (look-ahead); draft-then-decide, as SVIP runs: draft the first token, then draft another
+    while sqrt(entropy) of the just-drafted token's distribution is <= ``h``."""
 
     kind = "svip"
 
-    def __init__(self, h: float = 1.0, gammas: Sequence[int] = DEFAULT_GAMMAS) -> None:
-        super().__init__(gammas)
+    def __init__(self, h: float = 1.0, gammas: Sequence[int] = DEFAULT_GAMMAS, lookahead: bool = True) -> None:
+        super().__init__(gammas, lookahead)
         if not h >= 0.0:
             raise ValueError(f"h must be >= 0, got {h}")
         self.h = float(h)
         self._h2 = self.h * self.h
 
     def act(self, obs: np.ndarray) -> int:
+        if not self.lookahead and obs[I_DRAFTED] == 0.0:
+            return DRAFT
         return DRAFT if obs[I_ENT] <= self._h2 else VERIFY
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
-        return (np.asarray(obs)[:, I_ENT] <= self._h2).astype(np.int64)
+        obs = np.asarray(obs)
+        go = obs[:, I_ENT] <= self._h2
+        if not self.lookahead:
+            go |= obs[:, I_DRAFTED] == 0.0
+        return go.astype(np.int64)
 
     def get_config(self) -> dict[str, Any]:
-        return {"h": self.h, "gammas": list(self.gammas)}
+        return self._config(h=self.h)
 
 
 @register
 class AdaEDL(StopRule):
-    """Entropy lower bound on acceptance, ``1 - sqrt(c * H)``, against an adaptive threshold."""
+    """Entropy lower bound on acceptance, ``1 - sqrt(c * H)``, against an adaptive threshold: H of
+    the next token's distribution (look-ahead), or, after always drafting the first token, of the
+    just-drafted token's (draft-then-decide, as AdaEDL runs)."""
 
     kind = "adaedl"
 
@@ -126,8 +154,9 @@ class AdaEDL(StopRule):
         eta: float = 0.5,
         alpha_ref: float = 0.5,
         gammas: Sequence[int] = DEFAULT_GAMMAS,
+        lookahead: bool = True,
     ) -> None:
-        super().__init__(gammas)
+        super().__init__(gammas, lookahead)
         if c <= 0 or not (math.isfinite(lam) and math.isfinite(eta) and 0.0 <= alpha_ref <= 1.0):
             raise ValueError(
                 f"adaedl: need c > 0, finite lam and eta, alpha_ref in [0, 1] (got {c}, {lam}, {eta}, {alpha_ref})"
@@ -135,16 +164,21 @@ class AdaEDL(StopRule):
         self.lam, self.c, self.eta, self.alpha_ref = float(lam), float(c), float(eta), float(alpha_ref)
 
     def act(self, obs: np.ndarray) -> int:
+        if not self.lookahead and obs[I_DRAFTED] == 0.0:
+            return DRAFT
         lam = self.lam - self.eta * (float(obs[I_EMA]) - self.alpha_ref)
         return DRAFT if 1.0 - math.sqrt(self.c * float(obs[I_ENT])) >= lam else VERIFY
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float64)
         lam = self.lam - self.eta * (obs[:, I_EMA] - self.alpha_ref)
-        return (1.0 - np.sqrt(self.c * obs[:, I_ENT]) >= lam).astype(np.int64)
+        go = 1.0 - np.sqrt(self.c * obs[:, I_ENT]) >= lam
+        if not self.lookahead:
+            go |= obs[:, I_DRAFTED] == 0.0
+        return go.astype(np.int64)
 
     def get_config(self) -> dict[str, Any]:
-        return {"lam": self.lam, "c": self.c, "eta": self.eta, "alpha_ref": self.alpha_ref, "gammas": list(self.gammas)}
+        return self._config(lam=self.lam, c=self.c, eta=self.eta, alpha_ref=self.alpha_ref)
 
 
 # ---- SpecDec++: an acceptance head ---------------------------------------------------------
@@ -161,11 +195,15 @@ def token_features(top1, entropy, margin, drafted, survival, last_p):
     return np.stack([np.broadcast_to(np.asarray(c, dtype=np.float64), t.shape) for c in cols], axis=-1)
 
 
-def head_training_data(traces: Sequence[Any], gamma_max: int) -> tuple[np.ndarray, np.ndarray]:
+def head_training_data(traces: Sequence[Any], gamma_max: int, lookahead: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(X, y) over every training decision of ``traces`` (speckv-trace/2): at position t with i
-    tokens of the rollout already drafted and accepted, the features the env shows (the
-    distribution token i is drafted from, i / gamma_max, the survival product, the last drafted
-    token's probability) and whether token i is accepted (``accept[t + i]``)."""
+    rollout tokens (0-based: tokens 0 .. i - 1) already drafted and accepted, whether token i is
+    accepted (``accept[t + i]``), with the features the env shows when that is the question.
+    Look-ahead: the decision with i drafted (the distribution token i is drafted from,
+    ``roll_*[t, i]``, i / gamma_max, the survival product of tokens < i, token i - 1's own
+    probability). Draft-then-decide (``lookahead=False``): the decision right after drafting
+    token i (``roll_*[t, i]`` again: the distribution it came from, (i + 1) / gamma_max, the survival
+    product through token i, and token i's own probability ``roll_p[t, i]``)."""
     Xs, ys = [], []
     for tr in traces:
         if not tr.has_rollouts:
@@ -178,12 +216,13 @@ def head_training_data(traces: Sequence[Any], gamma_max: int) -> tuple[np.ndarra
             t = t[reach]
             if not t.size:
                 break
-            p = tr.roll_p[t, :i].astype(np.float64)
-            surv = np.prod(p, axis=1) if i else np.ones(t.size)
-            last = p[:, -1] if i else np.ones(t.size)
+            j = i if lookahead else i + 1  # tokens drafted at the decision
+            p = tr.roll_p[t, :j].astype(np.float64)
+            surv = np.prod(p, axis=1) if j else np.ones(t.size)
+            last = p[:, -1] if j else np.ones(t.size)
             Xs.append(
                 token_features(
-                    tr.roll_top1[t, i], tr.roll_entropy[t, i], tr.roll_margin[t, i], i / gamma_max, surv, last
+                    tr.roll_top1[t, i], tr.roll_entropy[t, i], tr.roll_margin[t, i], j / gamma_max, surv, last
                 )
             )
             ys.append(acc[t + i])
@@ -236,7 +275,11 @@ def auc(score: np.ndarray, y: np.ndarray) -> float:
 
 @register
 class SpecDecPP(StopRule):
-    """Stop when the predicted probability that some candidate token is rejected exceeds ``h``."""
+    """Stop when the predicted probability that some candidate token is rejected exceeds ``h``:
+    look-ahead, the candidate includes the next token (predicted from its distribution);
+    draft-then-decide, as SpecDec++ runs, the tokens drafted so far (the first always drafted, each
+    next one judged from its own distribution and probability once drafted). The head is fitted
+    on the variant's observations (:func:`head_training_data`)."""
 
     kind = "specdecpp"
 
@@ -245,8 +288,9 @@ class SpecDecPP(StopRule):
         weights: Sequence[float] | np.ndarray | None = None,
         h: float = 0.5,
         gammas: Sequence[int] = DEFAULT_GAMMAS,
+        lookahead: bool = True,
     ) -> None:
-        super().__init__(gammas)
+        super().__init__(gammas, lookahead)
         self.weights = np.zeros(len(FEATURES)) if weights is None else np.asarray(weights, dtype=np.float64)
         if self.weights.shape != (len(FEATURES),):
             raise ValueError(
@@ -260,7 +304,7 @@ class SpecDecPP(StopRule):
 
     def fit(self, traces: Sequence[Any]) -> dict[str, float]:
         """Fit the acceptance head on ``traces`` (training split); returns its training AUC."""
-        X, y = head_training_data(traces, self.gmax)
+        X, y = head_training_data(traces, self.gmax, self.lookahead)
         self.weights = fit_logistic(X, y)
         return {"auc": auc(X @ self.weights, y), "decisions": float(len(y)), "accept_rate": float(y.mean())}
 
@@ -288,6 +332,8 @@ class SpecDecPP(StopRule):
     def act(self, obs: np.ndarray) -> int:
         if obs[I_DRAFTED] == 0.0:
             self._keep = 1.0
+            if not self.lookahead:  # draft-then-decide: draft, then judge the drafted token
+                return DRAFT
         a = obs.astype(np.float64)
         t = min(max(a[I_TOP1], 1e-6), 1 - 1e-6)
         s = min(max(a[I_SURV], 1e-12), 1.0)
@@ -309,7 +355,7 @@ class SpecDecPP(StopRule):
         return DRAFT
 
     def get_config(self) -> dict[str, Any]:
-        return {"weights": [float(x) for x in self.weights], "h": self.h, "gammas": list(self.gammas)}
+        return self._config(weights=[float(x) for x in self.weights], h=self.h)
 
 
 # ---- thresholds chosen on training data -------------------------------------------------------
@@ -388,17 +434,21 @@ class RuleBandit(StopRule):
         c: float = 0.5,
         seed: int | None = 0,
         gammas: Sequence[int] = DEFAULT_GAMMAS,
+        lookahead: bool = True,
     ) -> None:
         from .bandits import UCB1
-        from .base import make_agent
+        from .base import AGENTS, _ensure_registered, make_agent
 
-        super().__init__(gammas)
+        super().__init__(gammas, lookahead)
+        _ensure_registered()
         self.rules = [(str(k), dict(kw)) for k, kw in (rules if rules is not None else self.DEFAULT_RULES)]
         if not self.rules:
             raise ValueError("rule_bandit needs at least one rule")
         self.arms: list[StopRule] = []
         for k, kw in self.rules:
-            agent = make_agent(k, gammas=self.gammas, **kw)
+            cls = AGENTS.get(k)
+            variant = {"lookahead": self.lookahead} if cls is not None and issubclass(cls, StopRule) else {}
+            agent = make_agent(k, **{"gammas": self.gammas, **kw, **variant})
             if not isinstance(agent, StopRule):
                 raise ValueError(f"rule_bandit: {k!r} is not a token-mode stopping rule")
             self.arms.append(agent)
@@ -431,7 +481,7 @@ class RuleBandit(StopRule):
             a.reset()
 
     def get_config(self) -> dict[str, Any]:
-        return {"rules": [[k, kw] for k, kw in self.rules], "c": self.c, "seed": self.seed, "gammas": list(self.gammas)}
+        return self._config(rules=[[k, kw] for k, kw in self.rules], c=self.c, seed=self.seed)
 
     def get_state(self) -> dict[str, Any]:
         return {"ucb": self.ucb.get_state()}

@@ -57,6 +57,13 @@ with T_stop(j') = (j' + 1) t_draft + t_verify[j'] (a chosen stop looks one distr
 and at the cap G the forced stop's G t_draft + t_verify[G] (+ t_draft * P(L_t >= G) when
 sampling), all over t_target; rho is token mode's own fixed point (token-mode replays of the
 training traces), started at the step controller's.
+
+In token mode's draft-then-decide variant (``survival_token`` with ``lookahead=False``) a
+decision with j >= 1 drafted sees the distribution token j came from and its probability: the
+heads are fitted on those observations (reach: P(L_t >= j - 1 | obs_j), conditional: P(token j
+accepted | tokens < j accepted, obs_j)), P(L_t >= j | obs_j) is their product, further tokens take
+the step model's h_2, h_3, ... on obs_j's first 13 values, and T_stop(j') is the step mode's
+T(j', 0) (plus t_draft * P(L_t >= j') when sampling, j' >= 1: no stop looks ahead).
 """
 
 from __future__ import annotations
@@ -76,10 +83,11 @@ from speckv_env.core import (
     TOKEN_OBS_DIM,
     CostModel,
     ObservationBuilder,
+    check_lookahead,
     compression_level,
 )
 
-from .base import I_COST_RATIO, Agent, CostModelMixin, cost_from_ratio, register
+from .base import I_COST_RATIO, Agent, CostModelMixin, check_token_variant, cost_from_ratio, register
 from .stopping import (
     DRAFT,
     FEATURES,
@@ -192,11 +200,16 @@ def hazard_data(obs: np.ndarray, trace: Any, G: int) -> tuple[list[np.ndarray], 
     return xs, ys
 
 
-def token_decision_data(traces: Sequence[Any], G: int, first: int = 1, ahead: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def token_decision_data(
+    traces: Sequence[Any], G: int, first: int = 1, ahead: int = 0, lookahead: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(X, y) over every decision point (t, j), ``first <= j < G``, that a token-mode step at t
     can reach, whatever became of the tokens drafted before (j below the budget's cap):
-    :func:`agents.stopping.token_features` of the observation there, label ``L_t >= j + ahead``
-    (default: the j drafted tokens are all accepted: the reach head)."""
+    :func:`agents.stopping.token_features` of the observation there in the variant
+    (``lookahead``: the distribution of token j + 1, ``roll_*[t, j]``; draft-then-decide: the one
+    token j came from, ``roll_*[t, j - 1]``), label ``L_t >= j + ahead`` (look-ahead's default: the
+    j drafted tokens are all accepted), ``L_t >= j - 1 + ahead`` in draft-then-decide (the tokens
+    before the just-drafted one: its own acceptance is the conditional head's)."""
     Xs, ys = [], []
     for tr in traces:
         if not tr.has_rollouts:
@@ -211,9 +224,10 @@ def token_decision_data(traces: Sequence[Any], G: int, first: int = 1, ahead: in
             p = tr.roll_p[t, :j].astype(np.float64)
             surv = np.prod(p, axis=1) if j else np.ones(t.size)
             last = p[:, -1] if j else np.ones(t.size)
-            sig = (tr.roll_top1[t, j], tr.roll_entropy[t, j], tr.roll_margin[t, j])
+            r = j if lookahead else j - 1
+            sig = (tr.roll_top1[t, r], tr.roll_entropy[t, r], tr.roll_margin[t, r])
             Xs.append(token_features(*sig, j / G, surv, last))
-            ys.append(L[t] >= j + ahead)
+            ys.append(L[t] >= r + ahead)
     if not Xs:
         return np.zeros((0, len(FEATURES))), np.zeros(0)
     return np.concatenate(Xs), np.concatenate(ys).astype(np.float64)
@@ -230,6 +244,11 @@ def fit_head(X: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray | None:
         w[0] = math.log(rate) - math.log1p(-rate)
         return w
     return fit_logistic(X, y, l2=l2)
+
+
+def base_all(cm: CostModel, G: int, sampling: bool) -> np.ndarray:
+    """``T(j, 0)`` for j = 0 .. G: the step mode's step with none accepted (seconds)."""
+    return np.array([cm.step_time(j, 0, sampling) for j in range(G + 1)])
 
 
 def _constant(a: int) -> Callable[[np.ndarray], int]:
@@ -374,8 +393,11 @@ class SurvivalController(CostModelMixin, Agent):
             "bonus": full - base,
             "stop": np.array(stop) / tt,
             "cap_bonus": cm.t_draft / tt if sampling else 0.0,
+            # draft-then-decide: every stop is the step mode's step (bonus forward when sampling
+            # and all drafted are accepted, g >= 1)
+            "stop_dtd": base_all(cm, G, sampling) / tt,
         }
-        tab.update({f"{k}_l": tab[k].tolist() for k in ("base", "bonus", "stop")})
+        tab.update({f"{k}_l": tab[k].tolist() for k in ("base", "bonus", "stop", "stop_dtd")})
         if len(self._cache) > 64:
             self._cache.clear()
         self._cache[key] = (cm, tab)
@@ -568,8 +590,24 @@ class SurvivalTokenController(SurvivalController):
     kind = "survival_token"
     control = "token"
 
+    def __init__(self, *args: Any, lookahead: bool = True, **kwargs: Any) -> None:
+        """:class:`SurvivalController`'s arguments, and ``lookahead``: the token-mode variant it
+        is fitted for and runs in (module docstring)."""
+        super().__init__(*args, **kwargs)
+        self.lookahead = check_lookahead(lookahead)
+
+    def bind(self, env: Any) -> Any:
+        out = super().bind(env)
+        check_token_variant(self.kind, self.lookahead, env)
+        return out
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "lookahead": self.lookahead}
+
     def token_decide(self, obs: np.ndarray, tab: dict[str, Any], rho: np.ndarray) -> np.ndarray:
         """1 (draft) or 0 (verify) per row of token observations ``obs`` (N, 16)."""
+        if not self.lookahead:
+            return self._dtd_decide(obs, tab, rho)
         G = self.G
         n = obs.shape[0]
         j = np.minimum(np.rint(obs[:, I_DRAFTED] * G).astype(np.int64), G)
@@ -590,10 +628,41 @@ class SurvivalTokenController(SurvivalController):
         go = (val.max(axis=1) > 0.0) & (j < G)
         return np.where(go, DRAFT, VERIFY).astype(np.int64)
 
+    def _dtd_decide(self, obs: np.ndarray, tab: dict[str, Any], rho: np.ndarray) -> np.ndarray:
+        """Draft-then-decide (module docstring): with j drafted, ``P0 = P(L_t >= j | obs)`` (1 at
+        j = 0; else the reach head times the conditional head, on the distribution token j came
+        from), further tokens by the step model's hazards (h_1, h_2, .. at j = 0; h_2, h_3, .. after:
+        the observation's signals are those of position t + j - 1); a stop at j' costs the step
+        mode's T(j', 0), plus t_draft times P(L_t >= j') when sampling and j' >= 1."""
+        G = self.G
+        n = obs.shape[0]
+        j = np.minimum(np.rint(obs[:, I_DRAFTED] * G).astype(np.int64), G)
+        x = token_features(
+            obs[:, I_TOP1], obs[:, I_ENT], obs[:, I_MARGIN], obs[:, I_DRAFTED], obs[:, I_SURV], obs[:, I_LASTP]
+        )
+        r, c = _sigmoid(x @ self.token_weights.T).T
+        h = self.hazards(obs)
+        first = j == 0
+        p0 = np.where(first, 1.0, r * c)
+        factors = np.where(first[:, None], h, np.concatenate((h[:, 1:], np.ones((n, 1))), axis=1))
+        P = p0[:, None] * np.cumprod(factors, axis=1)  # P[:, m - 1] = P(L_t >= j + m | obs)
+        gain = np.cumsum(P, axis=1)
+        stop_at = j[:, None] + np.arange(1, G + 1)[None, :]
+        to = np.minimum(stop_at, G)
+        stop = tab["stop_dtd"]
+        cb = tab["cap_bonus"]  # t_draft / t_target when sampling: the bonus token's forward
+        now = np.where(first, 0.0, cb * p0)
+        dT = stop[to] - stop[j][:, None] + cb * P - now[:, None]
+        val = np.where(stop_at <= G, gain - rho[:, None] * dT, -np.inf)
+        go = (val.max(axis=1) > 0.0) & (j < G)
+        return np.where(go, DRAFT, VERIFY).astype(np.int64)
+
     def _decide_rows(self, o: np.ndarray, tab: dict[str, Any], rho: np.ndarray) -> np.ndarray:
         return self.token_decide(o, tab, rho)
 
     def _act_fast(self, o: Sequence[float]) -> int:
+        if not self.lookahead:
+            return int(self._batch(np.asarray(o, dtype=np.float64)[None, :])[0])
         tab, rho, W = self._context(o)
         G = self.G
         j = min(round(o[I_DRAFTED] * G), G)
@@ -646,7 +715,11 @@ class SurvivalTokenController(SurvivalController):
             for idx in groups.values():
                 cm = cms[idx[0]]
                 env = SpecKVReplayEnv(
-                    traces=[traces[i] for i in idx], cost_model=cm, gammas=self.gammas, control="token"
+                    traces=[traces[i] for i in idx],
+                    cost_model=cm,
+                    gammas=self.gammas,
+                    control="token",
+                    lookahead=self.lookahead,
                 )
                 self._env, self.cost_model = None, cm
                 for e, i in enumerate(idx):
@@ -668,8 +741,8 @@ class SurvivalTokenController(SurvivalController):
         traces = list(traces)
         summary = super().fit(traces, costs)
         cms = [_cost_of(costs, i, tr.compression) for i, tr in enumerate(traces)]
-        Xr, yr = token_decision_data(traces, self.G)
-        Xc, yc = head_training_data(traces, self.G)
+        Xr, yr = token_decision_data(traces, self.G, lookahead=self.lookahead)
+        Xc, yc = head_training_data(traces, self.G, self.lookahead)
         heads = [fit_head(Xr, yr, self.l2), fit_head(Xc, yc, self.l2)]
         self.token_weights = np.stack([np.zeros(len(FEATURES)) if w is None else w for w in heads])
         sampling = self.sampling

@@ -342,7 +342,7 @@ def _ppo_callback(writer: _Writer, log: list[dict[str, Any]], gammas: Sequence[i
 
 def _build_agent(name: str, u: Any, seed: int, agent_kwargs: dict[str, Any] | None) -> Agent:
     """``make_agent(name, ...)`` with the env's gammas and, where the agent takes them, the
-    seed and the env's action mode (``control``) as defaults."""
+    seed and the env's action mode (``control``, and token mode's variant ``lookahead``) as defaults."""
     import inspect
 
     from .base import AGENTS, _ensure_registered
@@ -355,6 +355,8 @@ def _build_agent(name: str, u: Any, seed: int, agent_kwargs: dict[str, Any] | No
         kw.setdefault("seed", seed)
     if "control" in params:
         kw.setdefault("control", getattr(u, "control", "step"))
+    if "lookahead" in params and getattr(u, "control", "step") == "token":
+        kw.setdefault("lookahead", bool(getattr(u, "lookahead", True)))  # token mode's variant
     return make_agent(name, **kw)
 
 

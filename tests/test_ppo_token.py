@@ -204,3 +204,27 @@ def test_token_ppo_beats_trivial_policies_on_held_out_traces(data):
     assert ppo > max(verify, draft) * 1.05, (ppo, verify, draft)
     # and it approaches Hugging Face's default rule already (seeds 0-4: 1.55-1.61 vs 1.52 tokens/s)
     assert ppo > 0.95 * _tps(HFConfidence(0.4), test)
+
+
+def test_dtd_variant_trains_in_the_env_it_is_given_and_round_trips(data, tmp_path):
+    """PPO in token mode's draft-then-decide variant: train_agent takes the variant from the env;
+    the agent refuses the other variant (scalar and vector envs), and its save carries it."""
+    train = [t for t in data if t.split == "train"]
+    dtd_kw = {**TOKEN_KW, "lookahead": False}
+    agent = train_agent("ppo", traces=train, env_kwargs=dtd_kw, steps=512, n_envs=4, progress=False, agent_kwargs=SMALL)
+    assert agent.lookahead is False and agent.timesteps >= 512
+    dtd_env = gym.make("SpecKVReplay-v0", traces=data, **dtd_kw)
+    look_env = gym.make("SpecKVReplay-v0", traces=data, **TOKEN_KW)
+    assert agent.bind(dtd_env) is agent
+    with pytest.raises(ValueError, match=r"dtd variant \(lookahead=False\).*lookahead variant \(lookahead=True\)"):
+        agent.bind(look_env)
+    with pytest.raises(ValueError, match="lookahead=True"):
+        agent.train(make_vec_env(n_envs=2, traces=data, env_kwargs=TOKEN_KW), 64)
+    back = PPOAgent.load(agent.save(tmp_path / "ppo_dtd.safetensors"))
+    assert back.lookahead is False and back.get_config() == agent.get_config()
+    obs = _raw_obs(data, "token")
+    assert np.array_equal(back.act_batch(obs), agent.act_batch(obs))
+    with pytest.raises(ValueError, match="lookahead=True"):
+        back.bind(look_env)
+    with pytest.raises(ValueError, match="applies to control='token' only"):
+        PPOAgent(lookahead=False)

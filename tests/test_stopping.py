@@ -8,6 +8,7 @@ import pytest
 from agents import AdaEDL, EntropyStop, HFConfidence, SpecDecPP, load_agent
 from agents.stopping import (
     THRESHOLD_GRIDS,
+    RuleBandit,
     auc,
     fit_logistic,
     head_training_data,
@@ -150,3 +151,111 @@ def test_stateful_rules_refuse_batches():
     for agent in (SpecDecPP(), RuleBandit()):
         with pytest.raises(NotImplementedError, match="once per env"):
             agent.act_batch(obs)
+
+
+# ---- draft-then-decide (lookahead=False) --------------------------------------------------
+
+
+def _dtd_env(trs):
+    return SpecKVReplayEnv(traces=trs, cost_model=CM, control="token", lookahead=False)
+
+
+def _play(agent, env, episodes):
+    """(obs, action, info after) of every decision of ``agent`` on ``episodes``."""
+    agent.bind(env)
+    out = []
+    for ep in episodes:
+        obs, info = env.reset(options={"episode": ep})
+        agent.begin_episode(env, info)
+        done = False
+        while not done:
+            a = agent.act(obs)
+            nobs, _, te, tu, info = env.step(a)
+            out.append((obs, a, info))
+            obs, done = nobs, te or tu
+    return out
+
+
+def test_dtd_rules_draft_first_then_judge_the_drafted_token(traces):
+    """In draft-then-decide, HF's rule is HF's (always the first token, then while the last drafted
+    token's probability >= threshold), and SVIP / AdaEDL / SpecDec++ always draft the first token,
+    then judge the distribution the last drafted token came from."""
+    env = _dtd_env(traces)
+    w = fit_logistic(*head_training_data([t for t in traces if t.split == "train"], 8, lookahead=False))
+    rules = (
+        HFConfidence(0.4, lookahead=False),
+        EntropyStop(1.0, lookahead=False),
+        AdaEDL(0.3, lookahead=False),
+        SpecDecPP(w, h=0.5, lookahead=False),
+    )
+    for agent in rules:
+        seen = 0
+        for obs, a, _ in _play(agent, env, range(5)):
+            drafted = float(obs[-3])
+            if drafted == 0.0:
+                assert a == 1  # draft, then decide
+                continue
+            seen += 1
+            if isinstance(agent, HFConfidence):
+                assert a == int(obs[-1] >= 0.4)
+            elif isinstance(agent, EntropyStop):
+                assert a == int(obs[1] <= 1.0)
+            elif isinstance(agent, AdaEDL):
+                assert a == agent.act(obs)  # stateless
+        assert seen > 20
+    # the batch form of the stateless rules equals act
+    rng = np.random.default_rng(1)
+    obs = rng.uniform(0, 1, (200, TOKEN_OBS_DIM)).astype(np.float32)
+    obs[:, 1] *= 6.0
+    obs[::3, -3] = 0.0
+    for agent in rules[:3]:
+        assert agent.act_batch(obs).tolist() == [agent.act(o) for o in obs]
+
+
+def test_dtd_head_rows_are_the_envs_observations(traces):
+    """head_training_data(lookahead=False) builds each row from what the draft-then-decide env
+    shows right after drafting the token the row labels (and the look-ahead rows differ)."""
+    tr = next(t for t in traces if t.split == "train")
+    X, y = head_training_data([tr], 8, lookahead=False)
+    Xl, _ = head_training_data([tr], 8)
+    env = _dtd_env([tr])
+    obs, _ = env.reset(options={"episode": 0})
+    checked = 0
+    for _ in range(200):  # always draft: every decision with j >= 1 at a step start t
+        obs, _, te, tu, info = env.step(1)
+        if te or tu:
+            break
+        if info["decision"] != "draft" or "gamma" in info:  # verified (a stop, or the cap)
+            continue
+        t, j = info["position"], info["drafted"]
+        if j >= 1 and all(tr.accept[t + k] for k in range(j - 1)):  # the tokens before j accepted: a row
+            x = token_features(obs[0], obs[1], obs[2], obs[-3], obs[-2], obs[-1])
+            assert np.isclose(X, x, rtol=1e-5, atol=1e-6).all(axis=1).any(), (t, j)
+            checked += 1
+    assert checked > 5
+    assert X.shape == Xl.shape and not np.allclose(X, Xl)
+
+
+def test_variant_refusal_and_saved_variant_round_trip(traces, tmp_path):
+    """A rule built for one variant refuses an env of the other, naming both; saved rules carry
+    their variant."""
+    look, dtd = _env(traces), _dtd_env(traces)
+    w = np.linspace(-1, 1, 8)
+    for agent in (
+        HFConfidence(0.5, lookahead=False),
+        EntropyStop(1.1, lookahead=False),
+        AdaEDL(0.2, lookahead=False),
+        SpecDecPP(w, h=0.4, lookahead=False),
+        RuleBandit(lookahead=False),
+    ):
+        assert agent.bind(dtd) is agent
+        with pytest.raises(ValueError, match=r"dtd variant \(lookahead=False\).*lookahead variant \(lookahead=True\)"):
+            agent.bind(look)
+        back = load_agent(agent.save(tmp_path / f"{agent.kind}.json"))
+        assert back.lookahead is False and back.get_config() == agent.get_config()
+        with pytest.raises(ValueError, match="lookahead=True"):
+            back.bind(look)
+    assert all(a.lookahead is False for a in RuleBandit(lookahead=False).arms)
+    with pytest.raises(ValueError, match=r"lookahead variant \(lookahead=True\).*dtd variant"):
+        HFConfidence().bind(dtd)
+    assert load_agent(HFConfidence().save(tmp_path / "hf.json")).lookahead is True

@@ -18,7 +18,7 @@ from agents import (
     load_agent,
     make_agent,
 )
-from agents.stopping import auc, head_training_data, run_token_episodes
+from agents.stopping import auc, head_training_data, run_token_episodes, token_features
 from agents.survival import _constant, hazard_data, replay_observations, token_decision_data
 from replay.env import SpecKVReplayEnv
 from replay.trace import synthetic_dataset, synthetic_trace
@@ -201,3 +201,66 @@ def test_token_controller_in_the_vector_env_equals_the_scalar_env(data, token_ag
         seconds += np.where(active, info["modelled_time"], 0.0)
         active &= ~(term | trunc)
     assert seconds == pytest.approx(scalar, rel=1e-9)
+
+
+# ---- draft-then-decide (lookahead=False) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dtd_agent(data):
+    agent = SurvivalTokenController(iterations=4, lookahead=False)
+    agent.fit(data[0], CM)
+    return agent
+
+
+def test_dtd_controller_fits_on_its_variant_and_beats_hf_default_held_out(data, dtd_agent):
+    """survival_token in draft-then-decide: fitted on the variant's rows (they are the dtd env's
+    observations), its rho from dtd replays; held out it beats HF's rule in the same variant."""
+    train, held = data
+    assert dtd_agent.summary["auc_cond"] > 0.6 and dtd_agent.summary["cond_decisions"] > 100
+    env = SpecKVReplayEnv(traces=held, cost_model=CM, control="token", lookahead=False)
+    n_hf, s_hf = run_token_episodes(HFConfidence(0.4, lookahead=False), env, range(len(held)))
+    n_us, s_us = run_token_episodes(dtd_agent, env, range(len(held)))
+    assert n_us == n_hf
+    assert n_us / s_us > 1.02 * n_hf / s_hf, (n_us / s_us, n_hf / s_hf)
+    # the reach rows are what the dtd env shows, decision by decision (any earlier outcome)
+    tr = train[0]
+    X, y = token_decision_data([tr], 8, lookahead=False)
+    Xl, _ = token_decision_data([tr], 8)
+    assert X.shape == Xl.shape and not np.allclose(X, Xl)
+    denv = SpecKVReplayEnv(traces=[tr], cost_model=CM, control="token", lookahead=False)
+    denv.reset(options={"episode": 0})
+    checked = 0
+    for _ in range(100):
+        obs, _, te, tu, info = denv.step(1)
+        if te or tu:
+            break
+        if "gamma" not in info and info["drafted"] >= 1:
+            x = token_features(obs[0], obs[1], obs[2], obs[-3], obs[-2], obs[-1])
+            assert np.isclose(X, x, rtol=1e-5, atol=1e-6).all(axis=1).any()
+            checked += 1
+    assert checked > 5
+
+
+def test_dtd_controller_act_batch_refusal_and_round_trip(data, dtd_agent, token_agent, tmp_path):
+    rng = np.random.default_rng(2)
+    obs = rng.uniform(0, 1, (400, TOKEN_OBS_DIM)).astype(np.float32)
+    obs[:, 1] *= 6.0
+    obs[:, 9] = rng.choice([0.05, 0.1, 0.3], 400)
+    obs[:, 10:13] = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 400)]
+    obs[:, 13] = rng.integers(0, 9, 400) / 8
+    acts = [dtd_agent.act(o) for o in obs]
+    assert dtd_agent.act_batch(obs).tolist() == acts and len(set(acts)) > 1
+    look = SpecKVReplayEnv(traces=data[1], cost_model=CM, control="token")
+    dtd = SpecKVReplayEnv(traces=data[1], cost_model=CM, control="token", lookahead=False)
+    with pytest.raises(ValueError, match=r"survival_token was built for token mode's dtd variant.*lookahead=True"):
+        dtd_agent.bind(look)
+    with pytest.raises(ValueError, match=r"lookahead variant \(lookahead=True\).*dtd variant \(lookahead=False\)"):
+        token_agent.bind(dtd)
+    back = load_agent(dtd_agent.save(tmp_path / "dtd.json"))
+    assert back.lookahead is False and back.get_config() == dtd_agent.get_config()
+    back.bind(dtd)
+    dtd_agent.bind(dtd)
+    assert back.act_batch(obs).tolist() == dtd_agent.act_batch(obs).tolist()
+    with pytest.raises(ValueError, match="lookahead=True"):
+        back.bind(look)
