@@ -37,7 +37,7 @@ def test_token_policies_run_beside_the_gamma_policies(v2_result):
     # the oracle over gammas bounds token mode too
     assert all(tps[p] <= tps["oracle"] + 1e-9 for p in TOKEN_POLICIES)
     choices = h["folds"][0]["token_choices"]
-    assert set(choices) == {
+    names = {
         "hf-confidence(train)",
         "svip(train)",
         "adaedl(train)",
@@ -46,9 +46,15 @@ def test_token_policies_run_beside_the_gamma_policies(v2_result):
         "ppo-token(train)",
         "survival-token(train)",
     }
-    assert sum(choices["rule-bandit(train)"]["pulls"]) > 0 and choices["ppo-token(train)"]["steps"] >= 16_384
-    assert {"fp32", "int8", "*"} <= set(choices["hf-confidence(train)"])
-    assert choices["specdecpp(train)"]["auc"] > 0.6
+    assert set(choices) == names | {n + "/dtd" for n in names}  # both variants of token mode
+    for v in ("", "/dtd"):
+        assert (
+            sum(choices["rule-bandit(train)" + v]["pulls"]) > 0 and choices["ppo-token(train)" + v]["steps"] >= 16_384
+        )
+        assert {"fp32", "int8", "*"} <= set(choices["hf-confidence(train)" + v])
+        assert choices["specdecpp(train)" + v]["auc"] > 0.6
+    # a chosen stop costs one forward less in draft-then-decide: HF's default rule is faster there
+    assert tps["hf-confidence/dtd"] > tps["hf-confidence"]
     # the learned token controller is a candidate of the primary contrast, chosen on validation
     # the step mode's survival controller ran beside them, and every learned one is a candidate
     assert "survival(train)" in h["policies"] and h["folds"][0]["survival"]["rho"]["*"] > 0
@@ -57,10 +63,15 @@ def test_token_policies_run_beside_the_gamma_policies(v2_result):
         "rule-bandit(train)",
         "ppo-token(train)",
         "survival-token(train)",
+        "specdecpp(train)/dtd",
+        "rule-bandit(train)/dtd",
+        "ppo-token(train)/dtd",
+        "survival-token(train)/dtd",
         "survival(train)",
     } <= set(h["primary"]["validation_tokens_per_s"])
     report = (out / "report.md").read_text()
     assert "specdecpp(train)" in report and "hf-confidence" in report
+    assert "svip(train)/dtd" in report and "draft-then-decide" in report
     assert (
         json.loads((out / "results.json").read_text())["splits"]["heldout"]["policies"].keys() == h["policies"].keys()
     )

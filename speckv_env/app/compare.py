@@ -233,7 +233,12 @@ def run_comparison(
     results = _assemble(data, cfg, splits_out, curves, time.time() - t0, logs)
     if "token" in pol:
         results["token_mode"] = (
-            f"token mode's stopping rules ran on split(s) {', '.join(TOKEN_SPLITS)}"
+            f"token mode's stopping rules ran on split(s) {', '.join(TOKEN_SPLITS)}, in both variants: "
+            "look-ahead (each decision sees the distribution the next token would be drafted from; a chosen "
+            "stop after g tokens costs g + 1 draft forwards) and draft-then-decide (names ending in `/dtd`: "
+            "each decision sees the distribution the last drafted token came from and its probability, as "
+            "Hugging Face's rule, SVIP, AdaEDL and SpecDec++ run; a chosen stop after g tokens costs exactly "
+            "the step mode's step at gamma g), each rule tuned, fitted or trained in its own variant"
             if base.tokens is not None
             else "token mode's stopping rules skipped: the traces are speckv-trace/1 (no draft rollouts)"
         )

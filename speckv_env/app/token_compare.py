@@ -22,6 +22,11 @@ Policies (names in the report):
 
 A rule's per-episode results record the tokens drafted per verification as its "gamma", so
 the report's mean gamma and histograms read as in step mode.
+
+Every policy runs in both variants of token mode (``speckv_env.base_env.TOKEN_MODE_DOC``):
+look-ahead (the names above) and draft-then-decide (``lookahead=False``; the same names with
+the suffix ``/dtd``, :data:`DTD`): each tuned, fitted or trained in its own variant, and the
+learned ones of both are candidates of the primary contrast.
 """
 
 from __future__ import annotations
@@ -35,10 +40,24 @@ import numpy as np
 from .compare_data import _Data
 from .results import EvalResult, select
 
+DTD = "/dtd"
+"""Suffix of the draft-then-decide variant's policy names (``lookahead=False``)."""
+VARIANTS: tuple[bool, ...] = (True, False)
+"""Token mode's variants the comparison runs: look-ahead, then draft-then-decide."""
+
+
+def variant_name(name: str, lookahead: bool) -> str:
+    """A token policy's name in a variant (draft-then-decide: the :data:`DTD` suffix)."""
+    return name if lookahead else name + DTD
+
+
 STATIC_TOKEN = {"hf-confidence": ("hf_confidence", 0.4)}
 TUNED_TOKEN = {"hf-confidence(train)": "hf_confidence", "svip(train)": "svip", "adaedl(train)": "adaedl"}
-LEARNED_TOKEN = ("specdecpp(train)", "survival-token(train)", "rule-bandit(train)", "ppo-token(train)")
-TOKEN_POLICIES: tuple[str, ...] = (*STATIC_TOKEN, *TUNED_TOKEN, *LEARNED_TOKEN)
+_LEARNED = ("specdecpp(train)", "survival-token(train)", "rule-bandit(train)", "ppo-token(train)")
+LEARNED_TOKEN = tuple(variant_name(n, la) for la in VARIANTS for n in _LEARNED)
+TOKEN_POLICIES: tuple[str, ...] = tuple(
+    variant_name(n, la) for la in VARIANTS for n in (*STATIC_TOKEN, *TUNED_TOKEN, *_LEARNED)
+)
 TOKEN_SPLITS: tuple[str, ...] = ("heldout",)
 """Splits on which token mode's rules run (their grids make them the slowest reference policies)."""
 
@@ -48,19 +67,19 @@ def has_token_data(data: _Data) -> bool:
     return all(getattr(t, "has_rollouts", False) for t in data.traces)
 
 
-def _make(kind: str, value: float, gammas: Sequence[int], **kw: Any) -> Any:
+def _make(kind: str, value: float, gammas: Sequence[int], lookahead: bool = True, **kw: Any) -> Any:
     from agents.base import make_agent
     from agents.stopping import THRESHOLD_GRIDS
 
     param = THRESHOLD_GRIDS[kind][0]
-    return make_agent(kind, gammas=tuple(gammas), **{param: value, **kw})
+    return make_agent(kind, gammas=tuple(gammas), lookahead=lookahead, **{param: value, **kw})
 
 
-def _make_fit(kind: str, data: _Data, train: np.ndarray) -> Any:
+def _make_fit(kind: str, data: _Data, train: np.ndarray, lookahead: bool = True) -> Any:
     """Agent ``kind`` fitted on the training episodes ``train`` with their cost models."""
     from agents.base import make_agent
 
-    agent: Any = make_agent(kind, gammas=data.gammas)
+    agent: Any = make_agent(kind, gammas=data.gammas, lookahead=lookahead)
     agent.fit([data.traces[int(i)] for i in train], [data.cm[int(i)] for i in train])
     return agent
 
@@ -68,7 +87,8 @@ def _make_fit(kind: str, data: _Data, train: np.ndarray) -> Any:
 def eval_token(
     agent: Any, data: _Data, idx: np.ndarray, learn: bool = False, per_episode: bool = True, seed: int = 0
 ) -> EvalResult:
-    """Play ``agent`` (a token-mode rule) on episodes ``idx``, one scalar token env per cost model.
+    """Play ``agent`` (a token-mode rule) on episodes ``idx``, one scalar token env per cost model,
+    in the agent's variant of token mode (its ``lookahead``).
 
     ``learn`` (online learners): the agent learns from every decision; with ``per_episode``
     each episode starts from a copy of the agent's state with its own random stream and keeps
@@ -87,7 +107,13 @@ def eval_token(
         by_cm.setdefault(id(data.cm[int(i)]), []).append(j)
     for js in by_cm.values():
         cm = data.cm[int(idx[js[0]])]
-        env = SpecKVReplayEnv(traces=[data.traces[int(idx[j])] for j in js], cost_model=cm, gammas=gam, control="token")
+        env = SpecKVReplayEnv(
+            traces=[data.traces[int(idx[j])] for j in js],
+            cost_model=cm,
+            gammas=gam,
+            control="token",
+            lookahead=bool(getattr(agent, "lookahead", True)),
+        )
         agent.bind(env)
         for e, j in enumerate(js):
             ag = agent
@@ -112,40 +138,49 @@ def eval_token(
 
 
 class TokenPolicies:
-    """Token-mode results on a data set: the fixed-parameter evaluations over every episode are
-    computed once and shared by the folds; fold-dependent fits (SpecDec++, the survival
-    controller, the rule bandit, PPO) run per fold."""
+    """Token-mode results on a data set, in each variant of :data:`VARIANTS`: the fixed-parameter
+    evaluations over every episode are computed once and shared by the folds; fold-dependent fits
+    (SpecDec++, the survival controller, the rule bandit, PPO) run per fold."""
 
-    def __init__(self, data: _Data, grids: Mapping[str, Sequence[float]] | None = None, ppo_steps: int = 0) -> None:
+    def __init__(
+        self,
+        data: _Data,
+        grids: Mapping[str, Sequence[float]] | None = None,
+        ppo_steps: int = 0,
+        variants: Sequence[bool] = VARIANTS,
+    ) -> None:
         from agents.stopping import THRESHOLD_GRIDS
 
         self.data = data
         self.ppo_steps = int(ppo_steps)
+        self.variants = tuple(bool(v) for v in variants)
         self.all = np.arange(len(data.traces))
         self.grids = {k: tuple(grids[k]) if grids and k in grids else v[1] for k, v in THRESHOLD_GRIDS.items()}
-        self._cache: dict[tuple[str, float], EvalResult] = {}
+        self._cache: dict[tuple[str, float, bool], EvalResult] = {}
 
-    def full(self, kind: str, value: float) -> EvalResult:
+    def full(self, kind: str, value: float, lookahead: bool = True) -> EvalResult:
         """The rule ``kind`` at parameter ``value`` on every episode (cached)."""
-        key = (kind, float(value))
+        key = (kind, float(value), bool(lookahead))
         if key not in self._cache:
-            self._cache[key] = eval_token(_make(kind, value, self.data.gammas), self.data, self.all)
+            self._cache[key] = eval_token(_make(kind, value, self.data.gammas, lookahead), self.data, self.all)
         return self._cache[key]
 
-    def choose(self, kind: str, seen: np.ndarray) -> dict[str, float]:
+    def choose(self, kind: str, seen: np.ndarray, lookahead: bool = True) -> dict[str, float]:
         """Per cost model (and ``"*"`` for all), the grid value of least total time on ``seen``."""
         groups = self.data.cost_group()
-        times = {v: self.full(kind, v).time[0] for v in self.grids[kind]}
+        times = {v: self.full(kind, v, lookahead).time[0] for v in self.grids[kind]}
         out = {"*": min(times, key=lambda v: float(times[v][seen].sum()))}
         for label in sorted({str(x) for x in groups[seen]}):
             sel = seen[groups[seen] == label]
             out[label] = min(times, key=lambda v: float(times[v][sel].sum()))
         return out
 
-    def tuned(self, kind: str, choice: Mapping[str, float], idx: np.ndarray) -> EvalResult:
+    def tuned(self, kind: str, choice: Mapping[str, float], idx: np.ndarray, lookahead: bool = True) -> EvalResult:
         """The tuned rule on ``idx``: per episode, the value chosen for its cost model."""
         groups = self.data.cost_group()
-        parts = [select(self.full(kind, choice.get(str(groups[i]), choice["*"])), np.array([i])) for i in idx]
+        parts = [
+            select(self.full(kind, choice.get(str(groups[i]), choice["*"]), lookahead), np.array([i])) for i in idx
+        ]
         return EvalResult(
             np.asarray(idx),
             np.concatenate([p.time for p in parts], axis=1),
@@ -154,63 +189,74 @@ class TokenPolicies:
             np.concatenate([p.hist for p in parts], axis=0),
         )
 
-    def specdecpp(self, train: np.ndarray, seen: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    def specdecpp(self, train: np.ndarray, seen: np.ndarray, lookahead: bool = True) -> tuple[Any, dict[str, Any]]:
         """SpecDec++ fitted on ``train``, its threshold chosen on ``seen`` (least total time; the
         comparison passes the training episodes for both: validation selects among learners)."""
         from agents.stopping import SpecDecPP
 
-        head = SpecDecPP(gammas=self.data.gammas)
+        g = self.data.gammas
+        head = SpecDecPP(gammas=g, lookahead=lookahead)
         fit = head.fit([self.data.traces[int(i)] for i in train])
         scores = {}
         for h in self.grids["specdecpp"]:
-            agent = SpecDecPP(head.weights, h=h, gammas=self.data.gammas)
+            agent = SpecDecPP(head.weights, h=h, gammas=g, lookahead=lookahead)
             scores[h] = float(eval_token(agent, self.data, seen).time[0].sum())
         h = min(scores, key=lambda v: scores[v])
-        return SpecDecPP(head.weights, h=h, gammas=self.data.gammas), {**fit, "h": h}
+        return SpecDecPP(head.weights, h=h, gammas=g, lookahead=lookahead), {**fit, "h": h}
 
     def on_fold(self, fold: Any) -> tuple[dict[str, EvalResult], dict[str, EvalResult], dict[str, Any]]:
-        """Every token policy on the fold's test and validation episodes, and what was chosen."""
+        """Every token policy, in every variant, on the fold's test and validation episodes, and
+        what was chosen."""
         test: dict[str, EvalResult] = {}
         val: dict[str, EvalResult] = {}
         info: dict[str, Any] = {}
-        for name, (kind, value) in STATIC_TOKEN.items():
-            r = self.full(kind, value)
-            test[name] = select(r, fold.test)
-            if fold.val.size:
-                val[name] = select(r, fold.val)
-        for name, kind in TUNED_TOKEN.items():
-            choice = self.choose(kind, fold.seen)
-            info[name] = choice
-            test[name] = self.tuned(kind, choice, fold.test)
-            if fold.val.size:
-                val[name] = self.tuned(kind, choice, fold.val)
-        agent, fit = self.specdecpp(fold.train, fold.train)
-        info["specdecpp(train)"] = fit
-        test["specdecpp(train)"] = eval_token(agent, self.data, fold.test)
-        if fold.val.size:
-            val["specdecpp(train)"] = eval_token(agent, self.data, fold.val)
-        surv = _make_fit("survival_token", self.data, fold.train)
-        info["survival-token(train)"] = {"rho": surv.summary.get("rho"), "auc_reach": surv.summary.get("auc_reach")}
-        test["survival-token(train)"] = eval_token(surv, self.data, fold.test)
-        if fold.val.size:
-            val["survival-token(train)"] = eval_token(surv, self.data, fold.val)
-        bandit = self.rule_bandit(fold.train)
-        info["rule-bandit(train)"] = {"pulls": bandit.ucb.stats[0].tolist(), "rules": bandit.rules}
-        test["rule-bandit(train)"] = eval_token(bandit, self.data, fold.test, learn=True)
-        if fold.val.size:
-            val["rule-bandit(train)"] = eval_token(bandit, self.data, fold.val, learn=True)
-        if self.ppo_steps > 0:
-            ppo = self.ppo(fold.train)
-            info["ppo-token(train)"] = {"steps": int(ppo.timesteps)}
-            test["ppo-token(train)"] = eval_token(ppo, self.data, fold.test)
-            if fold.val.size:
-                val["ppo-token(train)"] = eval_token(ppo, self.data, fold.val)
+        for la in self.variants:
+            t, v, i = self._on_fold(fold, la)
+            test.update(t)
+            val.update(v)
+            info.update(i)
         return test, val, info
 
-    def ppo(self, train: np.ndarray, seed: int = 0) -> Any:
+    def _on_fold(self, fold: Any, la: bool) -> tuple[dict[str, EvalResult], dict[str, EvalResult], dict[str, Any]]:
+        """:meth:`on_fold` in one variant (``la``: lookahead), under the variant's names."""
+        test: dict[str, EvalResult] = {}
+        val: dict[str, EvalResult] = {}
+        info: dict[str, Any] = {}
+
+        def put(name: str, run: Any) -> None:
+            test[variant_name(name, la)] = run(fold.test)
+            if fold.val.size:
+                val[variant_name(name, la)] = run(fold.val)
+
+        for name, (kind, value) in STATIC_TOKEN.items():
+            r = self.full(kind, value, la)
+            put(name, lambda idx, r=r: select(r, idx))
+        for name, kind in TUNED_TOKEN.items():
+            choice = self.choose(kind, fold.seen, la)
+            info[variant_name(name, la)] = choice
+            put(name, lambda idx, kind=kind, choice=choice: self.tuned(kind, choice, idx, la))
+        agent, fit = self.specdecpp(fold.train, fold.train, la)
+        info[variant_name("specdecpp(train)", la)] = fit
+        put("specdecpp(train)", lambda idx: eval_token(agent, self.data, idx))
+        surv = _make_fit("survival_token", self.data, fold.train, la)
+        info[variant_name("survival-token(train)", la)] = {
+            "rho": surv.summary.get("rho"),
+            "auc_reach": surv.summary.get("auc_reach"),
+        }
+        put("survival-token(train)", lambda idx: eval_token(surv, self.data, idx))
+        bandit = self.rule_bandit(fold.train, lookahead=la)
+        info[variant_name("rule-bandit(train)", la)] = {"pulls": bandit.ucb.stats[0].tolist(), "rules": bandit.rules}
+        put("rule-bandit(train)", lambda idx: eval_token(bandit, self.data, idx, learn=True))
+        if self.ppo_steps > 0:
+            ppo = self.ppo(fold.train, lookahead=la)
+            info[variant_name("ppo-token(train)", la)] = {"steps": int(ppo.timesteps)}
+            put("ppo-token(train)", lambda idx: eval_token(ppo, self.data, idx))
+        return test, val, info
+
+    def ppo(self, train: np.ndarray, seed: int = 0, lookahead: bool = True) -> Any:
         """Token mode's PPO (:class:`agents.ppo.PPOAgent`, ``control="token"``: observation and
         reward normalisation, discount 1, the budget's end terminal) trained on the training
-        episodes for ``ppo_steps`` decisions on the vector replay env."""
+        episodes for ``ppo_steps`` decisions on the vector replay env, in the variant ``lookahead``."""
         from agents.training import train_agent
 
         return train_agent(
@@ -220,16 +266,16 @@ class TokenPolicies:
             seed=seed,
             progress=False,
             n_envs=64,
-            env_kwargs={**self.data.env_kwargs(), "control": "token"},
+            env_kwargs={**self.data.env_kwargs(), "control": "token", "lookahead": lookahead},
             agent_kwargs={"n_steps": 128, "batch_size": 1024, "n_epochs": 4},
         )
 
-    def rule_bandit(self, train: np.ndarray, seed: int = 0) -> Any:
+    def rule_bandit(self, train: np.ndarray, seed: int = 0, lookahead: bool = True) -> Any:
         """The bandit over stopping rules, trained online on the training episodes (one pass,
         in a seeded random order)."""
         from agents.base import make_agent
 
-        agent = make_agent("rule_bandit", seed=seed, gammas=self.data.gammas)
+        agent = make_agent("rule_bandit", seed=seed, gammas=self.data.gammas, lookahead=lookahead)
         order = np.random.default_rng(seed).permutation(train)
         eval_token(agent, self.data, order, learn=True, per_episode=False)
         return agent
