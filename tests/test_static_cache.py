@@ -76,7 +76,8 @@ def test_static_equals_dynamic_smol_vocab(temperature, top_p):
 
 
 def _token_mode(eng: SpeculativeEngine, prompt, n, seed):
-    """Draft token by token with random continue/stop and lookahead choices; verify."""
+    """Draft token by token with random continue/stop and lookahead choices (a token drafted
+    without lookahead is sometimes followed by another: draft-then-decide's deferred forward); verify."""
     rng = random.Random(seed)
     eng.record_signals = True
     eng.start(prompt, n, seed=seed)
@@ -86,9 +87,12 @@ def _token_mode(eng: SpeculativeEngine, prompt, n, seed):
         while eng.drafted() < eng.draft_limit() and rng.random() < 0.7:
             look = rng.random() < 0.6
             probs.append(eng.draft_token(lookahead=look))
-            if not look:
-                break
-            eng.observe()
+            if look:
+                eng.observe()
+            else:
+                eng.drafted_signals()
+                if rng.random() < 0.3:
+                    break
         r = eng.verify()
         out.append((probs, r.gamma, r.accepted, r.tokens, r.events, r.draft_forwards, r.lookahead))
     eng.finalize_record()
