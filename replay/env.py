@@ -385,6 +385,8 @@ SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; 
       a controller that chooses gamma before drafting; off by default, when the previous
       step's signals are observed instead (zeros at the first step). Entropy is converted
       from bits to nats; the paper recorded no top-1/top-2 margin (observed as 0).
+    - ``control``: ``"step"`` (default) or ``"token"``; ``lookahead`` (token mode, default True):
+      its variant, look-ahead or draft-then-decide (``False``), below.
 
 {TOKEN_MODE_DOC}    Needs ``speckv-trace/2`` traces (the draft's rollouts); on version 1 traces or step logs
     token mode is an error naming the file.

@@ -151,7 +151,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
 
     Arguments are those of :class:`replay.env.SpecKVReplayEnv` (``logs``/``traces``,
     ``cost_model(s)``, ``allow_cost_model_mismatch``, filters, ``gammas``, ``reward``,
-    ``control``) plus ``num_envs`` and ``autoreset_mode``. ``reset(options={"episodes": [...]})``
+    ``control``, ``lookahead``) plus ``num_envs`` and ``autoreset_mode``. ``reset(options={"episodes": [...]})``
     fixes the first episode of each env; later episodes are drawn uniformly with
     ``self.np_random``. ``control="token"`` (speckv-trace/2 traces only) decides per drafted
     token, as the scalar env does (module docstring).
