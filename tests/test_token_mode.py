@@ -292,10 +292,11 @@ def test_v2_trace_inconsistent_rollout_is_refused():
 
 @pytest.mark.slow
 @requires_default
+@pytest.mark.parametrize("lookahead", [True, False], ids=["lookahead", "dtd"])
 @pytest.mark.parametrize("compression", ["fp32", "int8"])
-def test_real_pair_token_mode_replays_exactly(compression):
-    """On the real default pair: live token-mode episodes with random continue/stop choices
-    (greedy and T = 0.7) replay identically, decision by decision, from a freshly recorded
+def test_real_pair_token_mode_replays_exactly(compression, lookahead):
+    """On the real default pair: live token-mode episodes (both variants) with random continue/stop
+    choices (greedy and T = 0.7) replay identically, decision by decision, from a freshly recorded
     speckv-trace/2 trace of another (step-mode, random-gamma) behaviour."""
     from speckv_env.pair import load_pair
     from speckv_env.prompts import load_prompts
@@ -314,8 +315,9 @@ def test_real_pair_token_mode_replays_exactly(compression):
             max_new_tokens=32,
             temperature=temperature,
             control="token",
+            lookahead=lookahead,
         )
-        rep = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit(), control="token")
+        rep = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit(), control="token", lookahead=lookahead)
         live.reset(options={"episode": 0, "episode_seed": seed})
         rep.reset(options={"episode": 0})
         decisions, steps = _play_both(live, rep, seed=5, p_draft=0.75)
