@@ -93,14 +93,18 @@ def test_bench_agents_writes_json(tmp_path):
     r = json.loads((tmp_path / "a.json").read_text())
     assert out == r
     # every policy of the comparison (its token group: each stopping rule), the MLP's torch path beside it, each timed
-    want = (set(POLICY_GROUPS) - {"token"}) | set(TOKEN_AGENTS) | {"speckv_mlp[torch]"}
+    # token rules in both variants: look-ahead (name) and draft-then-decide (name/dtd)
+    token = set(TOKEN_AGENTS) | {a + "/dtd" for a in TOKEN_AGENTS}
+    want = (set(POLICY_GROUPS) - {"token"}) | token | {"speckv_mlp[torch]"}
     assert set(r["agents"]) == want
+    assert all(r["agents"][a]["lookahead"] is (not a.endswith("/dtd")) for a in token)
     assert all(a["n"] > 0 and 0 < a["median_us"] <= a["p99_us"] for a in r["agents"].values()), r["agents"]
 
 
 def test_bench_json_path_is_the_old_spelling_of_out(tmp_path):
     r = run_speckv("bench", "agents", "--json", str(tmp_path / "a.json"), "--quiet")
-    want = (set(POLICY_GROUPS) - {"token"}) | set(TOKEN_AGENTS) | {"speckv_mlp[torch]"}
+    token = set(TOKEN_AGENTS) | {a + "/dtd" for a in TOKEN_AGENTS}
+    want = (set(POLICY_GROUPS) - {"token"}) | token | {"speckv_mlp[torch]"}
     assert set(json.loads((tmp_path / "a.json").read_text())["agents"]) == want
     assert "wrote" in r.stdout
 

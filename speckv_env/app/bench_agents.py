@@ -52,8 +52,9 @@ def _observation_pool(n: int = 512, seed: int = 0):
     return env, pool
 
 
-def _token_pool(n: int = 512, seed: int = 0):
-    """Token-mode observations: random continue/stop decisions over synthetic /2 traces."""
+def _token_pool(n: int = 512, seed: int = 0, lookahead: bool = True):
+    """Token-mode observations: random continue/stop decisions over synthetic /2 traces, in the
+    variant ``lookahead`` selects (look-ahead, or draft-then-decide)."""
     import gymnasium as gym
 
     import speckv_env  # noqa: F401
@@ -61,7 +62,7 @@ def _token_pool(n: int = 512, seed: int = 0):
     from speckv_env.core import CostModel
 
     trs = synthetic_dataset(8, seed=seed, rollouts=True, modes=("greedy", "sample"))
-    env = gym.make("SpecKVReplay-v0", traces=trs, cost_model=CostModel.unit(), control="token")
+    env = gym.make("SpecKVReplay-v0", traces=trs, cost_model=CostModel.unit(), control="token", lookahead=lookahead)
     rng = np.random.default_rng(seed)
     obs, info = env.reset(seed=seed)
     pool: list[np.ndarray] = []
@@ -74,20 +75,23 @@ def _token_pool(n: int = 512, seed: int = 0):
 
 
 def bench_token_agents(n: int, warmup: int, seed: int = 0, names: Sequence[str] = TOKEN_AGENTS) -> dict[str, Any]:
-    """Per-decision latency of token mode's stopping rules (SpecDec++ with a head fitted on the
-    pool's traces, so its timed path is the trained one)."""
-    env, pool = _token_pool(seed=seed)
+    """Per-decision latency of token mode's stopping rules in both variants (keys ``name`` for
+    look-ahead, ``name/dtd`` for draft-then-decide; SpecDec++ and survival-token fitted on the
+    pool's traces in their variant, so the timed path is the trained one)."""
     out: dict[str, Any] = {}
-    for name in names:
-        agent: Any = make_agent(name, gammas=tuple(env.unwrapped.gammas))
-        if name == "specdecpp":
-            agent.fit(env.unwrapped.backend.traces)
-        elif name == "survival_token":
-            agent.fit(env.unwrapped.backend.traces, env.unwrapped.cost_model)
-        agent.bind(env)
-        r: dict[str, Any] = dict(time_decisions(agent.act, pool, n, warmup))
-        r.update(control="token", target_us=TARGET_US[name], meets_target=r["median_us"] <= TARGET_US[name])
-        out[name] = r
+    for lookahead, suffix in ((True, ""), (False, "/dtd")):
+        env, pool = _token_pool(seed=seed, lookahead=lookahead)
+        for name in names:
+            agent: Any = make_agent(name, gammas=tuple(env.unwrapped.gammas), lookahead=lookahead)
+            if name == "specdecpp":
+                agent.fit(env.unwrapped.backend.traces)
+            elif name == "survival_token":
+                agent.fit(env.unwrapped.backend.traces, env.unwrapped.cost_model)
+            agent.bind(env)
+            r: dict[str, Any] = dict(time_decisions(agent.act, pool, n, warmup))
+            target = TARGET_US[name]
+            r.update(control="token", lookahead=lookahead, target_us=target, meets_target=r["median_us"] <= target)
+            out[name + suffix] = r
     return out
 
 
