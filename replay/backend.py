@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from speckv_env.core import CostModel, DraftSignals, EpisodeInfo, StepOutcome, compression_level
+import numpy as np
+
+from speckv_env.core import CostModel, DraftSignals, EpisodeInfo, StepOutcome, compression_level, pre_decision_features
 
 from . import steprule
 from .costs import Episode
@@ -34,6 +36,26 @@ def resolve_cost_model(cost_models: CostModels, compression: str, where: str = "
         f"no cost model for compression {compression!r}{' (' + where + ')' if where else ''}; have: {have}. "
         f"Pass cost_models={{{compression!r}: CostModel(...)}} or save cost-{compression}.json beside the logs."
     )
+
+
+def trace_features(trace: Trace) -> np.ndarray:
+    """Observation version 2's five features at every output position of a ``speckv-trace/2``
+    trace, ``(N, 5)`` float32 (:func:`speckv_env.core.pre_decision_features` on the trace's
+    columns: the lookup over ``prompt_tokens + tokens[:t]``, ``draft_argmax[t]``, the target's
+    signals at t - 1, none at t = 0). Version 1 traces lack those columns: a ValueError naming
+    the file."""
+    if not trace.has_rollouts:
+        raise ValueError(
+            f"{trace.source}: trace {trace.trace_id!r} is {trace.schema_version}: observation version 2 needs "
+            "speckv-trace/2 traces (prompt tokens, the draft's top-1 tokens and the target's signals; record "
+            "them with speckv profile), or use obs_version=1"
+        )
+    n, start = trace.n, int(trace.prompt_tokens.shape[0])
+    ctx = np.concatenate([trace.prompt_tokens.astype(np.int64), trace.tokens.astype(np.int64)])
+    top1 = np.full(n, np.nan, dtype=np.float32)
+    ent = np.full(n, np.nan, dtype=np.float32)
+    top1[1:], ent[1:] = trace.tgt_top1[:-1], trace.tgt_entropy[:-1]
+    return pre_decision_features(ctx, start + np.arange(n), trace.draft_argmax, top1, ent, trace.mode == "sample")
 
 
 def trace_is_exact(trace: Trace) -> bool:
@@ -61,6 +83,7 @@ class TraceBackend:
         # gammas up to the smallest recorded gamma_max are answerable for every episode
         self.gamma_max = min(t.gamma_max for t in self.traces)
         self._cache: dict[int, tuple[list[int], list[int], list[bool], list[float], list[float], list[float]]] = {}
+        self._features: dict[int, np.ndarray] = {}  # observation version 2, per trace (computed on first use)
         self._load(0)
 
     # ---- internals ------------------------------------------------------------------
@@ -153,6 +176,14 @@ class TraceBackend:
 
     def position(self) -> int:
         return self._pos
+
+    def obs_features(self, position: int | None = None) -> np.ndarray:
+        """Observation version 2's five features at ``position`` (default: the current step's
+        start) of the current trace (:func:`trace_features`)."""
+        f = self._features.get(self.index)
+        if f is None:
+            f = self._features[self.index] = trace_features(self.trace)
+        return f[self._pos if position is None else position]
 
     def step(self, gamma: int) -> StepOutcome:
         t = self._pos

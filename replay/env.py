@@ -8,13 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from speckv_env.base_env import TOKEN_MODE_DOC, SpecKVBaseEnv, action_to_index
+from speckv_env.base_env import OBS_VERSION_DOC, TOKEN_MODE_DOC, SpecKVBaseEnv, action_to_index
 from speckv_env.core import (
     DEFAULT_GAMMAS,
+    DEFAULT_OBS_VERSION,
     OBS_SPEC,
     CostModel,
     check_control,
     check_lookahead,
+    check_obs_version,
     episode_summary,
     step_tables,
 )
@@ -113,6 +115,19 @@ def _require_rollouts(traces: Sequence[Trace]) -> None:
         )
 
 
+def require_obs_v2(traces: Sequence[Trace]) -> None:
+    """Observation version 2 reads the prompt's tokens, the draft's top-1 tokens and the target's
+    signals: every trace must be ``speckv-trace/2`` (a ValueError naming the first file that is not)."""
+    old = [t for t in traces if not t.has_rollouts]
+    if old:
+        t = old[0]
+        raise ValueError(
+            f"obs_version=2 needs speckv-trace/2 traces (prompt tokens, the draft's top-1 tokens and the target's "
+            f"signals), but {len(old)} of {len(traces)} are {t.schema_version}, e.g. {t.trace_id!r} from {t.source}: "
+            "re-record them with `speckv profile`, or use obs_version=1"
+        )
+
+
 class SpecKVReplayEnv(SpecKVBaseEnv):
     """Placeholder; the docstring is filled in below from OBS_SPEC."""
 
@@ -136,12 +151,20 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         allow_cost_model_mismatch: bool = False,
         control: str = "step",
         lookahead: bool = True,
+        obs_version: int = DEFAULT_OBS_VERSION,
     ) -> None:
         filters = {"task": task, "split": split, "compression": compression, "mode": mode}
         backend: Any
         check_control(control)
         check_lookahead(lookahead, control)
+        check_obs_version(obs_version)
         if source is not None or (logs is not None and traces is None and _is_step_log(self._paths(logs))):
+            if obs_version == 2:
+                where = source if source is not None else ", ".join(str(p) for p in self._paths(logs or []))
+                raise ValueError(
+                    f"obs_version=2 needs full-information speckv-trace/2 traces, but {where} is a step log "
+                    "(speckv-steps: no prompt tokens, draft top-1 tokens or target signals): use obs_version=1"
+                )
             if control == "token":
                 raise ValueError(
                     "control='token' needs full-information traces with the draft's rollouts (speckv-trace/2); "
@@ -163,9 +186,17 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
             trs, found = load_traces(logs, traces, filters)
             if control == "token":
                 _require_rollouts(trs)
+            if obs_version == 2:
+                require_obs_v2(trs)
             backend = TraceBackend(trs, resolver(cost_model, cost_models, found, allow_cost_model_mismatch))
         super().__init__(
-            backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control, lookahead=lookahead
+            backend,
+            gammas=gammas,
+            reward=reward,
+            render_mode=render_mode,
+            control=control,
+            lookahead=lookahead,
+            obs_version=obs_version,
         )
         # the fast path (TraceBackend.advance) for full-information traces; None: step logs,
         # or the generic SpecKVBaseEnv.step path when set to None by hand (the tests compare both)
@@ -232,7 +263,9 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         s["tokens"] += emitted
         s["modelled_s"] += t_model
         self._done = out.done
-        obs = self._builder.observe(self.backend.signals(), self.backend.position())
+        if self._v2 and not out.done:  # (full-information traces only: step logs refuse version 2)
+            self._features = self.backend.obs_features()  # type: ignore[attr-defined]
+        obs = self._builder.observe(self.backend.signals(), self.backend.position(), self._features)
         info: dict[str, Any] = {
             "gamma": out.gamma,
             "requested_gamma": requested,
@@ -282,6 +315,7 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
             g = self._gamma_list[action]
         else:
             g = self._gamma_list[action_to_index(action, self._n_actions, self.gammas)]
+        t = b._pos
         geff, k, ones, rejected, tokens, pos, done, top1, entropy, margin = b.advance(g)
         bl = self._builder
         bl.update_run(geff, k, ones, rejected)
@@ -292,7 +326,9 @@ class SpecKVReplayEnv(SpecKVBaseEnv):
         s["tokens"] += k + 1
         s["modelled_s"] += t_model
         self._text.extend(tokens)
-        obs = bl.observe_values(top1, entropy, margin, pos)
+        if self._v2:  # the features where the draft signals are taken: the new position, or t once ended
+            self._features = b.obs_features(t if done else pos)
+        obs = bl.observe_values(top1, entropy, margin, pos, self._features)
         info: dict[str, Any] = {
             "gamma": geff,
             "requested_gamma": g,
@@ -370,6 +406,7 @@ SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; 
     - ``gammas``: the gamma set (default 0..8; at most the traces' ``gamma_max``).
     - ``reward``: ``"cost"`` | ``"tokens"`` | ``"time"``.
     - ``render_mode``: ``None`` or ``"ansi"``.
+    - ``obs_version``: 1 (default) or 2 (see "Observation versions"; ``speckv-trace/2`` traces only).
     - ``source="speckv-paper"``: replay the SpecKV paper's imported step logs.
     - ``on_undetermined`` (step logs only): what to do when the requested gamma's outcome is not
       determined by the log (the recorded step accepted all of its gamma and more was asked):
@@ -388,6 +425,7 @@ SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; 
     - ``control``: ``"step"`` (default) or ``"token"``; ``lookahead`` (token mode, default True):
       its variant, look-ahead or draft-then-decide (``False``), below.
 
+{OBS_VERSION_DOC}
 {TOKEN_MODE_DOC}    Needs ``speckv-trace/2`` traces (the draft's rollouts); on version 1 traces or step logs
     token mode is an error naming the file.
 

@@ -46,6 +46,7 @@ from gymnasium.vector.utils import batch_space
 from speckv_env.base_env import TOKEN_ACTIONS, check_gammas
 from speckv_env.core import (
     DEFAULT_GAMMAS,
+    DEFAULT_OBS_VERSION,
     EMA_FILL,
     EMA_KEEP,
     OBS_DIM,
@@ -53,9 +54,8 @@ from speckv_env.core import (
     OBS_INDEX,
     OBS_LOW,
     OBS_SPEC,
+    OBS_V2_FEATURES,
     TOKEN_OBS_DIM,
-    TOKEN_OBS_HIGH,
-    TOKEN_OBS_LOW,
     TOKEN_OBS_SPEC,
     CostModel,
     ObservationBuilder,
@@ -63,7 +63,9 @@ from speckv_env.core import (
     StepOutcome,
     check_control,
     check_lookahead,
+    check_obs_version,
     get_reward,
+    obs_bounds,
     step_tables,
 )
 
@@ -74,8 +76,10 @@ from .trace import PathLike, Trace
 # The per-env state is packed into one int64 matrix with one column per env, so that resetting
 # envs to episodes is a single fancy assignment of fresh columns (``_start``). Its rows:
 #   integer state   _EP .. _J                     (int64)
-#   observation     _OBS: TOKEN_OBS_DIM rows in TOKEN_OBS_SPEC order (float64 bits, viewed as
-#                   float64); step mode observes the first OBS_DIM of them (OBS_SPEC)
+#   observation     _OBS: TOKEN_OBS_DIM rows in TOKEN_OBS_SPEC order, then observation version 2's
+#                   five rows (OBS_V2_FEATURES) (float64 bits, viewed as float64); version 1's step
+#                   mode observes the first OBS_DIM of them (OBS_SPEC), token mode the first
+#                   TOKEN_OBS_DIM; version 2 picks its order from them (``_out_rows``)
 #   side state      _SIDE: _HITS1 .. _LEN         (float64 bits, viewed as float64)
 _EP, _BASE, _FI, _END, _GRP, _EOS, _LIM, _J = range(8)
 """Integer rows: trace index; flat index of the trace's first position; flat index of the current
@@ -83,12 +87,14 @@ position; flat index of the trace's last token; offset of the episode's step tab
 trace ends with EOS; flat index of position max_new_tokens - 1 (the engine's clip); token mode:
 tokens drafted so far in the current step."""
 _NI = 8
-_OBS = slice(_NI, _NI + TOKEN_OBS_DIM)
+_NV2 = len(OBS_V2_FEATURES)
+_NOBS = TOKEN_OBS_DIM + _NV2
+_OBS = slice(_NI, _NI + _NOBS)
 _HITS1, _TESTS2, _TIME, _LEN = range(4)
 """Side-state rows: accepted events + 1, tested events + 2 (the Laplace-smoothed mean), modelled
 time so far, the trace's length N."""
-_SIDE = slice(_NI + TOKEN_OBS_DIM, _NI + TOKEN_OBS_DIM + 4)
-_ROWS = _NI + TOKEN_OBS_DIM + 4
+_SIDE = slice(_NI + _NOBS, _NI + _NOBS + 4)
+_ROWS = _NI + _NOBS + 4
 
 # observation rows (indices into the _OBS block), from the one definition in speckv_env.core
 _O_TOP1, _O_ENTROPY, _O_MARGIN = OBS_INDEX["draft_top1"], OBS_INDEX["draft_entropy"], OBS_INDEX["draft_margin"]
@@ -101,6 +107,7 @@ _O_LAST_FULL = OBS_INDEX["last_full_accept"]
 _O_POSITION = OBS_INDEX["position"]
 _TOKEN_INDEX = {s[0]: i for i, s in enumerate(TOKEN_OBS_SPEC)}
 _O_DRAFTED, _O_SURVIVAL, _O_LAST_P = (_TOKEN_INDEX[n] for n in ("drafted", "survival", "last_draft_p"))
+_O_V2 = slice(TOKEN_OBS_DIM, _NOBS)  # observation version 2's five rows
 assert (_O_TOP1, _O_ENTROPY, _O_MARGIN) == (0, 1, 2), "the draft signals lead the observation"
 assert TOKEN_OBS_SPEC[:OBS_DIM] == OBS_SPEC, "token mode's observation extends the step mode's"
 
@@ -177,8 +184,9 @@ class SpecKVReplayVectorEnv(VectorEnv):
         allow_cost_model_mismatch: bool = False,
         control: str = "step",
         lookahead: bool = True,
+        obs_version: int = DEFAULT_OBS_VERSION,
     ) -> None:
-        from .env import _require_rollouts, load_traces
+        from .env import _require_rollouts, load_traces, require_obs_v2
 
         if render_mode is not None:
             raise ValueError("the vectorised replay has no render modes")
@@ -187,10 +195,14 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self.control = check_control(control)
         self._token = control == "token"
         self.lookahead = check_lookahead(lookahead, control)
+        self.obs_version = check_obs_version(obs_version)
+        self._v2 = self.obs_version == 2
         filters = {"task": task, "split": split, "compression": compression, "mode": mode}
         trs, found = load_traces(logs, traces, filters)
         if self._token:
             _require_rollouts(trs)
+        if self._v2:
+            require_obs_v2(trs)
         cost_of = resolver(cost_model, cost_models, found, allow_cost_model_mismatch)
         self.traces = trs
         self.num_envs = int(num_envs)
@@ -205,6 +217,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self._gam = np.asarray(self.gammas, dtype=np.int64)
         self._cms = [cost_of(Episode.of_trace(t)) for t in trs]
         base, lens = self._flatten_traces(trs)
+        self._flatten_features(trs, base)
         if self._token:
             self._flatten_rollouts(trs, base)
         grp = self._build_step_tables(trs, get_reward(reward))
@@ -216,7 +229,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
         E = self.num_envs
         self._buf = np.zeros((_ROWS, E), dtype=np.int64)
         self._I = self._buf[0:_NI]
-        self._S = self._buf[_NI : _NI + self._nobs].view(np.float64)
+        self._S = self._buf[_NI : _NI + (_NOBS if self._v2 else self._nobs)].view(np.float64)
         self._F = self._buf[_SIDE].view(np.float64)
         self._prev_done = np.zeros(E, dtype=bool)
         self._started = False
@@ -228,15 +241,18 @@ class SpecKVReplayVectorEnv(VectorEnv):
         if self._token:
             self._nobs = TOKEN_OBS_DIM
             self.single_action_space = spaces.Discrete(len(TOKEN_ACTIONS))
-            self.single_observation_space = spaces.Box(TOKEN_OBS_LOW, TOKEN_OBS_HIGH, dtype=np.float32)
             values = np.arange(len(TOKEN_ACTIONS), dtype=np.int64)
             self._names = f"token actions {TOKEN_ACTIONS}"
         else:
             self._nobs = OBS_DIM
             self.single_action_space = spaces.Discrete(len(self.gammas))
-            self.single_observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
             values = self._gam
             self._names = f"gammas {self.gammas}"
+        low, high = obs_bounds(self.obs_version, self.control)
+        self.single_observation_space = spaces.Box(low, high, dtype=np.float32)
+        # version 2: the observation's rows in its order (version 1's, the five, token mode's three)
+        token_rows = [_O_DRAFTED, _O_SURVIVAL, _O_LAST_P] if self._token else []
+        self._out_rows = np.array([*range(OBS_DIM), *range(TOKEN_OBS_DIM, _NOBS), *token_rows], dtype=np.intp)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         # the action's values (gammas, or token mode's 0/1) between two -1 sentinels, so that one
@@ -278,6 +294,26 @@ class SpecKVReplayVectorEnv(VectorEnv):
         np.clip(sig, lo.astype(np.float64), hi.astype(np.float64), out=sig)
         self._sig = sig
         return base, lens
+
+    def _flatten_features(self, trs: Sequence[Trace], base: np.ndarray) -> None:
+        """Observation version 2: the five features of every flat index (``(5, total)`` float64,
+        from :func:`replay.backend.trace_features`, the scalar env's one definition; the padding
+        slots hold zeros and are never observed)."""
+        if not self._v2:
+            self._feat = np.zeros((_NV2, 0))
+            return
+        from .backend import trace_features
+
+        feat = np.zeros((_NV2, self._L.shape[0]), dtype=np.float64)
+        for i, t in enumerate(trs):
+            feat[:, base[i] : base[i] + t.n] = trace_features(t).T
+        self._feat = feat
+
+    def _obs(self) -> np.ndarray:
+        """The observations of every env, ``(num_envs, D)`` float32."""
+        if self._v2:
+            return self._S.take(self._out_rows, axis=0).T.astype(np.float32)
+        return self._S.T.astype(np.float32)
 
     def _flatten_rollouts(self, trs: Sequence[Trace], base: np.ndarray) -> None:
         """Token mode: the signals each decision shows and the drafted tokens' own probabilities,
@@ -348,6 +384,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
             ob = ObservationBuilder(self._gm, t.max_new_tokens, t.compression, self._cms[i].cost_ratio)
             top1, entropy, margin = (float(x) for x in self._sig[:, base[i]])
             obs[:OBS_DIM, i] = ob.observe_values(top1, entropy, margin, 0)
+            if self._v2:
+                obs[_O_V2, i] = self._feat[:, base[i]]
         # token mode before drafting: nothing drafted, survival and last draft probability 1
         obs[_O_SURVIVAL] = 1.0
         obs[_O_LAST_P] = 1.0
@@ -407,7 +445,7 @@ class SpecKVReplayVectorEnv(VectorEnv):
         self._start(np.arange(self.num_envs), eps)
         self._prev_done[:] = False
         self._started = True
-        return self._S.T.astype(np.float32), {"episode": self._I[_EP].copy()}
+        return self._obs(), {"episode": self._I[_EP].copy()}
 
     def _actions(self, actions: Any) -> np.ndarray:
         """Validate a batch of actions; return what they name (gammas, or token mode's 0/1)."""
@@ -462,7 +500,10 @@ class SpecKVReplayVectorEnv(VectorEnv):
         fn = fi + k
         fn += 1
         done = fn > I[_END]
-        np.take(self._sig, np.where(done, fi, fn), axis=1, out=S[_O_SIGNALS])
+        at = np.where(done, fi, fn)  # an ended episode keeps the observation's signals
+        np.take(self._sig, at, axis=1, out=S[_O_SIGNALS])
+        if self._v2:
+            np.take(self._feat, at, axis=1, out=S[_O_V2])
         self._posn.take(fn, out=S[_O_POSITION])
         I[_FI] = fn
         ti = geff * self._G1
@@ -525,6 +566,8 @@ class SpecKVReplayVectorEnv(VectorEnv):
         sidx += jn
         np.copyto(sidx, ridx, where=done)  # an ended episode keeps the signals of its last decision
         S[_O_SIGNALS] = self._tsig.take(sidx, axis=1)
+        if self._v2:  # the step start's features (the new step's, or this one's once ended)
+            np.take(self._feat, np.where(done, fi, fn), axis=1, out=S[_O_V2])
         self._posn.take(fn, out=S[_O_POSITION])
         I[_FI] = fn
         I[_J] = jn
@@ -577,9 +620,9 @@ class SpecKVReplayVectorEnv(VectorEnv):
                 if any_done:
                     info["_episode_tps"] = done & ~pd
             self._prev_done = terminated | truncated
-            return self._S.T.astype(np.float32), reward, terminated, truncated, info
+            return self._obs(), reward, terminated, truncated, info
         # SAME_STEP
-        obs = self._S.T.astype(np.float32)
+        obs = self._obs()
         if any_done:
             idx = np.flatnonzero(done)
             final = np.full(self.num_envs, None, dtype=object)
@@ -588,5 +631,5 @@ class SpecKVReplayVectorEnv(VectorEnv):
             info["final_obs"] = final
             info["_final_obs"] = done.copy()
             self._start(idx, self._draw_episodes(idx.shape[0]))
-            obs[idx] = self._S[:, idx].T
+            obs[idx] = self._obs()[idx]
         return obs, reward, terminated, truncated, info

@@ -21,19 +21,34 @@ from gymnasium import spaces
 
 from .core import (
     DEFAULT_GAMMAS,
-    OBS_HIGH,
-    OBS_LOW,
-    TOKEN_OBS_HIGH,
-    TOKEN_OBS_LOW,
+    DEFAULT_OBS_VERSION,
     Backend,
     DraftSignals,
     ObservationBuilder,
     StepOutcome,
     check_control,
     check_lookahead,
+    check_obs_version,
     episode_summary,
     get_reward,
+    obs_bounds,
 )
+
+OBS_VERSION_DOC = """    ## Observation versions (``obs_version``)
+    ``obs_version=1`` (the default) observes the 13 values above (``speckv_env.core.OBS_SPEC``);
+    ``obs_version=2`` adds five (``speckv_env.core.OBS_V2_FEATURES``, ``Box(18,)``; token mode 21):
+    ``lookup_match`` (the context lookup's match length / 8, 0 = no match), ``lookup_agrees`` (its
+    proposal equals the draft's top-1 token), ``target_top1`` and ``target_entropy`` (the target's
+    distribution at the last verified position; 0 and 0 before the first verification) and
+    ``sampling`` (1 = temperature > 0), all computed by ``speckv_env.core.pre_decision_features``
+    in the live and the replay environments alike. Token mode shows the step start's values for
+    every decision of the step. Version 2 needs the prompt's tokens and the target's signals: the
+    live env and ``speckv-trace/2`` traces have them; version 1 traces and step logs do not (a
+    clear error naming the file). Version 1 stays the default so that every data source and every
+    agent saved before versions existed keep working; agents record the version they were
+    trained on and refuse an env of another.
+"""
+"""The observation-version section of both environments' docstrings."""
 
 TOKEN_MODE_DOC = """    ## Token mode (``control="token"``)
     One step is one decision of the field's per-token stopping rules: action ``Discrete(2)``,
@@ -221,10 +236,19 @@ class SpecKVBaseEnv(gym.Env):
         render_mode: str | None = None,
         control: str = "step",
         lookahead: bool = True,
+        obs_version: int = DEFAULT_OBS_VERSION,
     ) -> None:
         self.backend = backend
         self.gammas = check_gammas(gammas, backend.gamma_max)
         self.control = check_control(control)
+        self.obs_version = check_obs_version(obs_version)
+        self._v2 = self.obs_version == 2
+        if self._v2 and not callable(getattr(backend, "obs_features", None)):
+            raise ValueError(
+                f"obs_version=2 needs a backend with the prompt's tokens and the target's signals; "
+                f"{type(backend).__name__} has none: use obs_version=1"
+            )
+        self._features: np.ndarray | None = None  # version 2: the five features of the current step
         self._token = control == "token"
         self.lookahead = check_lookahead(lookahead, control)
         self._drafted = 0  # token mode: tokens drafted so far in the current step
@@ -236,12 +260,12 @@ class SpecKVBaseEnv(gym.Env):
             raise ValueError(f"render_mode {render_mode!r} not supported; choose from {self.metadata['render_modes']}")
         self.render_mode = render_mode
         self.cost_model = backend.cost_model
+        low, high = obs_bounds(self.obs_version, self.control)
+        self.observation_space = spaces.Box(low, high, dtype=np.float32)
         if self._token:
             self.action_space = spaces.Discrete(len(TOKEN_ACTIONS))
-            self.observation_space = spaces.Box(TOKEN_OBS_LOW, TOKEN_OBS_HIGH, dtype=np.float32)
         else:
             self.action_space = spaces.Discrete(len(self.gammas))
-            self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
         self._history: list[tuple[int, int]] = []
         self._builder = self._make_builder()
         self._episode: Any = None
@@ -274,6 +298,8 @@ class SpecKVBaseEnv(gym.Env):
         self._stats = {"steps": 0, "tokens": 0, "modelled_s": 0.0, "measured_s": 0.0}
         self._drafted, self._survival, self._last_p = 0, 1.0, 1.0
         self._last_signals = self.backend.signals()
+        if self._v2:
+            self._features = self.backend.obs_features()  # type: ignore[attr-defined]  # checked in __init__
         obs = self._observe()
         info = {
             "episode_index": index,
@@ -292,7 +318,7 @@ class SpecKVBaseEnv(gym.Env):
 
     def _observe(self) -> np.ndarray:
         """The observation at the current decision (token mode: plus where the step stands)."""
-        obs = self._builder.observe(self._last_signals, self.backend.position())
+        obs = self._builder.observe(self._last_signals, self.backend.position(), self._features)
         if not self._token:
             return obs
         drafted = min(self._drafted / max(self.gammas), 1.0) if max(self.gammas) else 0.0
@@ -393,6 +419,8 @@ class SpecKVBaseEnv(gym.Env):
         self._drafted, self._survival, self._last_p = 0, 1.0, 1.0
         if not out.done:
             self._last_signals = self.backend.signals()
+            if self._v2:
+                self._features = self.backend.obs_features()  # type: ignore[attr-defined]
         info: dict[str, Any] = {
             "gamma": out.gamma,
             "accepted": out.accepted,

@@ -4,7 +4,9 @@
 - :class:`StepOutcome`: what a backend reports after one speculation step.
 - :class:`CostModel`: calibrated step times per (pair, compression, device), used for the
   cost-aware reward and for modelled tokens/s in live and in replay alike.
-- :class:`ObservationBuilder`: turns signals and past outcomes into the observation vector.
+- :class:`ObservationBuilder`: turns signals and past outcomes into the observation vector;
+  observation versions (:data:`OBS_SPECS`: version 1 = :data:`OBS_SPEC`, version 2 adds
+  :data:`OBS_V2_FEATURES`, computed by :func:`pre_decision_features` for every env).
 - reward functions, looked up by name in :data:`REWARDS`.
 - :class:`Backend`: the protocol both backends (live models, recorded traces) implement.
 
@@ -91,8 +93,57 @@ OBS_INDEX = {n: i for i, n in enumerate(OBS_NAMES)}
 CONTROLS: tuple[str, ...] = ("step", "token")
 """Action modes: ``step`` = choose gamma before drafting (one env step per speculation step);
 ``token`` = decide per drafted token (one env step per decision: 1 = draft one more, 0 = verify)."""
-TOKEN_OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (
-    *OBS_SPEC,
+
+# ---- observation versions ----------------------------------------------------------------------
+LOOKUP_FEATURE_NGRAM = 8
+"""The longest n-gram the observation's context lookup matches (the shipped draft's lookup
+length, ``len(lookup_weights)``); the match length is observed divided by it. Fixed whatever the
+draft: the feature describes the context, not the draft's own mixing."""
+TARGET_TOP1_START = 0.0
+TARGET_ENTROPY_START = 0.0
+"""``target_top1`` and ``target_entropy`` before the first verification (nothing verified yet): 0
+and 0, a pair no real distribution gives (entropy 0 means top-1 probability 1)."""
+
+OBS_V2_FEATURES: tuple[tuple[str, float, float, str], ...] = (
+    (
+        "lookup_match",
+        0.0,
+        1.0,
+        "context lookup at the current position (prompt + emitted tokens, speckv_env.ngram): the longest "
+        f"suffix that occurred earlier, up to {LOOKUP_FEATURE_NGRAM} tokens, its length / {LOOKUP_FEATURE_NGRAM} "
+        "(0 = no match)",
+    ),
+    (
+        "lookup_agrees",
+        0.0,
+        1.0,
+        "1 if the lookup's proposal (the token that followed the suffix's latest earlier occurrence) equals "
+        "the draft's top-1 token at the current position (0 when nothing matches)",
+    ),
+    (
+        "target_top1",
+        0.0,
+        1.0,
+        "target's top-1 probability (T = 1) at the last verified position: the distribution the last emitted "
+        f"token was verified or drawn from ({TARGET_TOP1_START:g} before the first verification)",
+    ),
+    (
+        "target_entropy",
+        0.0,
+        ENTROPY_HIGH,
+        "entropy (nats, T = 1) of the target's distribution at the last verified position "
+        f"({TARGET_ENTROPY_START:g} before the first verification)",
+    ),
+    ("sampling", 0.0, 1.0, "1 if the episode samples (temperature > 0), 0 if it decodes greedily"),
+)
+"""The five features observation version 2 adds to version 1. All are known before the decision
+they feed: the lookup reads the verified context, the target's signals come from the last
+verification. Token mode shows those of the step's start for every decision of the step (the
+drafted tokens are not verified; the lookup and the draft's top-1 are those of the step's first
+position). An episode's last observation (after it ended) keeps its previous values, as the draft
+signals do."""
+
+TOKEN_FIELDS: tuple[tuple[str, float, float, str], ...] = (
     ("drafted", 0.0, 1.0, "token mode: tokens drafted so far in this step / max gamma"),
     (
         "survival",
@@ -102,12 +153,28 @@ TOKEN_OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (
     ),
     ("last_draft_p", 0.0, 1.0, "token mode: the last drafted token's own draft probability (1 before drafting)"),
 )
-"""Token mode's observation: the step mode's plus where the decision stands within the step.
-The draft signals (``draft_top1``, ``draft_entropy``, ``draft_margin``) depend on the variant
-once j >= 1 tokens are drafted: look-ahead (``lookahead=True``, default) shows the distribution
-the next token (j + 1) would be drafted from; draft-then-decide (``lookahead=False``) the
-distribution token j was drafted from (``last_draft_p`` is token j's own probability under it).
-At j = 0 both show the step's observation (the distribution token 1 would be drafted from)."""
+"""Token mode's three fields, after the step observation of the version (always the last three)."""
+
+OBS_VERSIONS: tuple[int, ...] = (1, 2)
+OBS_VERSION = 2
+"""The newest observation version. Version 1 = :data:`OBS_SPEC` (13 values); version 2 = version 1
++ :data:`OBS_V2_FEATURES` (18 values: needs the prompt's tokens and the target's signals, i.e. the
+live env or ``speckv-trace/2`` traces)."""
+DEFAULT_OBS_VERSION = 1
+"""The environments' default ``obs_version``: version 1 is what every data source can supply
+(``speckv-trace/1`` traces and step logs cannot supply version 2) and what agents saved before
+versions existed observe, so the default observation is unchanged; version 2 is asked for."""
+OBS_SPECS: dict[int, tuple[tuple[str, float, float, str], ...]] = {1: OBS_SPEC, 2: (*OBS_SPEC, *OBS_V2_FEATURES)}
+"""The step observation of each version (token mode: + :data:`TOKEN_FIELDS`)."""
+
+TOKEN_OBS_SPEC: tuple[tuple[str, float, float, str], ...] = (*OBS_SPEC, *TOKEN_FIELDS)
+"""Token mode's observation (version 1; any version: :func:`obs_spec` with ``control="token"``):
+the step mode's plus where the decision stands within the step. The draft signals
+(``draft_top1``, ``draft_entropy``, ``draft_margin``) depend on the variant once j >= 1 tokens
+are drafted: look-ahead (``lookahead=True``, default) shows the distribution the next token
+(j + 1) would be drafted from; draft-then-decide (``lookahead=False``) the distribution token j
+was drafted from (``last_draft_p`` is token j's own probability under it). At j = 0 both show
+the step's observation (the distribution token 1 would be drafted from)."""
 TOKEN_OBS_LOW = np.array([s[1] for s in TOKEN_OBS_SPEC], dtype=np.float32)
 TOKEN_OBS_HIGH = np.array([s[2] for s in TOKEN_OBS_SPEC], dtype=np.float32)
 TOKEN_OBS_DIM = len(TOKEN_OBS_SPEC)
@@ -126,6 +193,94 @@ def check_lookahead(lookahead: Any, control: str = "token") -> bool:
 def token_variant(lookahead: bool) -> str:
     """Token mode's variant by name: ``"lookahead"`` or ``"dtd"`` (draft-then-decide)."""
     return "lookahead" if lookahead else "dtd"
+
+
+def check_obs_version(version: Any) -> int:
+    """Validate an observation version (:data:`OBS_VERSIONS`)."""
+    if isinstance(version, bool) or version not in OBS_VERSIONS:
+        raise ValueError(f"obs_version must be one of {OBS_VERSIONS}, got {version!r}")
+    return int(version)
+
+
+def obs_spec(version: int = DEFAULT_OBS_VERSION, control: str = "step") -> tuple[tuple[str, float, float, str], ...]:
+    """The observation spec (name, low, high, description per value) of a version and action mode."""
+    spec = OBS_SPECS[check_obs_version(version)]
+    return (*spec, *TOKEN_FIELDS) if check_control(control) == "token" else spec
+
+
+def obs_dim(version: int = DEFAULT_OBS_VERSION, control: str = "step") -> int:
+    """Length of the observation of a version and action mode (13/18 step, 16/21 token)."""
+    return len(obs_spec(version, control))
+
+
+def obs_bounds(version: int = DEFAULT_OBS_VERSION, control: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) float32 bounds of the observation of a version and action mode."""
+    spec = obs_spec(version, control)
+    return np.array([s[1] for s in spec], dtype=np.float32), np.array([s[2] for s in spec], dtype=np.float32)
+
+
+def obs_version_of_dim(dim: int, control: str = "step") -> int | None:
+    """The version whose observation has ``dim`` values in ``control`` mode (None: none has)."""
+    return next((v for v in OBS_VERSIONS if obs_dim(v, control) == dim), None)
+
+
+def check_same_obs_version(agent_version: int, other_version: int, agent: str, other: str) -> None:
+    """Refuse to pair an agent with observations of another version (a clear ValueError)."""
+    if int(agent_version) != int(other_version):
+        raise ValueError(
+            f"{agent} was trained on observation version {agent_version}, but {other} observes version "
+            f"{other_version}: train it again on version {other_version} observations, or use obs_version="
+            f"{agent_version} for the env"
+        )
+
+
+_V2_LOW = np.array([s[1] for s in OBS_V2_FEATURES], dtype=np.float32)
+_V2_HIGH = np.array([s[2] for s in OBS_V2_FEATURES], dtype=np.float32)
+
+
+def pre_decision_features(
+    context: Sequence[int] | np.ndarray,
+    positions: Sequence[int] | np.ndarray,
+    draft_argmax: Sequence[int] | np.ndarray,
+    target_top1: Sequence[float] | np.ndarray,
+    target_entropy: Sequence[float] | np.ndarray,
+    sampling: bool,
+) -> np.ndarray:
+    """Observation version 2's five features (:data:`OBS_V2_FEATURES`) at some decisions: the one
+    definition the live env, the replay env and the vector env all use.
+
+    ``context``: the token ids known (prompt + emitted tokens); ``positions[i]``: where decision i
+    stands in it (the lookup predicts the token after ``context[:positions[i]]``);
+    ``draft_argmax[i]``: the draft's top-1 token there; ``target_top1[i]``, ``target_entropy[i]``:
+    the target's signals at the last verified position before it (NaN: nothing verified yet,
+    observed as :data:`TARGET_TOP1_START` / :data:`TARGET_ENTROPY_START`); ``sampling``: whether the
+    episode samples. Returns ``(len(positions), 5)`` float32, clipped to the spec's bounds.
+    """
+    from .ngram import lookup_one, lookup_table
+
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+    m = pos.shape[0]
+    ctx = np.asarray(context, dtype=np.int64).reshape(-1)
+    if m and (pos.min() < 0 or pos.max() > ctx.shape[0]):
+        raise ValueError(f"positions must lie in 0..{ctx.shape[0]} (the context's length), got {pos.tolist()}")
+    if m > 8:  # one pass over the context (pure python): for whole traces
+        lo = int(pos.min())
+        table_p, table_n = lookup_table(ctx[: int(pos.max())], lo, LOOKUP_FEATURE_NGRAM)
+        props, ns = table_p[pos - lo], table_n[pos - lo]
+    else:  # a vectorised search per position: for the live env's one decision
+        found = [lookup_one(ctx[:p], LOOKUP_FEATURE_NGRAM) for p in pos.tolist()]
+        props = np.array([f[0] for f in found], dtype=np.int64)
+        ns = np.array([f[1] for f in found], dtype=np.int64)
+    top1 = np.asarray(target_top1, dtype=np.float32).reshape(-1)
+    ent = np.asarray(target_entropy, dtype=np.float32).reshape(-1)
+    out = np.empty((m, len(OBS_V2_FEATURES)), dtype=np.float32)
+    out[:, 0] = ns.astype(np.float32) / np.float32(LOOKUP_FEATURE_NGRAM)
+    out[:, 1] = (ns > 0) & (props == np.asarray(draft_argmax, dtype=np.int64).reshape(-1))
+    out[:, 2] = np.where(np.isnan(top1), np.float32(TARGET_TOP1_START), top1)
+    out[:, 3] = np.where(np.isnan(ent), np.float32(TARGET_ENTROPY_START), ent)
+    out[:, 4] = 1.0 if sampling else 0.0
+    np.clip(out, _V2_LOW, _V2_HIGH, out=out)
+    return out
 
 
 def check_control(control: str) -> str:
@@ -431,8 +586,11 @@ class ObservationBuilder:
         if ones or not events:  # (events ending in a rejection were recorded in the loop)
             self.update_run(gamma, accepted, ones, False)
 
-    def observe_values(self, top1: float, entropy: float, margin: float, position: int) -> np.ndarray:
-        """The observation from the draft's signals at ``position`` (python floats, fast path)."""
+    def observe_values(
+        self, top1: float, entropy: float, margin: float, position: int, features: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The observation from the draft's signals at ``position`` (python floats, fast path);
+        version 2: ``features`` is the row of :func:`pre_decision_features` appended to it."""
         gm = self.gamma_max
         lg = self.last_gamma / gm
         la = self.last_accepted / gm
@@ -455,10 +613,12 @@ class ObservationBuilder:
         # signals come from outside (a model or a file): clip them like the rest of the vector
         if not (0.0 <= top1 <= 1.0 and 0.0 <= entropy <= ENTROPY_HIGH and 0.0 <= margin <= 1.0):
             np.clip(obs, OBS_LOW, OBS_HIGH, out=obs)
+        if features is not None:
+            return np.concatenate((obs, features))
         return obs
 
-    def observe(self, signals: DraftSignals, position: int) -> np.ndarray:
-        return self.observe_values(signals.top1, signals.entropy, signals.margin, position)
+    def observe(self, signals: DraftSignals, position: int, features: np.ndarray | None = None) -> np.ndarray:
+        return self.observe_values(signals.top1, signals.entropy, signals.margin, position, features)
 
 
 # ---- rewards -------------------------------------------------------------------------

@@ -375,6 +375,10 @@ class SpeculativeEngine:
         self._pos_rows: list[Any] = []
         #: recording only: the target's signals at each emitted position (its distribution there)
         self.pos_target: list[DraftSignals | None] = []
+        #: the target's logits at the last verified position (the last emitted token's row), kept
+        #: by every verification; :meth:`target_signals` summarises it on demand
+        self._tgt_row: torch.Tensor | None = None
+        self._tgt_sig: DraftSignals | None = None
         self.finish_reason: str | None = None
 
     # ---- distributions ----------------------------------------------------------------
@@ -502,6 +506,32 @@ class SpeculativeEngine:
             self._sig = _signals_from_logits(self._q)
             self._obs_spans.append((t0, self._clock.mark()))
         return self._sig
+
+    @torch.inference_mode()
+    def target_signals(self) -> DraftSignals | None:
+        """The target's signals (T = 1) at the last verified position: the distribution the last
+        emitted token was verified or drawn from, summarised by :func:`_signals_from_logits` from
+        the verification's own logits row (as recording stores them, ``pos_target``). Computed
+        on first access after each verification (one reduction over the vocabulary); None
+        before the first verification."""
+        if self._tgt_sig is None and self._tgt_row is not None:
+            self._tgt_sig = _signals_from_logits(self._tgt_row)
+        return self._tgt_sig
+
+    @torch.inference_mode()
+    def draft_top1_token(self) -> int:
+        """The draft's top-1 token at the current step's first position (argmax of the
+        distribution :meth:`observe` summarises there; runs the draft's catch-up forward once).
+        In the middle of a step drafted token by token: still the step's first position."""
+        if not self._started or self.done:
+            raise RuntimeError("draft_top1_token() needs a started, unfinished sequence")
+        self._ensure_q()
+        assert self._q is not None
+        return int(torch.argmax(self._q))
+
+    def context(self) -> list[int]:
+        """The verified context: the prompt's token ids and the tokens emitted so far."""
+        return self.prompt + self.out
 
     @property
     def pos_signals(self) -> list[DraftSignals | None]:
@@ -637,6 +667,7 @@ class SpeculativeEngine:
         finish = self._cut_at_eos(v)
         self._record_step(t, g, v, dr, acc_raw)
         self._record_target(t, logits, len(v.emitted))
+        self._tgt_row, self._tgt_sig = logits[len(v.emitted) - 1], None
         self._rollback(g, v, dr)
         t2 = self._clock.mark()
         clock = self._clock

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base_env import TOKEN_MODE_DOC, SpecKVBaseEnv
-from .core import DEFAULT_GAMMAS, CostModel, DraftSignals, EpisodeInfo, StepOutcome
+import numpy as np
+
+from .base_env import OBS_VERSION_DOC, TOKEN_MODE_DOC, SpecKVBaseEnv
+from .core import DEFAULT_GAMMAS, DEFAULT_OBS_VERSION, CostModel, DraftSignals, EpisodeInfo, StepOutcome
 
 
 class LiveBackend:
@@ -76,6 +78,26 @@ class LiveBackend:
 
     def position(self) -> int:
         return self.engine.position
+
+    def obs_features(self) -> np.ndarray:
+        """Observation version 2's five features at the current step's start
+        (:func:`speckv_env.core.pre_decision_features`, as the replay env computes them from a
+        trace): the lookup over prompt + emitted tokens, the draft's top-1 token there, the
+        target's signals at the last verified position (the engine keeps them after every
+        verification) and the decoding mode."""
+        from .core import pre_decision_features
+
+        e = self.engine
+        tgt = e.target_signals()
+        nan = float("nan")
+        return pre_decision_features(
+            e.context(),
+            [len(e.prompt) + e.position],
+            [e.draft_top1_token()],
+            [nan if tgt is None else tgt.top1],
+            [nan if tgt is None else tgt.entropy],
+            self.sampling,
+        )[0]
 
     def step(self, gamma: int) -> StepOutcome:
         return self._outcome(self.engine.step(gamma))
@@ -195,7 +217,10 @@ class SpecKVEnv(SpecKVBaseEnv):
     its JSON, or None to calibrate once and cache), ``pair`` (an already loaded ModelPair),
     ``exact`` (True: row-invariant forwards, see below; False: the faster-where-it-differs
     kernels, for users who need speed and not exact replay), ``cache`` ("dynamic"; "static":
-    pre-allocated KV buffers, rollback moves a position, the same tokens: :mod:`speckv_env.static_cache`).
+    pre-allocated KV buffers, rollback moves a position, the same tokens: :mod:`speckv_env.static_cache`),
+    ``obs_version`` (1, the default, or 2: see below).
+
+    ## Observation versions
 
     ## Token mode
     ``control`` is ``"step"`` (default: the action is gamma) or ``"token"``; ``lookahead``
@@ -236,12 +261,14 @@ class SpecKVEnv(SpecKVBaseEnv):
         control: str = "step",
         cache: str = "dynamic",
         lookahead: bool = True,
+        obs_version: int = DEFAULT_OBS_VERSION,
     ) -> None:
-        from .core import check_control, check_lookahead
+        from .core import check_control, check_lookahead, check_obs_version
         from .pair import load_pair
 
         check_control(control)
         check_lookahead(lookahead, control)
+        check_obs_version(obs_version)
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -269,7 +296,13 @@ class SpecKVEnv(SpecKVBaseEnv):
             cache=cache,
         )
         super().__init__(
-            backend, gammas=gammas, reward=reward, render_mode=render_mode, control=control, lookahead=lookahead
+            backend,
+            gammas=gammas,
+            reward=reward,
+            render_mode=render_mode,
+            control=control,
+            lookahead=lookahead,
+            obs_version=obs_version,
         )
 
     @property
@@ -284,4 +317,8 @@ class SpecKVEnv(SpecKVBaseEnv):
 
 
 # the token-mode section is the replay env's too: one text (speckv_env.base_env.TOKEN_MODE_DOC)
-SpecKVEnv.__doc__ = (SpecKVEnv.__doc__ or "").replace("    ## Token mode\n", TOKEN_MODE_DOC, 1)
+SpecKVEnv.__doc__ = (
+    (SpecKVEnv.__doc__ or "")
+    .replace("    ## Token mode\n", TOKEN_MODE_DOC, 1)
+    .replace("    ## Observation versions\n", OBS_VERSION_DOC, 1)
+)
