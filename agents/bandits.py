@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from speckv_env.core import DEFAULT_GAMMAS, OBS_DIM, OBS_HIGH
+from speckv_env.core import DEFAULT_GAMMAS, obs_bounds
 
 from .base import Agent, register
 
@@ -323,11 +323,21 @@ class LinUCB(BanditAgent):
         super().__init__(reward_mode, seed, gammas)
         self.alpha = float(alpha)
         self.ridge = float(ridge)
-        d = OBS_DIM + 1
+        self._init_arms()
+
+    def _init_arms(self) -> None:
+        """Fresh per-arm statistics for the agent's observation size (D + 1 features)."""
+        d = self.obs_dim + 1
         self.d = d
         self.A_inv = np.tile(np.eye(d) / self.ridge, (self.K, 1, 1))
         self.b = np.zeros((3, self.K, d))  # b_e, b_t, b_r
-        self._inv_high = np.concatenate([1.0 / OBS_HIGH.astype(np.float64), [1.0]])
+        self._inv_high = np.concatenate([1.0 / obs_bounds(self.obs_version)[1].astype(np.float64), [1.0]])
+
+    def _on_obs_version(self) -> None:
+        if self.d != self.obs_dim + 1:
+            if np.any(self.b):
+                raise ValueError(f"{self.name}: trained on another observation version: it cannot change version")
+            self._init_arms()
 
     def _x(self, obs: np.ndarray) -> np.ndarray:
         x = np.ones(self.d)
@@ -350,6 +360,7 @@ class LinUCB(BanditAgent):
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float64)
+        self._check_obs_batch(obs)
         X = np.concatenate([obs, np.ones((len(obs), 1))], axis=1) * self._inv_high  # (N, d)
         AX = np.einsum("kij,nj->nki", self.A_inv, X)  # (N, K, d)
         bb = self.b[0] - self.lam * self.b[1] if self.reward_mode == "throughput" else self.b[2]
@@ -422,6 +433,10 @@ class PerContext(Agent):
         self.contexts: dict[str, BanditAgent] = {}
         self.context = ""
         self.current: BanditAgent = self.template
+
+    def _on_obs_version(self) -> None:
+        for b in (self.template, *self.contexts.values()):
+            b.set_obs_version(self.obs_version)
 
     @staticmethod
     def context_of(compression: Any, sampling: Any) -> str:

@@ -18,7 +18,13 @@ next_obs, info)``                      ``info`` is the env's step info (``emitte
                                        the same JSON. Never pickle.
 =====================================  =================================================
 
-File format ``speckv-agent/1``: ``{"format": ..., "kind": ..., "config": {...}, "state": {...}}``
+Observation versions (:data:`speckv_env.core.OBS_SPECS`): an agent decides on observations of one
+version, ``agent.obs_version`` (1 unless made with ``make_agent(..., obs_version=2)``, or trained by
+:func:`agents.training.train_agent` on an env of version 2, which makes it with the env's), saved
+with it; ``bind(env)`` with an env of another version raises a ValueError naming both versions.
+
+File format ``speckv-agent/1``: ``{"format": ..., "kind": ..., "obs_version": 1 | 2, "config": {...},
+"state": {...}}`` (files without ``obs_version``, saved before versions existed, are version 1)
 either as a JSON document, or as the ``__metadata__`` of a safetensors file (``config`` and
 ``state`` JSON-encoded strings) whose tensors are the agent's arrays. :func:`load_agent`
 dispatches on ``kind``; anything malformed raises :class:`AgentFormatError` naming the file.
@@ -40,7 +46,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from speckv_env.base_env import check_gammas
-from speckv_env.core import DEFAULT_GAMMAS, OBS_DIM, OBS_INDEX, CostModel
+from speckv_env.core import (
+    DEFAULT_GAMMAS,
+    OBS_INDEX,
+    CostModel,
+    check_obs_version,
+    check_same_obs_version,
+    obs_dim,
+    obs_version_of_dim,
+)
 
 FORMAT = "speckv-agent/1"
 #: verify-time slope (per extra verified token, in target-step units) assumed when an agent
@@ -99,14 +113,35 @@ def _ensure_registered() -> None:
     import agents  # noqa: F401
 
 
-def make_agent(name: str, **kwargs: Any) -> Agent:
-    """Build an agent by registry name (see :data:`AGENTS`), e.g. ``make_agent("ucb1", seed=0)``."""
+def make_agent(name: str, obs_version: int | None = None, **kwargs: Any) -> Agent:
+    """Build an agent by registry name (see :data:`AGENTS`), e.g. ``make_agent("ucb1", seed=0)``;
+    ``obs_version``: the observation version it decides on (default 1)."""
     _ensure_registered()
     try:
         cls = AGENTS[name]
     except KeyError:
         raise ValueError(f"unknown agent {name!r}: choose one of {', '.join(sorted(AGENTS))}") from None
-    return cls(**kwargs)
+    agent = cls(**kwargs)
+    if obs_version is not None:
+        agent.set_obs_version(obs_version)
+    return agent
+
+
+def env_obs_version(env: Any) -> int | None:
+    """The observation version an env observes: its own, a wrapper's inner env's, a vector env's
+    or an SB3 VecEnv's (``get_attr``); None where the object does not say (then nothing is checked)."""
+    for obj in (env, getattr(env, "unwrapped", None), getattr(env, "venv", None)):
+        v = getattr(obj, "obs_version", None)
+        if isinstance(v, int):
+            return v
+    get_attr = getattr(env, "get_attr", None)
+    if get_attr is not None:
+        try:
+            v = get_attr("obs_version", indices=[0])[0]
+        except (AttributeError, IndexError, TypeError):
+            return None
+        return v if isinstance(v, int) else None
+    return None
 
 
 def cost_from_ratio(cost_ratio: float, gamma_max: int, verify_slope: float = DEFAULT_VERIFY_SLOPE) -> CostModel:
@@ -241,8 +276,10 @@ class Agent:
     """Base class of every gamma policy. Subclasses set ``kind`` and register themselves."""
 
     kind: ClassVar[str] = "agent"
-    #: length of the observation the agent decides on (token-mode agents: TOKEN_OBS_DIM; PPO per instance)
-    obs_dim: int = OBS_DIM
+    #: the action mode the agent decides in ("token": token mode's stopping rules; PPO per instance)
+    control: str = "step"
+    #: the observation version the agent decides on (:meth:`set_obs_version`; saved with it)
+    obs_version: int = 1
     #: whether learn() changes the policy (the training loop skips calling it otherwise)
     learns: bool = False  # a class default; an agent may decide per instance (cost_aware with estimate="beta")
 
@@ -250,14 +287,39 @@ class Agent:
         self.gammas: tuple[int, ...] = check_gammas(gammas)
         self.name: str = self.kind
 
+    @property
+    def obs_dim(self) -> int:
+        """Length of the observation the agent decides on (its version's, in its action mode)."""
+        return obs_dim(self.obs_version, self.control)
+
+    def set_obs_version(self, version: int) -> Agent:
+        """Decide on observations of ``version`` (1 or 2): before training (agents whose learned
+        state has the observation's shape resize it in :meth:`_on_obs_version`)."""
+        self.obs_version = check_obs_version(version)
+        self._on_obs_version()
+        return self
+
+    def _on_obs_version(self) -> None:
+        """Hook: the observation version changed (agents with observation-shaped state rebuild it)."""
+
+    def check_obs_version(self, version: int, what: str = "the env") -> None:
+        """A ValueError naming both versions if observations of ``version`` are not the agent's."""
+        check_same_obs_version(self.obs_version, version, f"agent {self.name!r}", what)
+
+    def _check_obs_batch(self, obs: np.ndarray) -> None:
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            other = obs_version_of_dim(obs.shape[-1], self.control) if obs.ndim == 2 else None
+            if other is not None:
+                self.check_obs_version(other, f"this batch ({obs.shape[-1]} values)")
+            raise ValueError(f"act_batch expects an array of shape (N, {self.obs_dim}), got {obs.shape}")
+
     # ---- decisions -------------------------------------------------------------------
     def act(self, obs: np.ndarray) -> int:
         raise NotImplementedError
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs)
-        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
-            raise ValueError(f"act_batch expects an array of shape (N, {self.obs_dim}), got {obs.shape}")
+        self._check_obs_batch(obs)
         return np.fromiter((self.act(o) for o in obs), dtype=np.int64, count=len(obs))
 
     def learn(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, info: dict[str, Any]) -> None:
@@ -272,8 +334,12 @@ class Agent:
         self.reset()
 
     def bind(self, env: Any) -> Agent:
-        """Check the env's gamma set matches and remember nothing else (see CostModelMixin)."""
+        """Check the env's gamma set and observation version match and remember nothing else
+        (see CostModelMixin)."""
         u = getattr(env, "unwrapped", env)
+        version = env_obs_version(env)
+        if version is not None:
+            self.check_obs_version(version)
         env_gammas = tuple(getattr(u, "gammas", self.gammas))
         if env_gammas != self.gammas:
             raise ValueError(f"{self.name}: agent gammas {self.gammas} differ from the env's {env_gammas}")
@@ -308,7 +374,13 @@ class Agent:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tensors = self.get_tensors()
-        doc = {"format": FORMAT, "kind": self.kind, "config": self.get_config(), "state": self.get_state()}
+        doc = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "obs_version": self.obs_version,
+            "config": self.get_config(),
+            "state": self.get_state(),
+        }
         if not tensors:
             p.write_text(_dumps(doc, indent=1))
             return p
@@ -317,6 +389,7 @@ class Agent:
         meta = {
             "format": FORMAT,
             "kind": self.kind,
+            "obs_version": str(self.obs_version),
             "config": _dumps(doc["config"]),
             "state": _dumps(doc["state"]),
         }
@@ -331,8 +404,11 @@ class Agent:
         return agent
 
     @classmethod
-    def from_saved(cls, config: dict[str, Any], state: dict[str, Any], tensors: dict[str, np.ndarray]) -> Agent:
+    def from_saved(
+        cls, config: dict[str, Any], state: dict[str, Any], tensors: dict[str, np.ndarray], obs_version: int = 1
+    ) -> Agent:
         agent = cls(**config)
+        agent.set_obs_version(obs_version)  # before the state, whose shapes may follow the version
         agent.set_tensors(tensors)
         agent.set_state(state)
         return agent
@@ -379,6 +455,8 @@ def _read_doc(p: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     except Exception as e:  # safetensors raises its own error type
         raise AgentFormatError(f"{p}: truncated or corrupted safetensors data: {e}") from None
     doc: dict[str, Any] = {"format": meta.get("format"), "kind": meta.get("kind")}
+    if "obs_version" in meta:
+        doc["obs_version"] = meta["obs_version"]
     for key in ("config", "state"):
         try:
             doc[key] = json.loads(meta.get(key, "{}"))
@@ -400,8 +478,13 @@ def load_agent(path: str | Path) -> Agent:
     config, state = _decode_floats(doc.get("config")), _decode_floats(doc.get("state", {}))
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise AgentFormatError(f"{p}: 'config' and 'state' must be JSON objects")
+    raw = doc.get("obs_version", 1)  # files saved before observation versions: version 1
     try:
-        return AGENTS[kind].from_saved(config, state, tensors)
+        version = check_obs_version(int(raw) if isinstance(raw, str) and raw.isdigit() else raw)
+    except ValueError as e:
+        raise AgentFormatError(f"{p}: {e}") from None
+    try:
+        return AGENTS[kind].from_saved(config, state, tensors, obs_version=version)
     except AgentFormatError:
         raise
     except (TypeError, ValueError, KeyError, IndexError) as e:

@@ -40,7 +40,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from speckv_env.core import DEFAULT_GAMMAS, OBS_DIM, CostModel
+from speckv_env.core import DEFAULT_GAMMAS, CostModel
 
 from .base import DEFAULT_VERIFY_SLOPE, I_COST_RATIO, Agent, CostModelMixin, register
 
@@ -78,23 +78,34 @@ class SpecKVMLP(CostModelMixin, Agent):
         self._init_cost(cost_model, sampling, verify_slope)
         self.trained = False
         self.train_loss: float | None = None
+        self._init_params()
+
+    def _init_params(self) -> None:
+        """Fresh weights (seeded) for the agent's observation size."""
         rng = np.random.default_rng(self.seed)
         h1, h2 = self.hidden
+        D = self.obs_dim
 
         def init(o: int, i: int) -> np.ndarray:  # torch.nn.Linear's default U(-1/sqrt(i), 1/sqrt(i))
             return rng.uniform(-1, 1, size=(o, i)).astype(np.float32) / np.float32(np.sqrt(i))
 
         self.params: dict[str, np.ndarray] = {
-            "W1": init(h1, OBS_DIM),
+            "W1": init(h1, D),
             "b1": init(h1, 1)[:, 0],
             "W2": init(h2, h1),
             "b2": init(h2, 1)[:, 0],
             "W3": init(1, h2),
             "b3": init(1, 1)[:, 0],
-            "mean": np.zeros(OBS_DIM, np.float32),
-            "std": np.ones(OBS_DIM, np.float32),
+            "mean": np.zeros(D, np.float32),
+            "std": np.ones(D, np.float32),
         }
         self._build_fast()
+
+    def _on_obs_version(self) -> None:
+        if self.params["W1"].shape[1] != self.obs_dim:
+            if self.trained:
+                raise ValueError(f"{self.name}: trained on another observation version: it cannot change version")
+            self._init_params()
 
     # ---- fast numpy path --------------------------------------------------------------
     def _build_fast(self) -> None:
@@ -145,6 +156,7 @@ class SpecKVMLP(CostModelMixin, Agent):
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float32)
+        self._check_obs_batch(obs)
         cr = obs[:, I_COST_RATIO]
         if (
             self.rule == "time"
@@ -164,7 +176,7 @@ class SpecKVMLP(CostModelMixin, Agent):
         from torch import nn
 
         h1, h2 = self.hidden
-        net = nn.Sequential(nn.Linear(OBS_DIM, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1))
+        net = nn.Sequential(nn.Linear(self.obs_dim, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 1))
         with torch.no_grad():
             for i, (wname, bname) in zip((0, 2, 4), (("W1", "b1"), ("W2", "b2"), ("W3", "b3"))):
                 layer = cast(nn.Linear, net[i])
@@ -189,12 +201,12 @@ class SpecKVMLP(CostModelMixin, Agent):
         import torch
 
         with torch.inference_mode():
-            x = torch.as_tensor(np.asarray(obs, dtype=np.float32).reshape(-1, OBS_DIM))
+            x = torch.as_tensor(np.asarray(obs, dtype=np.float32).reshape(-1, self.obs_dim))
             return self.torch_model()(x).numpy().astype(np.float64)
 
     def act_torch(self, obs: np.ndarray) -> np.ndarray:
         """Decisions through the torch model and the exact (brute-force) argmax: the reference."""
-        obs = np.asarray(obs, dtype=np.float32).reshape(-1, OBS_DIM)
+        obs = np.asarray(obs, dtype=np.float32).reshape(-1, self.obs_dim)
         z = self.predict_logit_torch(obs)
         alpha = 1.0 / (1.0 + np.exp(-z))
         return np.array([self.table_for(float(o[I_COST_RATIO])).best_exact(float(a)) for o, a in zip(obs, alpha)])

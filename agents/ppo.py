@@ -58,17 +58,14 @@ import numpy as np
 
 from speckv_env.core import (
     DEFAULT_GAMMAS,
-    OBS_DIM,
-    OBS_HIGH,
-    OBS_LOW,
-    TOKEN_OBS_DIM,
-    TOKEN_OBS_HIGH,
-    TOKEN_OBS_LOW,
     check_control,
     check_lookahead,
+    obs_bounds,
+    obs_dim,
+    obs_version_of_dim,
 )
 
-from .base import Agent, check_token_variant, register
+from .base import Agent, check_token_variant, env_obs_version, register
 
 ACTIVATIONS = ("tanh", "relu")
 #: discount per mode when ``discount=None`` (step mode: SB3's usual 0.99, unchanged)
@@ -157,7 +154,6 @@ class PPOAgent(Agent):
         self.norm_reward = bool(self.normalize if norm_reward is None else norm_reward)
         self.clip_obs = float(clip_obs)
         self.budget_end_terminal = bool(token if budget_end_terminal is None else budget_end_terminal)
-        self.obs_dim = TOKEN_OBS_DIM if token else OBS_DIM
         self.model: Any = None  # the SB3 PPO object after train()
         self.policy: Any = None
         self.timesteps = 0
@@ -172,9 +168,19 @@ class PPOAgent(Agent):
     def spaces(self):
         from gymnasium import spaces
 
-        if self.control == "token":
-            return spaces.Box(TOKEN_OBS_LOW, TOKEN_OBS_HIGH, dtype=np.float32), spaces.Discrete(2)
-        return spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32), spaces.Discrete(len(self.gammas))
+        low, high = obs_bounds(self.obs_version, self.control)
+        n = 2 if self.control == "token" else len(self.gammas)
+        return spaces.Box(low, high, dtype=np.float32), spaces.Discrete(n)
+
+    def _on_obs_version(self) -> None:
+        """A new observation version: fresh statistics and policy of its size (before training)."""
+        if self.obs_mean.shape != (self.obs_dim,):
+            if self.model is not None or self.timesteps:
+                old = obs_version_of_dim(self.obs_mean.shape[0], self.control)
+                raise ValueError(f"{self.name}: trained on observation version {old}: it cannot change version")
+            self.obs_mean = np.zeros(self.obs_dim, np.float64)
+            self.obs_var = np.ones(self.obs_dim, np.float64)
+            self._build_policy()
 
     def _policy_kwargs(self) -> dict[str, Any]:
         from torch import nn
@@ -217,10 +223,14 @@ class PPOAgent(Agent):
             check_token_variant(self.name, self.lookahead, env)
         space = getattr(env, "observation_space", None)
         shape = getattr(getattr(env, "single_observation_space", space), "shape", None)
+        version = env_obs_version(env)
+        if version is not None:
+            self.check_obs_version(version)
         if shape is not None and tuple(shape)[-1:] != (self.obs_dim,):
             raise ValueError(
                 f"{self.name}: a control={self.control!r} agent observes {self.obs_dim} values, "
-                f"the env {tuple(shape)[-1]} (step mode observes {OBS_DIM}, token mode {TOKEN_OBS_DIM})"
+                f"the env {tuple(shape)[-1]} (step mode observes {obs_dim(self.obs_version)}, token mode "
+                f"{obs_dim(self.obs_version, 'token')})"
             )
 
     def bind(self, env: Any) -> Agent:
@@ -342,7 +352,9 @@ class PPOAgent(Agent):
         return int(np.argmax(self.logits(obs)))
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
-        x = np.asarray(obs, dtype=np.float32).reshape(-1, self.obs_dim)
+        x = np.asarray(obs, dtype=np.float32)
+        x = x.reshape(1, -1) if x.ndim == 1 else x
+        self._check_obs_batch(x)
         return np.argmax(self.logits(x), axis=1).astype(np.int64)
 
     def act_torch(self, obs: np.ndarray) -> np.ndarray:
@@ -437,7 +449,7 @@ class PPOAgent(Agent):
             raise ValueError(f"a normalising agent needs tensors {list(_RMS)}")
         mean, var = (np.asarray(r, np.float64) for r in rms)
         if mean.shape != (self.obs_dim,) or var.shape != (self.obs_dim,):
-            other = mean.shape[-1:] in ((OBS_DIM,), (TOKEN_OBS_DIM,))
+            other = mean.shape[-1:] in ((obs_dim(self.obs_version),), (obs_dim(self.obs_version, "token"),))
             raise ValueError(
                 f"observation statistics of shape {mean.shape}, expected ({self.obs_dim},) for control={self.control!r}"
                 + (": they belong to the other control mode" if other else "")
@@ -447,6 +459,6 @@ class PPOAgent(Agent):
     def _mode_hint(self, tensors: dict[str, np.ndarray]) -> str:
         w = tensors.get("mlp_extractor.policy_net.0.weight")
         dim = None if w is None else np.asarray(w).shape[-1]
-        if dim in (OBS_DIM, TOKEN_OBS_DIM) and dim != self.obs_dim:
+        if dim in (obs_dim(self.obs_version), obs_dim(self.obs_version, "token")) and dim != self.obs_dim:
             return f" (the weights observe {dim} values: they belong to the other control mode)"
         return ""

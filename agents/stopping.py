@@ -43,11 +43,12 @@ import numpy as np
 from speckv_env.base_env import TOKEN_ACTIONS
 from speckv_env.core import DEFAULT_GAMMAS, OBS_INDEX, TOKEN_OBS_DIM, TOKEN_OBS_SPEC, check_lookahead
 
-from .base import Agent, check_token_variant, register
+from .base import Agent, check_token_variant, env_obs_version, register
 
 _TOK = {name: i for i, (name, *_rest) in enumerate(TOKEN_OBS_SPEC)}
 I_TOP1, I_ENT, I_MARGIN = _TOK["draft_top1"], _TOK["draft_entropy"], _TOK["draft_margin"]
-I_DRAFTED, I_SURV, I_LASTP = _TOK["drafted"], _TOK["survival"], _TOK["last_draft_p"]
+# token mode's three fields are the observation's last three in every observation version
+I_DRAFTED, I_SURV, I_LASTP = (_TOK[n] - TOKEN_OBS_DIM for n in ("drafted", "survival", "last_draft_p"))
 I_EMA = OBS_INDEX["accept_ema"]
 DRAFT, VERIFY = TOKEN_ACTIONS.index("draft"), TOKEN_ACTIONS.index("verify")
 
@@ -61,7 +62,6 @@ class StopRule(Agent):
     of the other variant, and the config (so a saved agent) carries it."""
 
     control = "token"
-    obs_dim = TOKEN_OBS_DIM
 
     def __init__(self, gammas: Sequence[int] = DEFAULT_GAMMAS, lookahead: bool = True) -> None:
         super().__init__(gammas)
@@ -69,6 +69,9 @@ class StopRule(Agent):
 
     def bind(self, env: Any) -> Agent:
         u = getattr(env, "unwrapped", env)
+        version = env_obs_version(env)
+        if version is not None:
+            self.check_obs_version(version)
         control = getattr(u, "control", "token")
         if control != "token":
             raise ValueError(

@@ -80,11 +80,13 @@ from speckv_env.core import (
     DEFAULT_GAMMAS,
     OBS_DIM,
     OBS_INDEX,
-    TOKEN_OBS_DIM,
+    OBS_V2_FEATURES,
     CostModel,
     ObservationBuilder,
     check_lookahead,
     compression_level,
+    obs_dim,
+    obs_version_of_dim,
 )
 
 from .base import I_COST_RATIO, Agent, CostModelMixin, check_token_variant, cost_from_ratio, register
@@ -120,20 +122,29 @@ STEP_FEATURES: tuple[str, ...] = (
     "compression_int8",
     "compression_nf4",
 )
-"""The step hazard model's features of the step observation (:func:`step_features`)."""
+"""The step hazard model's features of the step observation (:func:`step_features`); on
+observation version 2 the five features of :data:`speckv_env.core.OBS_V2_FEATURES` follow
+(:func:`step_feature_names`)."""
 FEATURE_VERSION = "survival-features/1"
 _COLS = [OBS_INDEX[n] for n in STEP_FEATURES[5:]]
 _I_COMP = OBS_INDEX["compression_none"]
+_V2_COLS = list(range(OBS_DIM, OBS_DIM + len(OBS_V2_FEATURES)))
+
+
+def step_feature_names(obs_version: int = 1) -> tuple[str, ...]:
+    """The hazard model's features on observations of ``obs_version``."""
+    return STEP_FEATURES + (tuple(s[0] for s in OBS_V2_FEATURES) if obs_version == 2 else ())
+
 
 CostSource = CostModel | Mapping[str, CostModel] | Sequence[CostModel]
 
 
-def step_features(obs: np.ndarray) -> np.ndarray:
-    """:data:`STEP_FEATURES` of step observations (``(..., >= 13)``; float64)."""
+def step_features(obs: np.ndarray, obs_version: int = 1) -> np.ndarray:
+    """:func:`step_feature_names` of step observations (``(..., >= 13)``, version 2 ``>= 18``; float64)."""
     o = np.asarray(obs, dtype=np.float64)
     t = np.clip(o[..., 0], 1e-6, 1 - 1e-6)
     head = np.stack((np.ones_like(t), t, o[..., 1], o[..., 2], np.log(t) - np.log1p(-t)), axis=-1)
-    return np.concatenate((head, o[..., _COLS]), axis=-1)
+    return np.concatenate((head, o[..., _COLS + (_V2_COLS if obs_version == 2 else [])]), axis=-1)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -158,10 +169,12 @@ def _cost_of(costs: CostSource, i: int, compression: str) -> CostModel:
 
 
 def replay_observations(
-    trace: Any, cost: CostModel, gammas: Sequence[int], choose: Callable[[np.ndarray], int]
+    trace: Any, cost: CostModel, gammas: Sequence[int], choose: Callable[[np.ndarray], int], obs_version: int = 1
 ) -> tuple[np.ndarray, int, float]:
-    """Observations at every position of ``trace`` (see the module docstring), and the
-    behaviour's (tokens, modelled seconds). ``choose(obs)`` is the behaviour: a gamma index."""
+    """Observations (of ``obs_version``) at every position of ``trace`` (see the module
+    docstring), and the behaviour's (tokens, modelled seconds). ``choose(obs)`` is the
+    behaviour: a gamma index. Version 2's features come from :func:`replay.backend.trace_features`,
+    as the replay env shows them."""
     from replay import steprule
 
     G = max(gammas)
@@ -169,29 +182,35 @@ def replay_observations(
     n, mnt = trace.n, trace.max_new_tokens
     L, acc = trace.L.tolist(), trace.accept.tolist()
     top1, ent, mar = trace.sig_top1.tolist(), trace.sig_entropy.tolist(), trace.sig_margin.tolist()
-    obs = np.empty((n, OBS_DIM), dtype=np.float32)
+    if obs_version == 2:
+        from replay.backend import trace_features
+
+        feats: Any = trace_features(trace)
+    else:
+        feats = [None] * n
+    obs = np.empty((n, obs_dim(obs_version)), dtype=np.float32)
     t, seconds = 0, 0.0
     while t < n:
-        obs[t] = o = b.observe_values(top1[t], ent[t], mar[t], t)
+        obs[t] = o = b.observe_values(top1[t], ent[t], mar[t], t, feats[t])
         geff, k, ones, rejected = steprule.step(L[t], acc[t], gammas[choose(o)], mnt - 1 - t)
         seconds += cost.step_time(geff, k, trace.sampling)
         for u in range(t + 1, t + k + 1):  # inside the accepted run: arrive by one full step
             c = copy.copy(b)
             g = u - t - 1
             c.update_run(g, g, max(g, 1), False)  # gamma 0 reveals the (accepted) event at t
-            obs[u] = c.observe_values(top1[u], ent[u], mar[u], u)
+            obs[u] = c.observe_values(top1[u], ent[u], mar[u], u, feats[u])
         b.update_run(geff, k, ones, rejected)
         t += k + 1
     return obs, n, seconds
 
 
-def hazard_data(obs: np.ndarray, trace: Any, G: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def hazard_data(obs: np.ndarray, trace: Any, G: int, obs_version: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per j = 1..G: (features, label) of the positions whose run reaches j - 1 with token j - 1
     inside the trace; label ``L_t >= j``."""
     L = trace.L.astype(np.int64)
     n = trace.n
     room = n - 1 - np.arange(n)  # the most tokens a step at t can accept
-    X = step_features(obs)
+    X = step_features(obs, obs_version)
     xs, ys = [], []
     for j in range(1, G + 1):
         m = (j - 1 <= L) & (room >= j)
@@ -304,7 +323,7 @@ class SurvivalController(CostModelMixin, Agent):
         if self.G < 1:
             raise ValueError(f"{self.kind}: needs a gamma set with a positive gamma, got {self.gammas}")
         self.l2, self.refits, self.iterations = float(l2), int(refits), int(iterations)
-        self.weights = np.zeros((self.G, len(STEP_FEATURES)))
+        self.weights = np.zeros((self.G, len(step_feature_names(self.obs_version))))
         # token mode: the reach head (row 0) and the conditional acceptance head (row 1)
         self.token_weights = np.zeros((2, len(FEATURES)))
         # unfitted: rho = 1 token per target step (plain decoding's rate), hazards 1/2
@@ -314,6 +333,13 @@ class SurvivalController(CostModelMixin, Agent):
         self._cache: dict[tuple[int, bool], tuple[CostModel, dict[str, Any]]] = {}
         self._ratio_cms: dict[float, CostModel] = {}
         self._lists: tuple[Any, ...] = (None, None)
+
+    def _on_obs_version(self) -> None:
+        n = len(step_feature_names(self.obs_version))
+        if self.weights.shape[1] != n:
+            if self.summary.get("fitted"):
+                raise ValueError(f"{self.kind}: fitted on another observation version: it cannot change version")
+            self.weights = np.zeros((self.G, n))
 
     # ---- env and cost model ----------------------------------------------------------
     def bind(self, env: Any) -> Any:
@@ -358,7 +384,7 @@ class SurvivalController(CostModelMixin, Agent):
     def _step_survival(self, o: Sequence[float], W: list[list[float]], first: int) -> list[float]:
         """Hazards ``h_{first+1} .. h_G`` of a step observation (python floats)."""
         t = min(max(float(o[0]), 1e-6), 1 - 1e-6)
-        x = np.array((1.0, t, o[1], o[2], math.log(t) - math.log1p(-t), *[o[c] for c in _COLS]))
+        x = np.array((1.0, t, o[1], o[2], math.log(t) - math.log1p(-t), *[o[c] for c in self._cols]))
         z = np.clip(self.weights[first:] @ x, -60.0, 60.0).tolist()
         return [1.0 / (1.0 + math.exp(-v)) for v in z]
 
@@ -412,7 +438,8 @@ class SurvivalController(CostModelMixin, Agent):
     # ---- decisions ---------------------------------------------------------------------
     def hazards(self, obs: np.ndarray) -> np.ndarray:
         """``h[:, j - 1]`` = P(L >= j | L >= j - 1, obs) for step observations ``obs`` (N, >= 13)."""
-        return _sigmoid(step_features(np.asarray(obs)[:, :OBS_DIM]) @ self.weights.T)
+        v = self.obs_version
+        return _sigmoid(step_features(np.asarray(obs)[:, : obs_dim(v)], v) @ self.weights.T)
 
     def decide(self, obs: np.ndarray, tab: dict[str, Any], rho: np.ndarray) -> np.ndarray:
         """The renewal rule's gamma index per row of ``obs`` (N, 13)."""
@@ -428,7 +455,10 @@ class SurvivalController(CostModelMixin, Agent):
         if o.ndim == 1:
             o = o[None, :]
         if o.ndim != 2 or o.shape[1] != dim:
-            mode = "token" if dim == TOKEN_OBS_DIM else "step"
+            other = obs_version_of_dim(o.shape[-1], self.control) if o.ndim == 2 else None
+            if other is not None:  # another observation version's width: say so
+                self.check_obs_version(other, f"these observations ({o.shape[-1]} values)")
+            mode = self.control
             raise ValueError(f"{self.kind}: expects {mode}-mode observations of width {dim}, got shape {o.shape}")
         return o
 
@@ -446,13 +476,18 @@ class SurvivalController(CostModelMixin, Agent):
     def _decide_rows(self, o: np.ndarray, tab: dict[str, Any], rho: np.ndarray) -> np.ndarray:
         return self.decide(o, tab, rho)
 
+    @property
+    def _cols(self) -> list[int]:
+        """The observation's columns the hazard model reads after its five head features."""
+        return _COLS + (_V2_COLS if self.obs_version == 2 else [])
+
     def act(self, obs: np.ndarray) -> int:
-        if isinstance(obs, np.ndarray) and obs.shape == (OBS_DIM,):
+        if isinstance(obs, np.ndarray) and obs.shape == (self.obs_dim,):
             return self._act_fast(obs.tolist())
-        return int(self._batch(self._check(obs, OBS_DIM))[0])
+        return int(self._batch(self._check(obs, self.obs_dim))[0])
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
-        return self._batch(self._check(obs, OBS_DIM)).astype(np.int64)
+        return self._batch(self._check(obs, self.obs_dim)).astype(np.int64)
 
     # ---- fitting -----------------------------------------------------------------------
     def _chooser(self, cm: CostModel, sampling: bool) -> Callable[[np.ndarray], int]:
@@ -474,8 +509,8 @@ class SurvivalController(CostModelMixin, Agent):
                 choose = _constant(fixed.get(compression_level(tr.compression), fixed["*"]))
             else:
                 choose = self._chooser(cm, tr.sampling)
-            obs, _, _ = replay_observations(tr, cm, self.gammas, choose)
-            xj, yj = hazard_data(obs, tr, self.G)
+            obs, _, _ = replay_observations(tr, cm, self.gammas, choose, self.obs_version)
+            xj, yj = hazard_data(obs, tr, self.G, self.obs_version)
             for j in range(self.G):
                 xs[j].append(xj[j])
                 ys[j].append(yj[j])
@@ -495,7 +530,7 @@ class SurvivalController(CostModelMixin, Agent):
         tok: dict[str, float] = {}
         tim: dict[str, float] = {}
         for tr, cm in zip(traces, cms):
-            _, n, s = replay_observations(tr, cm, self.gammas, self._chooser(cm, tr.sampling))
+            _, n, s = replay_observations(tr, cm, self.gammas, self._chooser(cm, tr.sampling), self.obs_version)
             for lv in ("*", compression_level(tr.compression)):
                 tok[lv] = tok.get(lv, 0.0) + n
                 tim[lv] = tim.get(lv, 0.0) + s / cm.t_target
@@ -555,7 +590,7 @@ class SurvivalController(CostModelMixin, Agent):
     def get_state(self) -> dict[str, Any]:
         return {
             "features": FEATURE_VERSION,
-            "step_features": list(STEP_FEATURES),
+            "step_features": list(step_feature_names(self.obs_version)),
             "token_features": list(FEATURES),
             "weights": self.weights.tolist(),
             "token_weights": self.token_weights.tolist(),
@@ -564,10 +599,11 @@ class SurvivalController(CostModelMixin, Agent):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("features") != FEATURE_VERSION or list(state.get("step_features", [])) != list(STEP_FEATURES):
+        names = list(step_feature_names(self.obs_version))
+        if state.get("features") != FEATURE_VERSION or list(state.get("step_features", [])) != names:
             raise ValueError(
                 f"saved with features {state.get('features')!r} {state.get('step_features')}, "
-                f"this version uses {FEATURE_VERSION!r} {list(STEP_FEATURES)}"
+                f"this version uses {FEATURE_VERSION!r} {names}"
             )
         if list(state.get("token_features", [])) != list(FEATURES):
             raise ValueError(f"saved token features {state.get('token_features')} differ from {list(FEATURES)}")
@@ -694,12 +730,12 @@ class SurvivalTokenController(SurvivalController):
         return VERIFY
 
     def act(self, obs: np.ndarray) -> int:
-        if isinstance(obs, np.ndarray) and obs.shape == (TOKEN_OBS_DIM,):
+        if isinstance(obs, np.ndarray) and obs.shape == (self.obs_dim,):
             return self._act_fast(obs.tolist())
-        return int(self._batch(self._check(obs, TOKEN_OBS_DIM))[0])
+        return int(self._batch(self._check(obs, self.obs_dim))[0])
 
     def act_batch(self, obs: np.ndarray) -> np.ndarray:
-        return self._batch(self._check(obs, TOKEN_OBS_DIM)).astype(np.int64)
+        return self._batch(self._check(obs, self.obs_dim)).astype(np.int64)
 
     def _token_rates(self, traces: Sequence[Any], cms: Sequence[CostModel]) -> dict[str, float]:
         """Token mode's tokens per target-step time on ``traces`` (scalar token replays)."""
@@ -720,6 +756,7 @@ class SurvivalTokenController(SurvivalController):
                     gammas=self.gammas,
                     control="token",
                     lookahead=self.lookahead,
+                    obs_version=self.obs_version,
                 )
                 self._env, self.cost_model = None, cm
                 for e, i in enumerate(idx):

@@ -213,6 +213,7 @@ class ReplayVecEnvAdapter:
                 self._actions: np.ndarray | None = None
                 self.gammas = tuple(v.gammas)
                 self.control = getattr(v, "control", "step")
+                self.obs_version = getattr(v, "obs_version", 1)
 
             def reset(self):
                 seed = self._seeds[0] if any(s is not None for s in self._seeds) else None
@@ -341,8 +342,9 @@ def _ppo_callback(writer: _Writer, log: list[dict[str, Any]], gammas: Sequence[i
 
 
 def _build_agent(name: str, u: Any, seed: int, agent_kwargs: dict[str, Any] | None) -> Agent:
-    """``make_agent(name, ...)`` with the env's gammas and, where the agent takes them, the
-    seed and the env's action mode (``control``, and token mode's variant ``lookahead``) as defaults."""
+    """``make_agent(name, ...)`` with the env's gammas and observation version and, where the
+    agent takes them, the seed and the env's action mode (``control``, and token mode's variant
+    ``lookahead``) as defaults."""
     import inspect
 
     from .base import AGENTS, _ensure_registered
@@ -357,6 +359,7 @@ def _build_agent(name: str, u: Any, seed: int, agent_kwargs: dict[str, Any] | No
         kw.setdefault("control", getattr(u, "control", "step"))
     if "lookahead" in params and getattr(u, "control", "step") == "token":
         kw.setdefault("lookahead", bool(getattr(u, "lookahead", True)))  # token mode's variant
+    kw.setdefault("obs_version", getattr(u, "obs_version", 1))
     return make_agent(name, **kw)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -325,3 +326,90 @@ def test_live_checkers_pass_with_zero_warnings(exact_pair) -> None:
             gym_check_env(env.unwrapped, skip_render_check=True)
             sb3_check_env(env)
         assert not w, [str(x.message) for x in w]
+
+
+# ---- agents: the version they decide on, saved with them ---------------------------------------------
+
+
+def test_agent_version_round_trip_and_refusal(tmp_path) -> None:
+    import json
+
+    from agents import load_agent, make_agent, train_agent
+    from agents.base import AgentFormatError
+
+    ds = _ds(2)
+    v1_env = SpecKVReplayEnv(traces=ds, cost_models=CMS)
+    v2_env = SpecKVReplayEnv(traces=ds, cost_models=CMS, obs_version=2)
+    # a JSON agent (LinUCB: its context has the observation's width) and a safetensors one (MLP)
+    lin: Any = train_agent("linucb", env_factory=lambda: v2_env, steps=300, progress=False)
+    mlp: Any = train_agent(
+        "speckv_mlp", traces=ds, env_kwargs={"cost_models": CMS, "obs_version": 2}, steps=400, progress=False
+    )
+    for agent, name in ((lin, "lin.json"), (mlp, "mlp.safetensors")):
+        assert agent.obs_version == 2 and agent.obs_dim == 18
+        path = agent.save(tmp_path / name)
+        back = load_agent(path)
+        assert back.obs_version == 2 and type(back) is type(agent)
+        obs, _ = v2_env.reset(options={"episode": 0})
+        batch = np.stack([obs, obs])
+        np.testing.assert_array_equal(back.act_batch(batch), agent.act_batch(batch))
+        back.bind(v2_env)
+        with pytest.raises(ValueError, match=r"observation version 2.*observes version 1"):
+            back.bind(v1_env)
+        with pytest.raises(ValueError, match=r"observation version 2.*version 1"):
+            back.act_batch(np.zeros((2, OBS_DIM), dtype=np.float32))
+    assert lin.d == 19 and mlp.params["W1"].shape[1] == 18
+    # a version 1 agent refuses a version 2 env the same way
+    fixed = make_agent("fixed", g=3)
+    assert fixed.obs_version == 1
+    with pytest.raises(ValueError, match=r"observation version 1.*observes version 2"):
+        fixed.bind(v2_env)
+    # files saved before versions existed hold no obs_version: version 1
+    p = make_agent("linucb").save(tmp_path / "old.json")
+    doc = json.loads(p.read_text())
+    assert doc.pop("obs_version") == 1
+    p.write_text(json.dumps(doc))
+    assert load_agent(p).obs_version == 1
+    doc["obs_version"] = 7
+    p.write_text(json.dumps(doc))
+    with pytest.raises(AgentFormatError, match="old.json.*obs_version must be one of"):
+        load_agent(p)
+
+
+def test_learned_agents_train_and_act_on_version_2() -> None:
+    from agents import SurvivalController, SurvivalTokenController, make_agent, train_agent
+
+    ds = _ds(3)
+    train = [t for t in ds if t.split == "train"] or ds
+    for control, cls in (("step", SurvivalController), ("token", SurvivalTokenController)):
+        env = SpecKVReplayEnv(traces=ds, cost_models=CMS, control=control, obs_version=2)
+        agent: Any = make_agent(cls.kind, obs_version=2, iterations=1, refits=0)
+        agent.fit(train, CMS)
+        assert agent.weights.shape[1] == 19  # the five features are in the hazard model
+        agent.bind(env)
+        obs, _ = env.reset(options={"episode": 1})
+        done = False
+        while not done:
+            a = agent.act(obs)
+            assert a == agent.act_batch(obs[None])[0]
+            obs, _, te, tu, _ = env.step(a)
+            done = te or tu
+    # token mode's rules read the last three values, whatever the version
+    env = SpecKVReplayEnv(traces=ds, cost_models=CMS, control="token", obs_version=2)
+    rule = make_agent("hf_confidence", obs_version=2).bind(env)
+    obs, _ = env.reset(options={"episode": 0})
+    obs, *_ = env.step(1)
+    assert obs[-3] > 0 and rule.act(obs) == int(obs[-1] >= 0.4)
+    # PPO: its policy and statistics take the version's width, and it trains on the vector env
+    ppo: Any = train_agent(
+        "ppo",
+        traces=ds,
+        env_kwargs={"cost_models": CMS, "obs_version": 2},
+        steps=256,
+        n_envs=2,
+        agent_kwargs={"n_steps": 128, "batch_size": 64, "n_epochs": 1},
+        progress=False,
+    )
+    assert ppo.obs_version == 2 and ppo.spaces()[0].shape == (18,)
+    obs, _ = SpecKVReplayEnv(traces=ds, cost_models=CMS, obs_version=2).reset(options={"episode": 0})
+    assert 0 <= ppo.act(obs) < 9
