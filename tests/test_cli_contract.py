@@ -257,7 +257,7 @@ def test_set_reaches_every_comparison_setting_with_its_type():
 
     types = cli.compare_setting_types()
     assert list(types) == [f.name for f in dataclasses.fields(CompareConfig)]
-    assert len(types) == 20
+    assert len(types) == 21  # obs_version (observation v2) is the 21st
     checks = cli.compare_setting_checks()
     assert set(checks) <= set(types)  # no rule for a setting that does not exist
     got = cli.parse_settings(
@@ -292,6 +292,7 @@ def test_set_reaches_every_comparison_setting_with_its_type():
         ("tensorboard=maybe", "true or false"),
         ("seeds=0", ">= 1"),
         ("policies=fixed,magic", "one of"),
+        ("obs_version=3", "must be 1, 2 or 0"),
     ):
         with pytest.raises(cli.UsageError, match=msg) as e:
             cli.parse_settings([bad], types, checks)

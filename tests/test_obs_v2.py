@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -413,3 +414,48 @@ def test_learned_agents_train_and_act_on_version_2() -> None:
     assert ppo.obs_version == 2 and ppo.spaces()[0].shape == (18,)
     obs, _ = SpecKVReplayEnv(traces=ds, cost_models=CMS, obs_version=2).reset(options={"episode": 0})
     assert 0 <= ppo.act(obs) < 9
+
+
+# ---- speckv compare: --obs-version ------------------------------------------------------------------
+
+
+def test_compare_runs_every_policy_on_version_2_and_records_it(tmp_path) -> None:
+    import json
+
+    from speckv_env.app.compare import run_comparison
+
+    trs = synthetic_dataset(
+        30, rollouts=True, modes=("greedy", "sample"), compressions=("fp16", "nf4"), n_range=(20, 60), seed=5
+    )
+    pol = ("fixed", "oracle", "cost_aware", "speckv_mlp", "linucb", "survival", "ppo", "token")
+    kw: dict[str, Any] = {"quick": True, "splits": ("heldout",), "policies": pol, "seeds": 1, "ppo_token_steps": 2048}
+    r = run_comparison(traces=trs, cost_models=CMS, out_dir=tmp_path / "auto", **kw)  # every trace /2: version 2
+    assert r["obs_version"] == 2 and r["config"]["obs_version"] == 2 and r["data"]["obs_version"] == 2
+    assert "Observations: version 2" in (tmp_path / "auto" / "report.md").read_text()
+    assert json.loads((tmp_path / "auto" / "results.json").read_text())["obs_version"] == 2
+    h = r["splits"]["heldout"]["policies"]
+    assert {"mlp-time", "linucb", "survival(train)", "ppo", "ppo-token(train)", "survival-token(train)"} <= set(h)
+    r1 = run_comparison(traces=trs, cost_models=CMS, out_dir=tmp_path / "v1", obs_version=1, **kw)
+    assert r1["obs_version"] == 1 and "Observations: version 1" in (tmp_path / "v1" / "report.md").read_text()
+    # the fixed gammas and the oracle do not read the observation: the same under both versions
+    for name in ("fixed-4", "oracle"):
+        assert h[name]["subsets"]["all"] == r1["splits"]["heldout"]["policies"][name]["subsets"]["all"]
+
+
+def test_compare_version_2_on_version_1_traces_is_an_error(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from speckv_env.app.compare import run_comparison
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    write_traces(folder / "part.parquet", synthetic_dataset(12))
+    replace(CostModel.unit(), compression="fp16").save(folder / "cost-fp16.json")
+    with pytest.raises(ValueError, match=r"obs_version=2 needs speckv-trace/2.*part\.parquet"):
+        run_comparison(logs=folder, out_dir=tmp_path / "x", quick=True, obs_version=2, splits=("heldout",))
+    with pytest.raises(ValueError, match="SpecKV paper's step logs supply version 1"):
+        run_comparison(source="speckv-paper", out_dir=tmp_path / "y", quick=True, obs_version=2)
+    cmd = [sys.executable, "-m", "speckv_env.app.cli", "compare", "--out", str(tmp_path / "z"), "--obs-version", "2"]
+    r = subprocess.run([*cmd, "--logs", "speckv-paper"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--obs-version 2 needs speckv-trace/2" in r.stderr

@@ -382,6 +382,7 @@ def compare_setting_checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
         ppo_token_steps=_at_least(0),
         n_boot=_at_least(1),
         boot_seed=_at_least(0),
+        obs_version=((lambda v: v in (0, 1, 2)), "must be 1, 2 or 0 (2 when every trace is speckv-trace/2, else 1)"),
         gammas=gammas_ok,
         paper_recorded_gammas=((lambda v: all(0 <= g <= MAX_GAMMA for g in v)), f"gammas must lie in 0..{MAX_GAMMA}"),
         splits=subset(SPLITS),
@@ -736,12 +737,20 @@ def check_compare(a: argparse.Namespace) -> None:
     if a.live:
         if a.ray is not None:
             raise UsageError("--live decodes on this machine's models; it does not run with --ray")
+        if a.obs_version is not None:
+            raise UsageError("--obs-version applies to replayed comparisons, not to --live")
         return _check_live(a, train=False)
     if a.ray is not None and a.logs == "speckv-paper":
         raise UsageError("--ray runs comparisons on traces; the SpecKV paper's step logs compare here, without --ray")
     a.logs_path, a.source = _check_logs(a.logs)
     _check_out(a.out, "--out", folder=True)
     a.settings = parse_settings(a.set, compare_setting_types(), compare_setting_checks())
+    if a.obs_version is not None:
+        if a.obs_version == 2 and a.source is not None:
+            raise UsageError(
+                "--obs-version 2 needs speckv-trace/2 traces; the SpecKV paper's step logs supply version 1"
+            )
+        a.settings["obs_version"] = a.obs_version
 
 
 def cmd_compare(a: argparse.Namespace) -> Output:
@@ -1050,6 +1059,14 @@ def _add_compare(sub: Any) -> None:
         help="comparison settings (CompareConfig fields, e.g. seeds=2 splits=heldout); an unknown key lists them",
     )
     c.add_argument("--threads", type=_int_arg(1), default=None, help="torch CPU threads (default 1; --live: 2)")
+    c.add_argument(
+        "--obs-version",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="observation version every policy decides on (default: 2 when every trace is speckv-trace/2, "
+        "else 1); recorded in results.json and report.md",
+    )
     c.add_argument(
         "--live",
         action="store_true",

@@ -86,7 +86,7 @@ import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ from .compare_data import (
     CompareConfig,
     _Data,
     load_traces,
+    resolve_obs_version,
 )
 from .evaluate import (
     eval_online,
@@ -209,7 +210,11 @@ def run_comparison(
     if source is not None:
         if source != "speckv-paper":
             raise ValueError(f"unknown source {source!r}: the only named source is 'speckv-paper'")
-        return run_paper_comparison(out_dir, cfg)
+        if cfg.obs_version == 2:
+            raise ValueError(
+                "obs_version=2 needs speckv-trace/2 traces; the SpecKV paper's step logs supply version 1 only"
+            )
+        return run_paper_comparison(out_dir, replace(cfg, obs_version=1))
     import torch
 
     torch.set_num_threads(1)
@@ -218,7 +223,8 @@ def run_comparison(
     out.mkdir(parents=True, exist_ok=True)
     tb = out / "tb" if cfg.tensorboard else None
     trs, cms = load_traces(logs, traces, cost_models)
-    data = _Data(trs, cms, cfg.gammas)
+    cfg = replace(cfg, obs_version=resolve_obs_version(cfg.obs_version, trs))  # recorded as used
+    data = _Data(trs, cms, cfg.gammas, cfg.obs_version)
     pol = set(cfg.policies)
     unknown = pol - set(POLICY_GROUPS)
     if unknown:
@@ -260,12 +266,18 @@ def _baselines(data: _Data, cfg: CompareConfig, pol: set[str]) -> _Baselines:
     from agents.base import make_agent
 
     all_idx = np.arange(len(data.traces))
-    fixed = {g: eval_vector(make_agent("fixed", g=g, gammas=cfg.gammas), data, all_idx, "all") for g in cfg.gammas}
+    v = data.obs_version
+    fixed = {
+        g: eval_vector(make_agent("fixed", g=g, gammas=cfg.gammas, obs_version=v), data, all_idx, "all")
+        for g in cfg.gammas
+    }
     static: dict[str, EvalResult] = {}
     if "hf_heuristic" in pol:
-        static["hf-heuristic"] = eval_vector(make_agent("hf_heuristic", gammas=cfg.gammas), data, all_idx, "all")
+        agent = make_agent("hf_heuristic", gammas=cfg.gammas, obs_version=v)
+        static["hf-heuristic"] = eval_vector(agent, data, all_idx, "all")
     if "cost_aware" in pol:
-        static["cost-aware"] = eval_vector(make_agent("cost_aware", gammas=cfg.gammas), data, all_idx, "all")
+        agent = make_agent("cost_aware", gammas=cfg.gammas, obs_version=v)
+        static["cost-aware"] = eval_vector(agent, data, all_idx, "all")
     tokens = TokenPolicies(data, ppo_steps=cfg.ppo_token_steps) if "token" in pol and has_token_data(data) else None
     return _Baselines(fixed, static, oracle_result(data, all_idx, {}), tokens)
 
@@ -471,7 +483,7 @@ def _learn_task(shared: tuple[str, Any, Any, CompareConfig], job: LearnJob, scra
     token, traces, cms, cfg = shared
     if token not in _TASK_DATA:  # one data set per worker process, its vector envs cached across tasks
         _TASK_DATA.clear()
-        _TASK_DATA[token] = _Data(traces, cms, cfg.gammas)
+        _TASK_DATA[token] = _Data(traces, cms, cfg.gammas, cfg.obs_version)
     return run_learn_job(job, _TASK_DATA[token], cfg, scratch, {})
 
 
@@ -503,6 +515,7 @@ def _assemble(
         "source": "traces",
         "logs": None if logs is None else str(logs),
         "config": asdict(cfg),
+        "obs_version": data.obs_version,
         "data": data.summary(),
         "bandit_evaluation": "continue-per-episode: each test episode starts from the state learned on the "
         "training episodes and keeps learning within the episode; nothing carries across "
@@ -532,6 +545,7 @@ def compare_main(
     n_boot: int | None = None,
     progress: bool = True,
     tensorboard: bool = True,
+    obs_version: int | None = None,
 ) -> dict[str, Any]:
     """``speckv compare``: run :func:`run_comparison` and print the verdict; returns the results.
 
@@ -545,6 +559,7 @@ def compare_main(
         ("ppo_steps", ppo_steps),
         ("bandit_steps", bandit_steps),
         ("n_boot", n_boot),
+        ("obs_version", obs_version),
     ):
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, (list, tuple)) else v

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from speckv_env.core import DEFAULT_GAMMAS, CostModel
+from speckv_env.core import DEFAULT_GAMMAS, CostModel, check_obs_version
 
 if TYPE_CHECKING:
     from replay.costs import CostModelSet
@@ -95,6 +95,9 @@ class CompareConfig:
     """tqdm progress bars"""
     boot_seed: int = 12345
     """seed of the bootstrap resamples"""
+    obs_version: int = 0
+    """the observation version every policy decides on (speckv_env.core.OBS_SPECS): 1, 2, or 0 = 2
+    when every trace is speckv-trace/2, else 1 (the comparison records the version it used)"""
 
     @classmethod
     def quick(cls, **kw: Any) -> CompareConfig:
@@ -134,13 +137,23 @@ class _Data:
     is matched by pair, compression, device and draft fingerprint, and conflicts are errors) or
     a mapping by compression (in-memory models, looked up by compression)."""
 
-    def __init__(self, traces: Sequence[Any], cost_models: Mapping[str, CostModel], gammas: Sequence[int]) -> None:
+    def __init__(
+        self,
+        traces: Sequence[Any],
+        cost_models: Mapping[str, CostModel],
+        gammas: Sequence[int],
+        obs_version: int = 1,
+    ) -> None:
         from replay.backend import resolve_cost_model
         from replay.costs import CostModelSet, Episode
+        from replay.env import require_obs_v2
 
         self.traces = list(traces)
         if not self.traces:
             raise ValueError("no traces to compare on")
+        self.obs_version = check_obs_version(obs_version)
+        if self.obs_version == 2:
+            require_obs_v2(self.traces)
         self.cms: Mapping[str, CostModel] = cost_models if isinstance(cost_models, CostModelSet) else dict(cost_models)
         self.gammas = tuple(gammas)
         if isinstance(self.cms, CostModelSet):
@@ -216,14 +229,18 @@ class _Data:
         v = self._venvs.get(key)
         if v is None:
             v = SpecKVReplayVectorEnv(
-                num_envs=len(idx), traces=[self.traces[i] for i in idx], cost_models=self.cms, gammas=self.gammas
+                num_envs=len(idx),
+                traces=[self.traces[i] for i in idx],
+                cost_models=self.cms,
+                gammas=self.gammas,
+                obs_version=self.obs_version,
             )
             self._venvs[key] = v
         return v
 
     def env_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of a replay env over (some of) these traces."""
-        return {"cost_models": self.cms, "gammas": self.gammas}
+        return {"cost_models": self.cms, "gammas": self.gammas, "obs_version": self.obs_version}
 
     def summary(self) -> dict[str, Any]:
         """The data set as results.json describes it."""
@@ -239,8 +256,17 @@ class _Data:
             "pairs": sorted({t.pair for t in self.traces}),
             "devices": sorted({t.device for t in self.traces}),
             "synthetic": bool(all(t.meta.get("synthetic") for t in self.traces)),
+            "obs_version": self.obs_version,
             "cost_models": {g: self.cm[int(np.flatnonzero(labels == g)[0])].to_dict() for g in sorted(set(labels))},
         }
+
+
+def resolve_obs_version(requested: int, traces: Sequence[Any]) -> int:
+    """The comparison's observation version: ``requested`` (1 or 2), or for 0 (auto) 2 when every
+    trace is ``speckv-trace/2`` (their prompt tokens and target signals supply version 2), else 1."""
+    if requested == 0:
+        return 2 if traces and all(t.has_rollouts for t in traces) else 1
+    return check_obs_version(requested)
 
 
 def prompt_key(t: Any) -> str:

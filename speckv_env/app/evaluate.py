@@ -26,8 +26,9 @@ from .results import EvalResult
 class _Ctx:
     """What CostModelMixin.bind() needs of an env: gammas, the cost model, the sampling mode."""
 
-    def __init__(self, gammas: Sequence[int], cm: CostModel, sampling: bool) -> None:
+    def __init__(self, gammas: Sequence[int], cm: CostModel, sampling: bool, obs_version: int = 1) -> None:
         self.gammas = tuple(gammas)
+        self.obs_version = obs_version
         self.cost_model = cm
         self.backend = SimpleNamespace(sampling=sampling, cost_model=cm)
         self.unwrapped = self
@@ -46,7 +47,7 @@ def eval_vector(agent: Any, data: _Data, idx: np.ndarray, key: Any) -> EvalResul
     hist = np.zeros((len(idx), G))
     for (comp, mode), sel in data.groups(idx):
         venv = data.venv((key, comp, mode), sel)
-        ctx = _Ctx(data.gammas, data.cm[int(sel[0])], mode == "sample")
+        ctx = _Ctx(data.gammas, data.cm[int(sel[0])], mode == "sample", data.obs_version)
         if hasattr(agent, "bind"):
             agent.bind(ctx)
         E = len(sel)
@@ -175,14 +176,15 @@ def train_learner(
         )
     if name == "ppo":
         return train("ppo", steps=cfg.ppo_steps, n_envs=cfg.ppo_n_envs, agent_kwargs=dict(cfg.ppo_kwargs))
-    return train(contextual_bandit(name, seed, cfg), steps=cfg.bandit_steps)
+    return train(contextual_bandit(name, seed, cfg, data.obs_version), steps=cfg.bandit_steps)
 
 
-def contextual_bandit(name: str, seed: int, cfg: CompareConfig) -> Any:
-    """A bandit of the comparison, kept per deployment context (compression x decoding mode)."""
+def contextual_bandit(name: str, seed: int, cfg: CompareConfig, obs_version: int = 1) -> Any:
+    """A bandit of the comparison, kept per deployment context (compression x decoding mode),
+    deciding on observations of ``obs_version``."""
     from agents.base import make_agent
 
-    return make_agent("per_context", bandit=name, seed=seed, gammas=cfg.gammas)
+    return make_agent("per_context", bandit=name, seed=seed, gammas=cfg.gammas, obs_version=obs_version)
 
 
 def checkpoints(name: str, cfg: CompareConfig) -> list[int]:
@@ -222,7 +224,7 @@ def train_with_curve(
     common: dict[str, Any] = {"traces": trs, "tb_log_dir": None, "progress": False, "env_kwargs": data.env_kwargs()}
     if name == "ppo":
         common.update(n_envs=cfg.ppo_n_envs)
-    agent: Any = name if name == "ppo" else contextual_bandit(name, seed, cfg)
+    agent: Any = name if name == "ppo" else contextual_bandit(name, seed, cfg, data.obs_version)
     done, log = 0, []
     curve: list[dict[str, Any]] = []
     T_o, T_f = refs
@@ -264,7 +266,9 @@ def mlp_tokens_twin(mlp: Any) -> Any:
     """The same trained SpecKV MLP deciding with the paper's tokens-per-step rule."""
     from agents.base import make_agent
 
-    twin = make_agent("speckv_mlp", rule="tokens", seed=mlp.seed, hidden=mlp.hidden, gammas=mlp.gammas)
+    twin = make_agent(
+        "speckv_mlp", rule="tokens", seed=mlp.seed, hidden=mlp.hidden, gammas=mlp.gammas, obs_version=mlp.obs_version
+    )
     twin.set_tensors(mlp.get_tensors())
     twin.name = "speckv_mlp_tokens"
     return twin
@@ -285,7 +289,7 @@ def survival_on_fold(data: _Data, fold: Any) -> tuple[dict[str, EvalResult], dic
     episodes: ``survival(train)``, a learned controller (a candidate of the primary contrast)."""
     from agents.base import make_agent
 
-    agent: Any = make_agent("survival", gammas=data.gammas)
+    agent: Any = make_agent("survival", gammas=data.gammas, obs_version=data.obs_version)
     summary = agent.fit([data.traces[int(i)] for i in fold.train], [data.cm[int(i)] for i in fold.train])
     test = {"survival(train)": eval_vector(agent, data, fold.test, ("survival", fold.name, "test"))}
     val = {}

@@ -154,6 +154,18 @@ def fold_lines(folds: list[Mapping[str, Any]]) -> list[str]:
     return L + [""]
 
 
+def observation_line(results: Mapping[str, Any]) -> str:
+    """The report's sentence on the observation version every policy decided on."""
+    v = results.get("obs_version", 1)
+    what = (
+        "version 1's 13 values plus the context lookup's match length and agreement with the draft's top-1, "
+        "the target's top-1 probability and entropy at the last verified position, and the decoding mode"
+        if v == 2
+        else "13 values"
+    )
+    return f"Observations: version {v} (speckv_env.core.OBS_SPECS; {what}), the same for every policy."
+
+
 def write_report(results: Mapping[str, Any], path: Path) -> Path:
     d = results["data"]
     cfg = results["config"]
@@ -167,7 +179,8 @@ def write_report(results: Mapping[str, Any], path: Path) -> Path:
     L += [
         f"Data: {d['episodes']} episodes ({int(d['tokens'])} tokens); tasks {', '.join(d['tasks'])}; "
         f"compressions {', '.join(d['compressions'])}; modes {', '.join(d['modes'])}; pair(s) {', '.join(d['pairs'])}; "
-        f"device(s) {', '.join(d['devices'])}. Source: `{results.get('logs') or 'in-memory traces'}`.",
+        f"device(s) {', '.join(d['devices'])}. Source: `{results.get('logs') or 'in-memory traces'}`. "
+        + observation_line(results),
         "",
         "Throughput is **modelled** tokens/s: exact replay of each policy over full-information traces, each "
         "step timed by the calibrated cost model of its compression (draft forwards x t_draft + t_verify[gamma]). "

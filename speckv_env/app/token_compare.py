@@ -79,7 +79,7 @@ def _make_fit(kind: str, data: _Data, train: np.ndarray, lookahead: bool = True)
     """Agent ``kind`` fitted on the training episodes ``train`` with their cost models."""
     from agents.base import make_agent
 
-    agent: Any = make_agent(kind, gammas=data.gammas, lookahead=lookahead)
+    agent: Any = make_agent(kind, gammas=data.gammas, lookahead=lookahead, obs_version=data.obs_version)
     agent.fit([data.traces[int(i)] for i in train], [data.cm[int(i)] for i in train])
     return agent
 
@@ -113,6 +113,7 @@ def eval_token(
             gammas=gam,
             control="token",
             lookahead=bool(getattr(agent, "lookahead", True)),
+            obs_version=data.obs_version,
         )
         agent.bind(env)
         for e, j in enumerate(js):
@@ -162,7 +163,8 @@ class TokenPolicies:
         """The rule ``kind`` at parameter ``value`` on every episode (cached)."""
         key = (kind, float(value), bool(lookahead))
         if key not in self._cache:
-            self._cache[key] = eval_token(_make(kind, value, self.data.gammas, lookahead), self.data, self.all)
+            agent = _make(kind, value, self.data.gammas, lookahead, obs_version=self.data.obs_version)
+            self._cache[key] = eval_token(agent, self.data, self.all)
         return self._cache[key]
 
     def choose(self, kind: str, seen: np.ndarray, lookahead: bool = True) -> dict[str, float]:
@@ -194,15 +196,15 @@ class TokenPolicies:
         comparison passes the training episodes for both: validation selects among learners)."""
         from agents.stopping import SpecDecPP
 
-        g = self.data.gammas
+        g, ver = self.data.gammas, self.data.obs_version
         head = SpecDecPP(gammas=g, lookahead=lookahead)
         fit = head.fit([self.data.traces[int(i)] for i in train])
         scores = {}
         for h in self.grids["specdecpp"]:
-            agent = SpecDecPP(head.weights, h=h, gammas=g, lookahead=lookahead)
+            agent = SpecDecPP(head.weights, h=h, gammas=g, lookahead=lookahead).set_obs_version(ver)
             scores[h] = float(eval_token(agent, self.data, seen).time[0].sum())
         h = min(scores, key=lambda v: scores[v])
-        return SpecDecPP(head.weights, h=h, gammas=g, lookahead=lookahead), {**fit, "h": h}
+        return SpecDecPP(head.weights, h=h, gammas=g, lookahead=lookahead).set_obs_version(ver), {**fit, "h": h}
 
     def on_fold(self, fold: Any) -> tuple[dict[str, EvalResult], dict[str, EvalResult], dict[str, Any]]:
         """Every token policy, in every variant, on the fold's test and validation episodes, and
@@ -275,7 +277,9 @@ class TokenPolicies:
         in a seeded random order)."""
         from agents.base import make_agent
 
-        agent = make_agent("rule_bandit", seed=seed, gammas=self.data.gammas, lookahead=lookahead)
+        agent = make_agent(
+            "rule_bandit", seed=seed, gammas=self.data.gammas, lookahead=lookahead, obs_version=self.data.obs_version
+        )
         order = np.random.default_rng(seed).permutation(train)
         eval_token(agent, self.data, order, learn=True, per_episode=False)
         return agent
