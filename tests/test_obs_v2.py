@@ -161,12 +161,17 @@ def test_replay_fast_path_equals_generic_path(control: str) -> None:
     np.testing.assert_array_equal(o1[OBS_DIM:], o2[OBS_DIM + 5 :])
 
 
-@pytest.mark.parametrize("control", ["step", "token"])
+@pytest.mark.parametrize(
+    ("control", "lookahead"), [("step", True), ("token", True), ("token", False)], ids=["step", "token", "token-dtd"]
+)
 @pytest.mark.parametrize("autoreset", ["next-step", "same-step"])
-def test_vector_equals_scalar(control: str, autoreset: str) -> None:
+def test_vector_equals_scalar(control: str, lookahead: bool, autoreset: str) -> None:
     ds, E = _ds(1), 6
-    vec = SpecKVReplayVectorEnv(E, traces=ds, cost_models=CMS, control=control, obs_version=2, autoreset_mode=autoreset)
-    singles = [SpecKVReplayEnv(traces=ds, cost_models=CMS, control=control, obs_version=2) for _ in range(E)]
+    kw: dict[str, Any] = {"traces": ds, "cost_models": CMS, "control": control, "obs_version": 2}
+    if not lookahead:
+        kw["lookahead"] = False  # token mode's draft-then-decide variant
+    vec = SpecKVReplayVectorEnv(E, autoreset_mode=autoreset, **kw)
+    singles = [SpecKVReplayEnv(**kw) for _ in range(E)]
     obs, _ = vec.reset(seed=0, options={"episodes": list(range(E))})
     assert obs.shape == (E, obs_dim(2, control)) and obs.dtype == np.float32
     for e, env in enumerate(singles):
@@ -258,7 +263,7 @@ def exact_pair():
     return ModelPair(target, draft, tok, "tiny-target", "tiny-draft", "fp32", torch.device("cpu"), exact=True)
 
 
-def _live(pair, temperature, control, max_new_tokens=24):
+def _live(pair, temperature, control, max_new_tokens=24, lookahead=True):
     return gym.make(
         "SpecKV-v0",
         pair=pair,
@@ -269,6 +274,7 @@ def _live(pair, temperature, control, max_new_tokens=24):
         temperature=temperature,
         control=control,
         obs_version=2,
+        **({} if lookahead else {"lookahead": False}),
     )
 
 
@@ -281,16 +287,19 @@ def _record(pair, prompt, temperature, seed, max_new_tokens=24):
     return record_episode(eng, pair, prompt, max_new_tokens=max_new_tokens, gamma_max=8, mode=mode, seed=seed)
 
 
-@pytest.mark.parametrize("control", ["step", "token"])
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_live_v2_observations_equal_replay_bit_for_bit(exact_pair, temperature, control):
-    live = _live(exact_pair, temperature, control)
+@pytest.mark.parametrize(
+    ("control", "lookahead", "temperature"),
+    [("step", True, 0.0), ("step", True, 0.7), ("token", True, 0.0), ("token", True, 0.7), ("token", False, 0.7)],
+)
+def test_live_v2_observations_equal_replay_bit_for_bit(exact_pair, temperature, control, lookahead):
+    live = _live(exact_pair, temperature, control, lookahead=lookahead)
     prompts = live.unwrapped.backend.prompts
     matched = 0
     for ep in range(2):
         seed = 700 + ep
         tr = _record(exact_pair, prompts[ep], temperature, seed)
-        rep = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit(), control=control, obs_version=2)
+        kw: dict[str, Any] = {} if lookahead else {"lookahead": False}
+        rep = SpecKVReplayEnv(traces=[tr], cost_model=CostModel.unit(), control=control, obs_version=2, **kw)
         o_l, _ = live.reset(options={"episode": ep, "episode_seed": seed})
         o_r, _ = rep.reset(options={"episode": 0})
         assert o_l.shape == (obs_dim(2, control),) and o_l.dtype == np.float32
