@@ -369,7 +369,8 @@ SpecKVReplayEnv.__doc__ = f"""Speculative decoding replayed from recorded logs; 
     the one asked for). Invalid actions raise ``ValueError``.
 
     ## Observation Space
-    ``Box(13,)`` float32, only what a controller knows *before* choosing gamma
+    ``Box(13,)`` float32 (observation version 1, the default; version 2: ``Box(18,)``, see
+    "Observation versions"), only what a controller knows *before* choosing gamma
     (post-draft features of the same step would be leakage):
 
 {_obs_table()}

@@ -55,7 +55,8 @@ TOKEN_MODE_DOC = """    ## Token mode (``control="token"``)
     1 = draft one more token, 0 = stop and verify what is drafted (0 drafted = a plain target
     step). Drafting stops by force at ``max(gammas)`` and at the token budget (the step then
     verifies at once; 1 when nothing may be drafted verifies too). Observation ``Box(16,)``
-    (``speckv_env.core.TOKEN_OBS_SPEC``): the step mode's 13 values, whose draft signals are those
+    (``speckv_env.core.TOKEN_OBS_SPEC``; ``obs_version=2``: ``Box(21,)``, the step mode's 18 values
+    then the same three): the step mode's 13 values, whose draft signals are those
     of the distribution the next token would be drafted from, then ``drafted`` (tokens drafted in
     this step / max gamma), ``survival`` (the product of their own draft probabilities) and
     ``last_draft_p`` (the last one's; 1 before drafting). Rewards: a decision that drafts and looks

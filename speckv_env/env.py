@@ -175,7 +175,8 @@ class SpecKVEnv(SpecKVBaseEnv):
     a plain target step. A gamma that would emit past ``max_new_tokens`` is clipped.
 
     ## Observation Space
-    ``Box(13,)`` float32, finite bounds; only what is known before gamma is chosen:
+    ``Box(13,)`` float32 (observation version 1, the default; version 2: ``Box(18,)``, see
+    "Observation versions"), finite bounds; only what is known before gamma is chosen:
 
     | idx | name | range | meaning |
     |-----|------|-------|---------|
