@@ -461,7 +461,7 @@ def fine_tune_ppo_live(p: Policy, setup: LiveSetup, cfg: OnlineConfig) -> dict[s
     if cfg.ppo_live_steps <= 0:
         return {"live_steps": 0}
     conf = {**p.agent.get_config(), "n_steps": cfg.ppo_live_steps, "batch_size": min(cfg.ppo_live_steps, 64)}
-    agent: Any = PPOAgent.from_saved(conf, p.agent.get_state(), p.agent.get_tensors())
+    agent: Any = PPOAgent.from_saved(conf, p.agent.get_state(), p.agent.get_tensors(), p.agent.obs_version)
     env = setup.envs["train"].unwrapped
 
     def factory() -> Any:
