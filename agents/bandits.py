@@ -311,6 +311,7 @@ class LinUCB(BanditAgent):
     """
 
     kind = "linucb"
+    obs_state = True  # learned on one observation version
 
     def __init__(
         self,
@@ -434,6 +435,10 @@ class PerContext(Agent):
         self.context = ""
         self.current: BanditAgent = self.template
 
+    @property
+    def obs_state(self) -> bool:  # type: ignore[override]  # as the bandits it keeps
+        return self.template.obs_state
+
     def _on_obs_version(self) -> None:
         for b in (self.template, *self.contexts.values()):
             b.set_obs_version(self.obs_version)
@@ -461,6 +466,7 @@ class PerContext(Agent):
             b.rng = value
 
     def bind(self, env: Any) -> Agent:
+        super().bind(env)  # the gammas and the observation version, for every context's bandit
         u = getattr(env, "unwrapped", env)
         b = getattr(u, "backend", None)
         comp = getattr(b, "compression", None) or getattr(getattr(u, "cost_model", None), "compression", "?")

@@ -280,6 +280,11 @@ class Agent:
     control: str = "step"
     #: the observation version the agent decides on (:meth:`set_obs_version`; saved with it)
     obs_version: int = 1
+    #: whether what the agent learned is shaped by the observation version (MLP, LinUCB, PPO,
+    #: the survival models): such an agent refuses observations of another version; the others
+    #: (rules, context-free bandits, the oracle) read only values every version has in the same
+    #: place and take the env's version when bound (:meth:`check_obs_version`)
+    obs_state: ClassVar[bool] = False
     #: whether learn() changes the policy (the training loop skips calling it otherwise)
     learns: bool = False  # a class default; an agent may decide per instance (cost_aware with estimate="beta")
 
@@ -303,7 +308,13 @@ class Agent:
         """Hook: the observation version changed (agents with observation-shaped state rebuild it)."""
 
     def check_obs_version(self, version: int, what: str = "the env") -> None:
-        """A ValueError naming both versions if observations of ``version`` are not the agent's."""
+        """Observations of ``version`` are coming: an agent without observation-shaped state
+        (:attr:`obs_state` False) takes that version; the others raise a ValueError naming both
+        versions if it is not theirs."""
+        if not self.obs_state:
+            if version != self.obs_version:
+                self.set_obs_version(version)
+            return
         check_same_obs_version(self.obs_version, version, f"agent {self.name!r}", what)
 
     def _check_obs_batch(self, obs: np.ndarray) -> None:
@@ -311,6 +322,8 @@ class Agent:
             other = obs_version_of_dim(obs.shape[-1], self.control) if obs.ndim == 2 else None
             if other is not None:
                 self.check_obs_version(other, f"this batch ({obs.shape[-1]} values)")
+                if obs.shape[1] == self.obs_dim:
+                    return
             raise ValueError(f"act_batch expects an array of shape (N, {self.obs_dim}), got {obs.shape}")
 
     # ---- decisions -------------------------------------------------------------------

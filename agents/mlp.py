@@ -56,6 +56,7 @@ def step_events(gamma: int, accepted: int) -> tuple[int, int]:
 @register
 class SpecKVMLP(CostModelMixin, Agent):
     kind = "speckv_mlp"
+    obs_state = True  # learned on one observation version
 
     def __init__(
         self,

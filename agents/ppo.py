@@ -113,6 +113,7 @@ def budget_end_is_terminal(venv: Any) -> Any:
 @register
 class PPOAgent(Agent):
     kind = "ppo"
+    obs_state = True  # learned on one observation version
 
     def __init__(
         self,

@@ -305,6 +305,7 @@ class SurvivalController(CostModelMixin, Agent):
     length (module docstring). Fit with :meth:`fit` on training traces."""
 
     kind = "survival"
+    obs_state = True  # learned on one observation version
     control = "step"
 
     def __init__(

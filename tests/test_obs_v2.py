@@ -376,11 +376,23 @@ def test_agent_version_round_trip_and_refusal(tmp_path) -> None:
         with pytest.raises(ValueError, match=r"observation version 2.*version 1"):
             back.act_batch(np.zeros((2, OBS_DIM), dtype=np.float32))
     assert lin.d == 19 and mlp.params["W1"].shape[1] == 18
-    # a version 1 agent refuses a version 2 env the same way
-    fixed = make_agent("fixed", g=3)
-    assert fixed.obs_version == 1
+    # a version 1 agent with observation-shaped state refuses a version 2 env the same way
+    lin1 = make_agent("linucb")
     with pytest.raises(ValueError, match=r"observation version 1.*observes version 2"):
-        fixed.bind(v2_env)
+        lin1.bind(v2_env)
+    # agents that read only values every version has in the same place (rules, context-free
+    # bandits, per-context bandits of those) take the env's version, and decide as on version 1
+    obs1, _ = v1_env.reset(options={"episode": 0})
+    obs2, _ = v2_env.reset(options={"episode": 0})
+    np.testing.assert_array_equal(obs2[:OBS_DIM], obs1)
+    for name, kw in (("fixed", {"g": 3}), ("cost_aware", {}), ("hf_heuristic", {}), ("ucb1", {}), ("per_context", {})):
+        a1, a2 = make_agent(name, **kw), make_agent(name, **kw)
+        a1.bind(v1_env)
+        a2.bind(v2_env)
+        assert a1.obs_version == 1 and a2.obs_version == 2 and not a2.obs_state, name
+        assert a2.act(obs2) == a1.act(obs1), name
+        np.testing.assert_array_equal(a2.act_batch(np.stack([obs2, obs2])), a1.act_batch(np.stack([obs1, obs1])))
+    assert make_agent("per_context", bandit="linucb").obs_state
     # files saved before versions existed hold no obs_version: version 1
     p = make_agent("linucb").save(tmp_path / "old.json")
     doc = json.loads(p.read_text())
