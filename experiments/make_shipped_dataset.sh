@@ -16,6 +16,9 @@
 #  3. Compact into one Parquet file per (compression, mode), with the cost models.
 # Every trace stores its draft's fingerprint (speckv_env.pair.model_fingerprint): after the
 # draft changes, delete runs/profile and record again.
+# The set shipped on 2026-12-01 was made with these commands from a worktree pinned at the
+# recording's start (resumed across sessions, test and validation splits first, then train);
+# it stopped for time with the training split partial (README "Shipped assets").
 # Usage: experiments/make_shipped_dataset.sh [BUDGET_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
